@@ -1,0 +1,78 @@
+"""The `megatron-ddk` command: train, eval and check-config subcommands.
+
+Each subcommand parses its own flags and hands over to one function; nothing here knows how
+training works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def _check_config(args) -> int:
+    from megatron_ddk.config import ConfigError, load_config, static_checks
+    from megatron_ddk.config.host import host_errors
+
+    try:
+        cfg = static_checks(load_config(args.config, args.overrides), args.world_size)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: static checks passed")
+    if args.host:
+        errs = host_errors(cfg)
+        for e in errs:
+            print(f"host: {e}", file=sys.stderr)
+        return 2 if errs else 0
+    return 0
+
+
+def _train(args) -> int:
+    from megatron_ddk.training.entry import train_main
+
+    return train_main(args.config, args.overrides, load=args.load)
+
+
+def _eval(args) -> int:
+    from megatron_ddk.training.entry import eval_main
+
+    return eval_main(args.config, args.overrides, load=args.load, output=args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-ddk", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (CPT, KD, DDK or an ablation, by config)")
+    p.add_argument("--config", required=True, help="run YAML")
+    p.add_argument("--load", default=None, help="resume from this checkpoint folder")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="per-domain validation loss and perplexity of a checkpoint")
+    p.add_argument("--config", required=True, help="run YAML (model, parallel, data sections)")
+    p.add_argument("--load", required=True, help="checkpoint folder (student or teacher)")
+    p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("check-config", help="run the static (and optionally host) checks")
+    p.add_argument("--config", required=True, help="run YAML")
+    p.add_argument("--world-size", type=int, default=None, help="check batch sizes for this world")
+    p.add_argument("--host", action="store_true", help="also run this host's checks")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

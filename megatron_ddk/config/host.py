@@ -1,0 +1,62 @@
+"""Host checks, run at launch: what the configured features need from this machine.
+
+Static checks (validate.py) run everywhere; these refuse a config only on a host that cannot run
+it, with a message saying what is missing. Imports nothing from megatron_ddk but the config package
+and the one optional-dependency probe (megatron_ddk.config.optional).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from megatron_ddk.config.loader import ConfigError
+from megatron_ddk.config.optional import have_transformer_engine
+from megatron_ddk.config.schema import ModelConfig, RunConfig
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper
+
+
+def _model_host_errors(m: ModelConfig, where: str) -> List[str]:
+    errs = []
+    if m.transformer_impl == "transformer_engine":
+        if not have_transformer_engine():
+            errs.append(f"{where}.transformer_impl='transformer_engine' but Transformer Engine is "
+                        f"not importable on this host; install the 'te' extra on a GPU host or use "
+                        f"'local'")
+        if not torch.cuda.is_available():
+            errs.append(f"{where}.transformer_impl='transformer_engine' needs a CUDA GPU; this "
+                        f"host has none")
+    if m.fp8 is not None:
+        if not torch.cuda.is_available():
+            errs.append(f"{where}.fp8={m.fp8!r} needs an FP8-capable GPU (Hopper/Ada); this host "
+                        f"has no CUDA GPU")
+        elif torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+            cap = torch.cuda.get_device_capability()
+            errs.append(f"{where}.fp8={m.fp8!r} needs compute capability >= 8.9 (Hopper/Ada); this "
+                        f"GPU has {cap[0]}.{cap[1]}")
+    return errs
+
+
+def host_errors(cfg: RunConfig) -> List[str]:
+    """What this host lacks for `cfg` (empty when it can run it)."""
+    errs = _model_host_errors(cfg.model, "model")
+    if cfg.distill.teacher is not None:
+        errs += _model_host_errors(cfg.distill.teacher, "distill.teacher")
+    backend = cfg.parallel.distributed_backend
+    if backend == "nccl" and not (torch.cuda.is_available() and torch.distributed.is_nccl_available()):
+        errs.append("parallel.distributed_backend='nccl' but NCCL/CUDA is not available on this "
+                    "host; use 'auto' or 'gloo'")
+    if cfg.train.bf16 and not torch.cuda.is_available():
+        errs.append("train.bf16=true on a host without CUDA: the CPU path trains in fp32; set "
+                    "train.bf16 to null or false")
+    return errs
+
+
+def host_checks(cfg: RunConfig) -> RunConfig:
+    """Raise ConfigError listing what this host lacks; return cfg when it can run it."""
+    errs = host_errors(cfg)
+    if errs:
+        raise ConfigError("this host cannot run the configuration:\n  - " + "\n  - ".join(errs))
+    return cfg

@@ -1,0 +1,32 @@
+"""The one place that decides whether optional dependencies are present.
+
+Transformer Engine and apex are optional extras (GPU hosts only). Everything else asks here
+instead of importing them itself, so call sites stay unconditional and CPU hosts never try.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+
+@functools.lru_cache(maxsize=None)
+def have_transformer_engine() -> bool:
+    """True when transformer_engine.pytorch imports on this host."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install counts as absent; host checks say so
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def have_apex() -> bool:
+    """True when NVIDIA apex (with its CUDA extensions) imports."""
+    try:
+        import apex.normalization  # noqa: F401
+    except Exception:
+        return False
+    return True

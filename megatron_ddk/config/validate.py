@@ -1,0 +1,198 @@
+"""Static configuration checks: schema-independent cross-field rules that hold on any host.
+
+They run everywhere (CI included, on every shipped preset). Checks that need the host (Transformer
+Engine importable, GPU capability, NCCL) live in host.py and run at launch. Every message names
+the field, the bad value and what to do. Imports nothing from megatron_ddk but the config package.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+from megatron_ddk.config.loader import ConfigError
+from megatron_ddk.config.schema import ModelConfig, RunConfig
+
+
+def _model_checks(m: ModelConfig, where: str, cfg: RunConfig) -> List[str]:
+    errs = []
+    tp = cfg.parallel.tensor_model_parallel_size
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
+        if getattr(m, name) < 1:
+            errs.append(f"{where}.{name}={getattr(m, name)}: must be >= 1")
+    if m.num_attention_heads % tp:
+        errs.append(f"{where}.num_attention_heads={m.num_attention_heads} is not divisible by "
+                    f"parallel.tensor_model_parallel_size={tp}; choose a TP size that divides it")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        errs.append(f"{where}.num_query_groups={groups} must divide "
+                    f"num_attention_heads={m.num_attention_heads}")
+    if groups % tp:
+        errs.append(f"{where}.num_query_groups={groups} is not divisible by "
+                    f"parallel.tensor_model_parallel_size={tp}")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        errs.append(f"{where}.hidden_size={m.hidden_size} is not divisible by num_attention_heads="
+                    f"{m.num_attention_heads}; set kv_channels explicitly")
+    if cfg.data.seq_length > m.max_position_embeddings:
+        errs.append(f"data.seq_length={cfg.data.seq_length} exceeds {where}.max_position_embeddings="
+                    f"{m.max_position_embeddings}")
+    if m.fp8 is not None and m.transformer_impl != "transformer_engine":
+        errs.append(f"{where}.fp8={m.fp8!r} needs {where}.transformer_impl='transformer_engine'")
+    if m.padded_vocab_size is not None and m.vocab_size is not None and m.padded_vocab_size < m.vocab_size:
+        errs.append(f"{where}.padded_vocab_size={m.padded_vocab_size} is smaller than "
+                    f"vocab_size={m.vocab_size}")
+    if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
+        errs.append(f"{where}: dropout must be in [0, 1)")
+    errs += pipeline_split_errors(m, where, cfg.parallel.pipeline_model_parallel_size)
+    return errs
+
+
+def pipeline_split_errors(m: ModelConfig, where: str, pp: int) -> List[str]:
+    """Why the layers of `m` cannot be split over `pp` stages (empty when they can)."""
+    first, last = m.num_layers_in_first_pipeline_stage, m.num_layers_in_last_pipeline_stage
+    if pp == 1:
+        if first is not None or last is not None:
+            return [f"{where}: num_layers_in_first/last_pipeline_stage need "
+                    f"parallel.pipeline_model_parallel_size > 1"]
+        return []
+    rest, middle = m.num_layers, pp
+    for value in (first, last):
+        if value is not None:
+            rest -= value
+            middle -= 1
+    if rest < 0 or (middle > 0 and rest % middle) or (middle == 0 and rest != 0) or (middle > 0 and rest == 0):
+        return [f"{where}.num_layers={m.num_layers} cannot be split over "
+                f"parallel.pipeline_model_parallel_size={pp} stages (first stage: {first}, "
+                f"last stage: {last}); make the layers divide evenly or set "
+                f"num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"]
+    return []
+
+
+def _parallel_checks(cfg: RunConfig, world_size: Optional[int]) -> List[str]:
+    p, errs = cfg.parallel, []
+    if p.virtual_pipeline_model_parallel_size is not None:
+        errs.append(f"parallel.virtual_pipeline_model_parallel_size="
+                    f"{p.virtual_pipeline_model_parallel_size}: interleaved (virtual) pipeline "
+                    f"stages are not supported in this version; set it to null")
+    if p.context_parallel_size != 1:
+        errs.append(f"parallel.context_parallel_size={p.context_parallel_size}: context "
+                    f"parallelism is not supported in this version; set it to 1")
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if getattr(p, name) < 1:
+            errs.append(f"parallel.{name}={getattr(p, name)}: must be >= 1")
+    if p.sequence_parallel and cfg.model.transformer_impl != "transformer_engine":
+        errs.append("parallel.sequence_parallel=true needs model.transformer_impl="
+                    "'transformer_engine' (the local spec cannot do it)")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        errs.append("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+    if world_size is not None:
+        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        if world_size % mp:
+            errs.append(f"world size {world_size} is not divisible by tensor x pipeline parallel "
+                        f"size {mp}")
+        else:
+            dp = world_size // mp
+            t = cfg.train
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+    return errs
+
+
+def _train_checks(cfg: RunConfig) -> List[str]:
+    t, errs = cfg.train, []
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        errs.append("train.micro_batch_size and train.global_batch_size must be >= 1")
+    elif t.global_batch_size % t.micro_batch_size:
+        errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                    f"train.micro_batch_size={t.micro_batch_size}")
+    if (t.train_iters is None) == (t.train_tokens is None):
+        errs.append(f"train.train_iters={t.train_iters}, train.train_tokens={t.train_tokens}: set "
+                    f"exactly one of them")
+    iters = train_iters(cfg)
+    if iters is not None and iters < 1:
+        errs.append(f"train.train_iters={iters}: must be >= 1")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        errs.append(f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    decay = t.lr_decay_iters if t.lr_decay_iters is not None else iters
+    if t.lr_warmup_iters < 0:
+        errs.append(f"train.lr_warmup_iters={t.lr_warmup_iters}: must be >= 0")
+    elif decay is not None and t.lr_decay_style != "constant" and t.lr_warmup_iters >= decay:
+        errs.append(f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than the decay "
+                    f"length {decay} (train.lr_decay_iters, or train_iters when unset)")
+    if t.clip_grad < 0:
+        errs.append(f"train.clip_grad={t.clip_grad}: must be >= 0 (0 disables clipping)")
+    return errs
+
+
+def train_iters(cfg: RunConfig) -> Optional[int]:
+    """Optimizer steps of the run: train_iters, or train_tokens over tokens per step (ceil)."""
+    t = cfg.train
+    if t.train_iters is not None:
+        return t.train_iters
+    if t.train_tokens is not None:
+        return math.ceil(t.train_tokens / (t.global_batch_size * cfg.data.seq_length))
+    return None
+
+
+def _distill_checks(cfg: RunConfig) -> List[str]:
+    d, k, errs = cfg.distill, cfg.ddk, []
+    if d.teacher is not None and not d.teacher_load:
+        errs.append("distill.teacher is set but distill.teacher_load is empty; give the teacher's "
+                    "checkpoint folder")
+    if d.gamma < 0:
+        errs.append(f"distill.gamma={d.gamma}: must be >= 0")
+    if d.temperature <= 0:
+        errs.append(f"distill.temperature={d.temperature}: must be > 0")
+    if d.kl_chunk_tokens < 1:
+        errs.append(f"distill.kl_chunk_tokens={d.kl_chunk_tokens}: must be >= 1")
+    if k.interval < 1:
+        errs.append(f"ddk.interval={k.interval}: must be >= 1")
+    if not 0.0 <= k.alpha <= 1.0:
+        errs.append(f"ddk.alpha={k.alpha}: must be in [0, 1]")
+    if k.policy in ("ddk", "ddk_no_smoothing") and d.teacher is None:
+        errs.append(f"ddk.policy={k.policy!r} needs a teacher (distill.teacher); without one use "
+                    f"policy 'static' (CPT) or 'equal'")
+    if k.valid_samples_per_domain < 1:
+        errs.append(f"ddk.valid_samples_per_domain={k.valid_samples_per_domain}: must be >= 1")
+    if k.static_weights is not None and (any(w < 0 for w in k.static_weights) or sum(k.static_weights) <= 0):
+        errs.append(f"ddk.static_weights={k.static_weights}: weights must be >= 0 with a positive sum")
+    if k.weight_floor is not None and k.weight_cap is not None and k.weight_floor > k.weight_cap:
+        errs.append(f"ddk.weight_floor={k.weight_floor} is above ddk.weight_cap={k.weight_cap}")
+    if k.max_epochs_per_domain is not None and k.max_epochs_per_domain <= 0:
+        errs.append(f"ddk.max_epochs_per_domain={k.max_epochs_per_domain}: must be > 0")
+    return errs
+
+
+def _misc_checks(cfg: RunConfig) -> List[str]:
+    errs = []
+    if cfg.data.seq_length < 2:
+        errs.append(f"data.seq_length={cfg.data.seq_length}: must be >= 2")
+    if cfg.logging.log_interval < 1:
+        errs.append(f"logging.log_interval={cfg.logging.log_interval}: must be >= 1")
+    c = cfg.checkpoint
+    if c.save_interval is not None and c.save_interval < 1:
+        errs.append(f"checkpoint.save_interval={c.save_interval}: must be >= 1")
+    if c.keep_last is not None and c.keep_last < 1:
+        errs.append(f"checkpoint.keep_last={c.keep_last}: must be >= 1")
+    return errs
+
+
+def static_errors(cfg: RunConfig, world_size: Optional[int] = None) -> List[str]:
+    """All static problems of a config (empty list when it is valid)."""
+    errs = _model_checks(cfg.model, "model", cfg)
+    if cfg.distill.teacher is not None:
+        errs += _model_checks(cfg.distill.teacher, "distill.teacher", cfg)
+    errs += _parallel_checks(cfg, world_size)
+    errs += _train_checks(cfg)
+    errs += _distill_checks(cfg)
+    errs += _misc_checks(cfg)
+    return errs
+
+
+def static_checks(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
+    """Raise ConfigError listing every static problem; return cfg when it is valid."""
+    errs = static_errors(cfg, world_size)
+    if errs:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
+    return cfg

