@@ -43,6 +43,9 @@ def transformer_config(model: ModelConfig, ctx: ParallelContext, *, bf16: bool =
         recompute_num_layers=model.recompute_num_layers if recompute == "full" else None,
         num_layers_in_first_pipeline_stage=model.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=model.num_layers_in_last_pipeline_stage,
+        # losses are token sums; Megatron divides by the global token count once (exact means
+        # across micro-batches and data-parallel ranks)
+        calculate_per_token_loss=True,
         **fusion_flags(model),
     )
     if model.fp8 is not None:

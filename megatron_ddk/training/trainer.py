@@ -1,0 +1,296 @@
+"""The training loop: DDK intervals, Megatron-Core schedules, logging, checkpoints, exits.
+
+    for each step:
+        at an interval boundary (every ddk.interval steps): evaluate the student per domain
+            (teacher once, cached), let the controller pick the weights, build the interval index
+        one optimizer step on the next global batch (micro-batches through the schedule)
+        log, checkpoint, stop on budget / exit interval / exit duration / SIGTERM / SIGUSR1
+
+A run is CPT, KD, DDK or an ablation by config alone (no teacher = CPT; ddk.policy chooses the
+mixture rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_ddk.config import RunConfig, config_to_yaml, to_dict
+from megatron_ddk.data.mixture import IntervalMixture, collate, micro_batches_for_rank
+from megatron_ddk.ddk.controller import DDKController
+from megatron_ddk.losses.distill import distillation_loss_from_config
+from megatron_ddk.models.pair import DistillationPair
+from megatron_ddk.parallel.state import ParallelContext
+from megatron_ddk.training import builder
+from megatron_ddk.training.checkpoint import load_training_checkpoint, save_training_checkpoint
+from megatron_ddk.training.evaluate import evaluate_domains
+from megatron_ddk.training.flops import FlopCounter
+from megatron_ddk.training.metrics import RunLogger, step_line
+from megatron_ddk.training.optimizer import build_training_objects
+from megatron_ddk.training.schedule import forward_backward
+from megatron_ddk.training.timing import StageTimer
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the batch's domains."""
+
+
+class Trainer:
+    """Builds a run from its config and trains it; `run()` returns the process exit code."""
+
+    def __init__(self, cfg: RunConfig, ctx: ParallelContext, stop_flag=None):
+        self.cfg, self.ctx = cfg, ctx
+        self.stop_flag = stop_flag or (lambda: False)
+        self.iters = builder.num_iters(cfg)
+        self.gbs, self.mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+        self.num_microbatches = self.gbs // (self.mbs * ctx.dp_size)
+        self.data = builder.build_data(cfg, ctx, cfg.ddk.valid_samples_per_domain)
+        self.names = self.data.manifest.names()
+        self.padded_vocab = builder.model_vocab(cfg, self.data.vocab_size, ctx.tp_size)
+        load = cfg.checkpoint.load
+        self.student, self.teacher, self.pair = builder.build_models(
+            cfg, ctx, self.padded_vocab, self.data.tokenizer_hash, load)
+        self.eval_student = DistillationPair(self.student, None)
+        self.model, self.optimizer, self.scheduler = build_training_objects(
+            self._maybe_float16(self.pair), cfg.train, cfg.parallel, ctx, self.iters,
+            bf16=builder.use_bf16(cfg))
+        self.loss = distillation_loss_from_config(
+            cfg.distill, tp_group=ctx.tp_group, num_domains=len(self.names),
+            vocab_size=self.data.vocab_size, logits_layout="bsv")
+        self.mixture = IntervalMixture(self.data.datasets.num_train_samples, self.gbs,
+                                       cfg.ddk.interval, cfg.train.seed, self.names)
+        self.controller = DDKController(
+            cfg.ddk, self.names, self.data.manifest.natural_weights(),
+            [d.initial_weight for d in self.data.manifest.domains],
+            samples_per_epoch=self.data.datasets.num_train_samples,
+            samples_per_interval=cfg.ddk.interval * self.gbs)
+        self.step = 0
+        self.meta = builder.checkpoint_metadata(cfg, self.padded_vocab, self.data)
+        self.timer = StageTimer(self.teacher)
+        self.flops = FlopCounter(cfg.model, cfg.distill.teacher, cfg.data.seq_length,
+                                 self.padded_vocab, self.gbs * cfg.data.seq_length)
+        self.domain_train = np.zeros((2, len(self.names)))
+        if load:
+            self._resume(load)
+        self.log = RunLogger(cfg.logging.run_dir, ctx.is_logging_rank, cfg.logging.tensorboard,
+                             resume_step=self.step)
+        self.log.write_metadata(config_to_yaml(cfg), dict(
+            self.meta, world_size=ctx.world_size, tp=ctx.tp_size, pp=ctx.pp_size,
+            dp=ctx.dp_size, train_iters=self.iters))
+
+    # ------------------------------------------------------------------------------ set-up
+    def _maybe_float16(self, module):
+        if not builder.use_bf16(self.cfg):
+            return module
+        from megatron.core.transformer.module import Float16Module
+
+        return Float16Module(module.config, module)
+
+    def _resume(self, path: str) -> None:
+        state = load_training_checkpoint(
+            path, model=self.student, optimizer=self.optimizer, ctx=self.ctx,
+            model_dict=to_dict(self.cfg.model), padded_vocab_size=self.padded_vocab,
+            tokenizer_hash=self.data.tokenizer_hash, finetune=self.cfg.checkpoint.finetune)
+        if state is None:
+            return
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.controller.load_state_dict(state["controller"])
+        self.mixture.load_state_dict(state["mixture"])
+        self.domain_train = np.asarray(state["domain_train"], dtype=np.float64)
+
+    def _run_state(self) -> Dict[str, Any]:
+        return {"step": self.step, "consumed_samples": self.step * self.gbs,
+                "scheduler": self.scheduler.state_dict(),
+                "controller": self.controller.state_dict(), "mixture": self.mixture.state_dict(),
+                "domain_train": self.domain_train.tolist()}
+
+    def save(self) -> None:
+        """Checkpoint now (all ranks)."""
+        if not self.cfg.checkpoint.save:
+            return
+        self.timer.start("checkpoint")
+        save_training_checkpoint(
+            self.cfg.checkpoint.save, self.step, model=self.student, optimizer=self.optimizer,
+            ctx=self.ctx, run_state=self._run_state(), metadata=self.meta,
+            config_yaml=config_to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+        self.timer.stop("checkpoint")
+
+    # ------------------------------------------------------------------------------ DDK
+    def _start_interval(self) -> None:
+        """Evaluate if the policy needs it, choose the weights, build the interval's index."""
+        self.timer.start("ddk_eval")
+        student_losses = teacher_losses = None
+        if self.controller.needs_losses():
+            with_teacher = self.controller.teacher_losses is None
+            model = self.pair if with_teacher else self.eval_student
+            student_losses, teacher_losses, _ = evaluate_domains(
+                model, self.ctx, self.data.datasets.valid, micro_batch_size=self.mbs,
+                seq_length=self.cfg.data.seq_length, vocab_size=self.data.vocab_size,
+                with_teacher=with_teacher, chunk_tokens=self.cfg.distill.kl_chunk_tokens)
+        consumed = self.mixture.samples_consumed
+        weights = self.controller.next_weights(
+            self.step, student_losses, teacher_losses, samples_consumed=consumed,
+            tokens_consumed=consumed * self.cfg.data.seq_length)
+        steps = min(self.cfg.ddk.interval, self.iters - self.step)
+        self.mixture.start_interval(weights, num_steps=steps)
+        self.timer.stop("ddk_eval")
+        self._log_interval()
+
+    def _log_interval(self) -> None:
+        rec = dict(self.controller.history[-1])
+        train = self.domain_train
+        rec["train_lm_loss"] = [float(s / c) if c else None for s, c in zip(*train)]
+        rec["domains"] = self.names
+        rec["wraps"] = self.mixture.num_wraps.tolist()
+        self.domain_train = np.zeros_like(self.domain_train)
+        self.log.record("interval", rec)
+        for key in ("weights", "ppl_student", "ppl_teacher", "ratio", "epochs",
+                    "samples_consumed", "train_lm_loss"):
+            values = rec.get(key)
+            if values is not None:
+                self.log.scalars(self.step, {f"{n}": v for n, v in zip(self.names, values)},
+                                 prefix=f"ddk/{key}/")
+
+    # ------------------------------------------------------------------------------ step
+    def _forward_step(self, batches: List[Dict[str, torch.Tensor]]):
+        it = iter(batches)
+        device = self.ctx.device
+
+        def forward_step(_data_iterator, model):
+            batch = next(it)
+            out = model(batch["tokens"].to(device), batch["position_ids"].to(device), None)
+            labels, mask = batch["labels"].to(device), batch["loss_mask"].to(device)
+            domains = batch["domain_id"].to(device)
+
+            def loss_func(output):
+                student_logits, teacher_logits = output
+                return self.loss(student_logits, labels=labels, loss_mask=mask,
+                                 domain_id=domains, teacher_logits=teacher_logits)
+
+            return out, loss_func
+
+        return forward_step
+
+    def train_step(self) -> Dict[str, Any]:
+        """One optimizer step on the next global batch; returns this step's metrics."""
+        entries = micro_batches_for_rank(self.mixture.next_global_batch(), self.ctx.dp_rank,
+                                         self.ctx.dp_size, self.mbs)
+        batches = [collate(e, self.data.datasets.train) for e in entries]
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.timer.start("forward_backward")
+        reports = forward_backward(
+            self.ctx, [self.model], self._forward_step(batches), self.num_microbatches,
+            self.cfg.data.seq_length, self.mbs,
+            adjust_tensor_shapes_fn=self.pair.adjust_tensor_shapes if self.ctx.pp_size > 1 else None)
+        self.timer.stop("forward_backward")
+        totals = self._reduce_reports(reports)
+        if not math.isfinite(totals["loss"]):
+            doms = sorted({self.names[d] for mb in entries for d, _ in mb})
+            raise NonFiniteLossError(f"non-finite loss {totals['loss']} at step {self.step + 1}; "
+                                     f"the batch held domain(s) {doms}; lower train.lr or check "
+                                     f"the data of those domains")
+        self.timer.start("optimizer")
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.timer.stop("optimizer")
+        self.step += 1
+        totals.update(step=self.step, consumed_samples=self.step * self.gbs,
+                      lr=float(self.optimizer.param_groups[0]["lr"]),
+                      grad_norm=None if grad_norm is None else float(grad_norm),
+                      update_successful=bool(ok))
+        return totals
+
+    def _reduce_reports(self, reports) -> Dict[str, float]:
+        """Exact means over micro-batches and DP ranks, shared with every rank."""
+        n = len(self.names)
+        buf = torch.zeros(6 + 2 * n, dtype=torch.float64)
+        if self.ctx.is_last_stage and self.ctx.tp_rank == 0:
+            for r in reports:
+                for i, key in enumerate(("loss", "lm_loss", "kd_loss")):
+                    buf[2 * i:2 * i + 2] += r[key].detach().double().cpu()
+                buf[6:6 + n] += r["domain_lm_loss"][0].double().cpu()
+                buf[6 + n:] += r["domain_lm_loss"][1].double().cpu()
+        if dist.is_initialized():
+            dist.all_reduce(buf)
+        self.domain_train += buf[6:].view(2, n).numpy()
+        count = max(float(buf[1]), 1.0)
+        return {k: float(buf[2 * i] / count) for i, k in enumerate(("loss", "lm_loss", "kd_loss"))}
+
+    # ------------------------------------------------------------------------------ loop
+    def _should_stop(self, started: float) -> Optional[str]:
+        t = self.cfg.train
+        reason = None
+        if self.stop_flag():
+            reason = "signal"
+        elif t.exit_interval and self.step % t.exit_interval == 0:
+            reason = "exit_interval"
+        elif t.exit_duration_minutes and (time.time() - started) / 60 >= t.exit_duration_minutes:
+            reason = "exit_duration"
+        flag = torch.tensor([1.0 if reason else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if flag.item() and reason is None:
+            reason = "another rank"
+        return reason
+
+    def _log_step(self, rec: Dict[str, Any], window: List[float], started: float) -> None:
+        steps = self.cfg.logging.log_interval
+        seconds = sum(window[-steps:])
+        tokens = self.gbs * self.cfg.data.seq_length * min(steps, len(window))
+        rec["tokens_per_sec"] = tokens / seconds if seconds else 0.0
+        rec["mfu"] = self.flops.mfu(min(steps, len(window)), seconds, self.ctx.world_size)
+        rec["weights"] = [float(x) for x in self.mixture.state_dict()["weights"]]
+        rec["interval"] = self.mixture.current_interval
+        rec["timing"] = self.timer.summary()
+        elapsed = time.time() - started
+        remaining = (self.iters - self.step) * (seconds / max(1, min(steps, len(window))))
+        self.log.record("step", rec)
+        self.log.scalars(self.step, {k: rec.get(k) for k in (
+            "loss", "lm_loss", "kd_loss", "lr", "grad_norm", "tokens_per_sec", "mfu")}, "train/")
+        self.log.scalars(self.step, rec["timing"], "timing/")
+        if self.ctx.is_logging_rank:
+            logger.info(step_line(rec, self.iters, elapsed, remaining))
+
+    def run(self) -> int:
+        """Train to the budget (or an exit condition); returns the exit code."""
+        started = time.time()
+        window: List[float] = []
+        reason = None
+        logger.info("training %d steps (%d left), %d domains, %s, policy %s", self.iters,
+                    self.iters - self.step, len(self.names),
+                    "teacher" if self.teacher is not None else "no teacher (CPT)",
+                    self.cfg.ddk.policy)
+        self.model.train()
+        while self.step < self.iters:
+            if self.mixture.steps_left == 0:
+                self._start_interval()
+            t0 = time.time()
+            rec = self.train_step()
+            window.append(time.time() - t0)
+            if self.step % self.cfg.logging.log_interval == 0 or self.step == self.iters:
+                self._log_step(rec, window, started)
+            save_every = self.cfg.checkpoint.save_interval
+            reason = self._should_stop(started)
+            if reason or (save_every and self.step % save_every == 0):
+                self.save()
+            if reason:
+                logger.info("stopping at step %d (%s); checkpoint saved", self.step, reason)
+                break
+        else:
+            if not (self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0):
+                self.save()
+        self.log.record("end", {"step": self.step, "reason": reason or "budget",
+                                "timing": self.timer.summary(),
+                                "elapsed_s": time.time() - started})
+        self.log.close()
+        return 0
