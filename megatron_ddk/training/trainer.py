@@ -140,10 +140,22 @@ class Trainer:
         weights = self.controller.next_weights(
             self.step, student_losses, teacher_losses, samples_consumed=consumed,
             tokens_consumed=consumed * self.cfg.data.seq_length)
+        self._check_same_on_all_ranks(weights)
         steps = min(self.cfg.ddk.interval, self.iters - self.step)
         self.mixture.start_interval(weights, num_steps=steps)
         self.timer.stop("ddk_eval")
         self._log_interval()
+
+    def _check_same_on_all_ranks(self, weights: np.ndarray) -> None:
+        """Every rank must sample the same mixture; a divergence is a bug, never ignored."""
+        if not dist.is_initialized() or self.ctx.world_size == 1:
+            return
+        mine = torch.as_tensor(weights, dtype=torch.float64)
+        gathered = [torch.empty_like(mine) for _ in range(self.ctx.world_size)]
+        dist.all_gather(gathered, mine)
+        if any(not torch.equal(g, mine) for g in gathered):
+            raise RuntimeError(f"DDK weights differ across ranks at step {self.step}: "
+                               f"{[g.tolist() for g in gathered]}")
 
     def _log_interval(self) -> None:
         rec = dict(self.controller.history[-1])
