@@ -31,7 +31,7 @@ else
     fi
   fi
   echo "[setup] installing megatron-ddk[$EXTRAS] (editable)"
-  "${PIP[@]}" -e "$ROOT[$EXTRAS]"
+  "${PIP[@]}" -e "${ROOT}[${EXTRAS}]"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -159,7 +159,8 @@ def split_document(text: str, max_bytes: int) -> List[str]:
 
 def collect_domain(docs: Iterator[Doc], max_bytes: int, max_doc_bytes: int,
                    desc: str = "") -> List[Dict[str, str]]:
-    """Documents (exact duplicates dropped) until the next one would pass max_bytes."""
+    """Documents (exact duplicates dropped) up to max_bytes; the last one may be the head of a
+    longer document (cut at a line boundary) so the domain fills its cap."""
     out, seen, total = [], set(), 0
     with tqdm(total=max_bytes, desc=desc, unit="B", unit_scale=True, leave=False,
               disable=not desc) as bar:
@@ -170,7 +171,10 @@ def collect_domain(docs: Iterator[Doc], max_bytes: int, max_doc_bytes: int,
             seen.add(digest)
             for i, piece in enumerate(split_document(text, max_doc_bytes)):
                 n = len(piece.encode("utf-8"))
-                if total + n > max_bytes:
+                if total + n > max_bytes:  # fill the rest with the head of this piece
+                    head = split_document(piece, max_bytes - total)[0] if total < max_bytes else ""
+                    if head and len(head.encode("utf-8")) <= max_bytes - total:
+                        out.append({"text": head, "source": f"{source}#{i}:head"})
                     return out
                 out.append({"text": piece, "source": f"{source}#{i}" if i else source})
                 total += n

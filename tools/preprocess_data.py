@@ -5,7 +5,7 @@ dataset per json key, named <output-prefix>_<key>_document.bin/.idx, EOD appende
 document (--append-eod is accepted; --no-append-eod turns it off). No validation hold-out here:
 tools/build_domains.py does that per domain.
 
-    python tools/preprocess_data.py --input data.jsonl --output-prefix out/my_corpus \
+    python tools/preprocess_data.py --input data.jsonl --output-prefix out/my_corpus \\
         --tokenizer-model tokenizer.model --workers 2
 
 --tokenizer-model: any SentencePiece .model (a released one such as LLaMA's tokenizer.model
@@ -66,6 +66,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             eos_token=args.eos_token)
     except ValueError as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        print("\ninterrupted: temporary files removed, no output written", file=sys.stderr)
+        sys.exit(130)
     for key, prefix in result.prefixes.items():
         print(f"{prefix}.bin/.idx: {result.num_documents[key]:,} documents, "
               f"{result.num_tokens[key]:,} tokens")

@@ -6,8 +6,8 @@ kept, byte fallback, digits split; decode(encode(text)) == text for code and CJK
 Writes <output-prefix>.model, <output-prefix>.vocab and tokenizer_metadata.json (in the same
 folder, as megatron.core.tokenizers expects) and prints the model's sha256.
 
-    python tools/train_tokenizer.py --input data/demo/corpus --output-prefix data/demo/tokenizer/ddk \
-        --vocab-size 8000
+    python tools/train_tokenizer.py --input data/demo/corpus \\
+        --output-prefix data/demo/tokenizer/ddk --vocab-size 8000
 
 --input takes corpus folders (each <name>.jsonl or <name>/ is a domain) and/or single
 .jsonl/.txt files (each file is a domain named after it).
@@ -23,9 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 from megatron_ddk.data.corpus import DomainInput, check_input_files, discover_domains  # noqa: E402
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 def resolve_domains(inputs: List[str]) -> List[DomainInput]:

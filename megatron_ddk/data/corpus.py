@@ -78,7 +78,7 @@ def parse_line(raw: bytes, fmt: str, json_keys: Sequence[str]) -> Optional[Tuple
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise MalformedLineError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+        raise MalformedLineError(f"invalid JSON ({err.msg}: column {err.colno})") from None
     if not isinstance(obj, dict):
         raise MalformedLineError(f"expected a JSON object, got {type(obj).__name__}")
     docs = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 import numpy as np
 import torch
@@ -121,7 +121,8 @@ def _build_all(manifest: DomainManifest, train_cfg: GPTDatasetConfig,
     for d in manifest.domains:
         parts = []
         for j, prefix in enumerate(d.train_prefixes):
-            ds = _gpt_dataset(prefix, Split.train, train_cfg, f"{src}: {d.name}.train_prefixes[{j}]")
+            where = f"{src}: {d.name}.train_prefixes[{j}]"
+            ds = _gpt_dataset(prefix, Split.train, train_cfg, where)
             if ds is None:
                 logger.warning("domain %s: %s holds fewer than seq_length + 1 tokens; skipped",
                                d.name, prefix)

@@ -227,9 +227,11 @@ def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> D
 
 
 def _relative(folder: str, target: str) -> str:
-    """target relative to folder when it lies inside it, else absolute."""
+    """target relative to folder when it lies under folder or folder's parent (a corpus tree
+    moved as a whole keeps working), else absolute."""
     target = os.path.abspath(target)
-    if os.path.commonpath([folder, target]) == folder:
+    parent = os.path.dirname(folder)
+    if parent != os.path.dirname(parent) and os.path.commonpath([parent, target]) == parent:
         return os.path.relpath(target, folder)
     return target
 
@@ -256,8 +258,8 @@ def _to_yaml_dict(manifest: DomainManifest, folder: str) -> Dict[str, Any]:
 
 
 def save_manifest(manifest: DomainManifest, path: str) -> None:
-    """Write the manifest as YAML atomically (temp file + os.replace); paths inside the
-    manifest's folder are stored relative to it. Sets manifest.path."""
+    """Write the manifest as YAML atomically (temp file + os.replace); paths under the
+    manifest's folder or its parent are stored relative to it. Sets manifest.path."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)

@@ -179,6 +179,14 @@ class IntervalMixture:
         self._position = end
         return batch
 
+    def advance(self, num_steps: int) -> None:
+        """Mark the next num_steps global batches as served without reading them (simulators,
+        fast-forward)."""
+        if num_steps < 0 or num_steps > self.steps_left:
+            raise ValueError(f"advance({num_steps}): interval {self._t} has {self.steps_left} "
+                             f"steps left")
+        self._position += num_steps * self.global_batch_size
+
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         """Plain python state: enough to rebuild the current interval and resume inside it."""

@@ -38,7 +38,7 @@ from megatron_ddk.data.tokenizer import build_tokenizer
 logger = logging.getLogger(__name__)
 
 _BATCH_LINES = 256
-_BATCH_BYTES = 1 << 20
+_BATCH_BYTES = 1 << 17
 _WORKER: dict = {}  # per-process tokenizer state, set by _init_worker
 
 
@@ -62,7 +62,7 @@ class PreprocessResult:
     """Malformed lines skipped (only with skip_malformed)."""
 
     seconds: float = 0.0
-    """Wall time of the run."""
+    """Wall time of the run (after the one-off imports and tokenizer load)."""
 
 
 def _init_worker(model_path: str, json_keys: Sequence[str], append_eod: bool,
@@ -173,19 +173,23 @@ def commit_dataset(tmp_prefix: str, prefix: str) -> None:
 
 
 class _Progress:
-    """tqdm bar in documents/s with tokens/s in the postfix (no-op when disabled)."""
+    """tqdm bar in documents/s with tokens/s in the postfix (no-op when disabled).
+
+    The bar is created at the first update, i.e. after the worker pool has forked: tqdm's
+    monitor thread must not exist when the process forks."""
 
     def __init__(self, enabled: bool, desc: str) -> None:
-        self.bar, self.tokens, self.start, self.last = None, 0, time.perf_counter(), 0.0
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc=desc, unit="doc", dynamic_ncols=True)
+        self.enabled, self.desc, self.bar = enabled, desc, None
+        self.tokens, self.start, self.last = 0, time.perf_counter(), 0.0
 
     def update(self, num_docs: int, num_tokens: int) -> None:
         self.tokens += num_tokens
-        if self.bar is None:
+        if not self.enabled:
             return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=self.desc, unit="doc", dynamic_ncols=True)
         self.bar.update(num_docs)
         now = time.perf_counter()
         if now - self.last > 0.5:
@@ -241,12 +245,12 @@ def tokenize_to_datasets(
     a malformed line raises ValueError naming file:line unless skip_malformed. eos_token is for
     a Hugging Face tokenizer that names no end-of-document token.
     """
+    check_input_files(paths)  # before the slow import, so a typo fails fast
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    check_input_files(paths)
-    start = time.perf_counter()
     keys = list(prefixes)
     dtype = DType.optimal_dtype(build_tokenizer(tokenizer_model, eos_token).vocab_size)
+    start = time.perf_counter()  # after the one-off imports of megatron.core and transformers
     result = PreprocessResult(prefixes=dict(prefixes), num_documents=dict.fromkeys(keys, 0),
                               num_tokens=dict.fromkeys(keys, 0))
     counts = ReadCounts()
@@ -354,7 +358,10 @@ def build_domain(
                              "documents; remove the domain or fix its files")
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-        lengths = IndexedDataset(all_prefix, mmap=True).sequence_lengths
+        # Keep `full` alive while reading: its index is a view of an mmap closed in __del__.
+        full = IndexedDataset(all_prefix, mmap=True)
+        lengths = np.array(full.sequence_lengths, dtype=np.int64)
+        del full
         domain_seed = (seed + zlib.crc32(name.encode("utf-8"))) % (2**32)
         target = valid_samples * (valid_seq_length + 1)
         valid_ids = select_validation_documents(lengths, target, domain_seed, f"domain {name}")

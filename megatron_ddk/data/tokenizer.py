@@ -118,7 +118,7 @@ def _build_hf(model_path: str, eos_token: Optional[str]):
         tokenizer_path=folder, metadata_path=_metadata_for(folder, HF_METADATA), **kwargs
     )
     if tok.eod is None:
-        vocab = tok._tokenizer.tokenizer.get_vocab()
+        vocab = set(tok.vocab)
         found = next((c for c in HF_EOS_CANDIDATES if c in vocab), None)
         if found is None:
             raise ValueError(
@@ -126,6 +126,10 @@ def _build_hf(model_path: str, eos_token: Optional[str]):
                 f"{list(HF_EOS_CANDIDATES)} is in its vocabulary; pass eos_token explicitly"
             )
         tok.add_special_tokens({"eos_token": found})
+    if tok.pad is None:
+        # The usual HF convention (pad = eos). GPTDataset sees the collision and pads with -1,
+        # which it masks out of the loss, so real EOD tokens are never masked as padding.
+        tok.add_special_tokens({"pad_token": tok.vocab[tok.eod]})
     return tok
 
 
@@ -201,7 +205,8 @@ def train_sentencepiece(
     folder = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(folder, exist_ok=True)
     options = dict(
-        model_type=model_type, vocab_size=vocab_size, user_defined_symbols=list(user_defined_symbols),
+        model_type=model_type, vocab_size=vocab_size,
+        user_defined_symbols=list(user_defined_symbols),
         split_digits=split_digits, add_dummy_prefix=add_dummy_prefix,
         character_coverage=character_coverage, max_sentence_length=max_sentence_bytes,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, input_sentence_size=0,

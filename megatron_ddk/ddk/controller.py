@@ -167,12 +167,20 @@ class DDKController:
         weights = self._bounded(r, epochs)
         self._interval += 1
         self._r, self._weights = r, weights
+        lt = self._teacher_losses
         self.history.append({
-            "interval": self._interval, "step": int(step), "weights": _floats(weights),
-            "r": _floats(r), "loss_student": _floats(ls), "loss_teacher": _floats(
-                self._teacher_losses), "ppl_student": _ppl(ls), "ppl_teacher": _ppl(
-                self._teacher_losses), "ratio": _floats(ratio), "samples_consumed": _ints(
-                consumed), "tokens_consumed": _ints(tokens_consumed), "epochs": _floats(epochs),
+            "interval": self._interval,
+            "step": int(step),
+            "weights": _floats(weights),
+            "r": _floats(r),
+            "loss_student": _floats(ls),
+            "loss_teacher": _floats(lt),
+            "ppl_student": _ppl(ls),
+            "ppl_teacher": _ppl(lt),
+            "ratio": _floats(ratio),
+            "samples_consumed": _ints(consumed),
+            "tokens_consumed": _ints(tokens_consumed),
+            "epochs": _floats(epochs),
         })
         logger.info("ddk interval %d (step %d): weights %s", self._interval, step,
                     ", ".join(f"{n}={w:.4f}" for n, w in zip(self.domain_names, weights)))
@@ -201,7 +209,7 @@ class DDKController:
     def _bounded(self, r: np.ndarray, epochs: Optional[np.ndarray]) -> np.ndarray:
         """r with the weight floor / cap and the repetition cap applied (r itself if none)."""
         cfg = self.config
-        if cfg.weight_floor is None and cfg.weight_cap is None and cfg.max_epochs_per_domain is None:
+        if (cfg.weight_floor, cfg.weight_cap, cfg.max_epochs_per_domain) == (None, None, None):
             return r.copy()
         lower = np.full(self.num_domains, cfg.weight_floor or 0.0)
         upper = np.full(self.num_domains, 1.0 if cfg.weight_cap is None else cfg.weight_cap)

@@ -73,7 +73,8 @@ def _ratio_from_ppl(ppl_student, ppl_teacher) -> np.ndarray:
     ps = _as_domain_vector(ppl_student, "ppl_student", positive=True)
     pt = _as_domain_vector(ppl_teacher, "ppl_teacher", positive=True)
     _check_same_size(ps, pt)
-    return np.exp(np.minimum(np.log(ps) - np.log(pt), MAX_LOG_RATIO))
+    with np.errstate(over="ignore"):  # an overflowing quotient is clipped like a huge one
+        return np.minimum(ps / pt, np.exp(MAX_LOG_RATIO))
 
 
 def discrepancy_factor_from_ratio(ratio) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Distillation losses: vocab-parallel KL / CE (kl.py) and Eq. 3 for Megatron's schedules (distill.py).
+"""Distillation losses: vocab-parallel KL / CE (kl.py), Eq. 3 for Megatron schedules (distill.py).
 
 Imports torch only; never megatron_ddk.models, .data, .ddk or .training.
 """

@@ -108,37 +108,38 @@ def _make_plan(student: torch.Tensor, tp_group, vocab_size: Optional[int], *, wa
                  inv_t=1.0 / float(temperature), chunk=int(chunk_tokens))
 
 
-def _load(buf: torch.Tensor, src: torch.Tensor, scale: float) -> torch.Tensor:
-    """Copy src into the fp32 buffer (casting) and scale it in place."""
-    buf.copy_(src)
-    if scale != 1.0:
-        buf.mul_(scale)
-    return buf
+def _shifted(buf: torch.Tensor, src: torch.Tensor, shift: torch.Tensor,
+             scale: float) -> torch.Tensor:
+    """buf = src * scale - shift in fp32 (shift: fp32 [k, 1]); one pass when scale is 1."""
+    if scale == 1.0:  # fp32 shift promotes the subtraction of bf16 src to fp32
+        return torch.sub(src, shift, out=buf)
+    return buf.copy_(src).mul_(scale).sub_(shift)
 
 
-def _logsumexp_stats(buf: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Local (max, sum exp(x - max)) over the last dim; destroys buf (it ends as exp(x - max))."""
-    m = buf.amax(dim=-1)
-    buf.sub_(m.unsqueeze(-1)).exp_()
-    return m, buf.sum(dim=-1)
+def _stats(buf: torch.Tensor, src: torch.Tensor, scale: float):
+    """Local (max, sum exp(x - max)) of x = src * scale; buf ends holding exp(x - max)."""
+    m = src.amax(dim=-1, keepdim=True).float().mul_(scale)  # scale > 0 keeps the argmax
+    e = _shifted(buf, src, m, scale).exp_()
+    return m.squeeze(-1), e.sum(dim=-1)
 
 
 def _forward_chunk(p: _Plan, zs, zt, a_buf, b_buf, stats: dict, rows: slice) -> None:
     """Local statistics of one chunk of tokens (valid columns only), written into `stats`."""
     if p.want_kl:
         # The distribution that weights the log-ratio is the teacher (forward) or the student
-        # (reverse); its exp() is computed last so it is still in a buffer for the weighted sum.
+        # (reverse); its exp() is computed last so it is still in a_buf for the weighted sum.
         first, second, key1, key2 = (zs, zt, "s", "t") if not p.reverse else (zt, zs, "t", "s")
-        x = _load(a_buf, first, p.inv_t)
-        stats["m_" + key1][rows], stats["s_" + key1][rows] = _logsumexp_stats(x)
-        y = _load(b_buf, second, p.inv_t)
-        m2 = y.amax(dim=-1)
-        e = torch.sub(y, m2.unsqueeze(-1), out=a_buf).exp_()
-        stats["m_" + key2][rows], stats["s_" + key2][rows] = m2, e.sum(dim=-1)
-        y.sub_(first, alpha=p.inv_t)  # second - first: (y - x) forward, (x - y) reverse
-        stats["a"][rows] = e.mul_(y).sum(dim=-1)
+        stats["m_" + key1][rows], stats["s_" + key1][rows] = _stats(a_buf, first, p.inv_t)
+        stats["m_" + key2][rows], stats["s_" + key2][rows] = _stats(a_buf, second, p.inv_t)
+        if second.dtype == torch.float32:
+            diff = torch.sub(second, first, out=b_buf)
+        else:  # in-place on the fp32 buffer: the subtraction itself runs in fp32
+            diff = b_buf.copy_(second).sub_(first)
+        if p.inv_t != 1.0:
+            diff.mul_(p.inv_t)  # (y - x) forward, (x - y) reverse
+        stats["a"][rows] = a_buf.mul_(diff).sum(dim=-1)
     if p.want_ce and not p.share:
-        stats["m_1"][rows], stats["s_1"][rows] = _logsumexp_stats(_load(a_buf, zs, 1.0))
+        stats["m_1"][rows], stats["s_1"][rows] = _stats(a_buf, zs, 1.0)
 
 
 def _target_logits(p: _Plan, student2d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -220,8 +221,8 @@ def _backward_chunk(p: _Plan, zs, zt, labels, red: dict, g_ce, g_kl, out, a_buf,
     a = out if a_buf is None else a_buf
     if p.want_kl:
         gk = (g_kl[rows] * p.inv_t).unsqueeze(-1)
-        log_ps = _load(a, zs, p.inv_t).sub_(red["lse_s"][rows].unsqueeze(-1))
-        log_pt = _load(b_buf, zt, p.inv_t).sub_(red["lse_t"][rows].unsqueeze(-1))
+        log_ps = _shifted(a, zs, red["lse_s"][rows].unsqueeze(-1), p.inv_t)
+        log_pt = _shifted(b_buf, zt, red["lse_t"][rows].unsqueeze(-1), p.inv_t)
         if p.reverse:  # d/dx = p_S * (log p_S - log p_T - KL)
             w = log_pt.neg_().add_(log_ps).sub_(red["kl"][rows].unsqueeze(-1)).mul_(gk)
             if p.share:
@@ -232,15 +233,16 @@ def _backward_chunk(p: _Plan, zs, zt, labels, red: dict, g_ce, g_kl, out, a_buf,
             ps.mul_(gk + g_ce[rows].unsqueeze(-1) if p.share else gk)
             a = ps.sub_(pt.mul_(gk))
         if p.want_ce and not p.share:
-            p1 = _load(b_buf, zs, 1.0).sub_(red["lse_1"][rows].unsqueeze(-1)).exp_()
+            p1 = _shifted(b_buf, zs, red["lse_1"][rows].unsqueeze(-1), 1.0).exp_()
             a.add_(p1.mul_(g_ce[rows].unsqueeze(-1)))
     else:
-        a = _load(a, zs, 1.0).sub_(red["lse_1"][rows].unsqueeze(-1)).exp_()
+        a = _shifted(a, zs, red["lse_1"][rows].unsqueeze(-1), 1.0).exp_()
         a.mul_(g_ce[rows].unsqueeze(-1))
     if p.want_ce:  # the one-hot term of CE: -g_ce at the label column, where it is ours
         local = labels[rows] - p.start
-        hit = ((local >= 0) & (local < p.num_valid)).nonzero().squeeze(1)
-        a.index_put_((hit, local[hit]), -g_ce[rows][hit], accumulate=True)
+        inside = (local >= 0) & (local < p.num_valid)
+        col = local.clamp(0, p.num_valid - 1).unsqueeze(1)
+        a.scatter_add_(1, col, torch.where(inside, -g_ce[rows], 0.0).unsqueeze(1))  # no sync
     if a is not out:
         out.copy_(a)
 
@@ -255,7 +257,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         teacher2d = teacher.reshape(-1, local) if plan.want_kl else None
         labels1d = labels.reshape(-1) if plan.want_ce else None
         ce, kl, red = _forward(plan, student2d, teacher2d, labels1d)
-        ctx.plan, ctx.lead_shape = plan, student.shape[:-1]
+        ctx.plan = plan
         keep = {k: red[k] for k in ("lse_s", "lse_t", "lse_1") if k in red}
         if plan.want_kl and plan.reverse:  # a copy: the returned kl may be edited in place
             keep["kl"] = red["kl"].clone()
@@ -285,10 +287,10 @@ class _VocabParallelLoss(torch.autograd.Function):
         grad[:, nv:] = 0  # padded columns: exactly zero
         if nv > 0:
             k = min(p.chunk, n)
+            fp32 = torch.float32
             # In fp32 the gradient slice itself is the first working buffer.
-            a_buf = None if grad.dtype == torch.float32 else zs.new_empty(k, nv, dtype=torch.float32)
-            needs_b = p.want_kl
-            b_buf = zs.new_empty(k, nv, dtype=torch.float32) if needs_b else None
+            a_buf = None if grad.dtype == fp32 else zs.new_empty(k, nv, dtype=fp32)
+            b_buf = zs.new_empty(k, nv, dtype=fp32) if p.want_kl else None
             for lo in range(0, n, p.chunk):
                 rows = slice(lo, min(lo + p.chunk, n))
                 m = rows.stop - lo

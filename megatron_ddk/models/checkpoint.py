@@ -152,6 +152,9 @@ def save_sharded(root: str, iteration: int, sharded_state_dict: Dict[str, Any],
             f.flush()
             os.fsync(f.fileno())
         os.replace(latest_tmp, os.path.join(root, LATEST_FILE))
+        for name in os.listdir(root):  # leftovers of saves that crashed before their rename
+            if name.endswith(".tmp") and name.startswith("iter_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         if keep_last:
             prune_checkpoints(root, keep_last)
     _barrier()

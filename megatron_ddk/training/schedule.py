@@ -2,6 +2,9 @@
 
 No pipelining for PP=1, 1F1B otherwise (the only schedule that accepts adjust_tensor_shapes_fn,
 which the two-model pipeline needs). The P2P communicator is built from the context's PP group.
+adjust_tensor_shapes_fn (models/pair.py widens the P2P tensor by the teacher's hidden size) is
+used at PP > 1 and ignored at PP = 1; at PP > 1 a model that defines adjust_tensor_shapes (the
+DistillationPair, also inside DDP / Float16Module) supplies it when the caller passes none.
 """
 
 from __future__ import annotations
@@ -28,7 +31,18 @@ def forward_backward(ctx: ParallelContext, model_chunks: List, forward_step: Cal
     if ctx.pp_size > 1:
         config = model_chunks[0].config
         kwargs["p2p_communicator"] = P2PCommunicator(pp_group=ctx.pp_group, config=config)
-        kwargs["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn
-    elif adjust_tensor_shapes_fn is not None:
-        raise ValueError("adjust_tensor_shapes_fn needs pipeline_model_parallel_size > 1")
+        kwargs["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn or _model_shapes_fn(
+            model_chunks[0])
+    # At PP=1 there is no P2P tensor to size: adjust_tensor_shapes_fn is ignored (Megatron-Core's
+    # no-pipelining schedule asserts it is None), so callers may pass it unconditionally.
     return func(**kwargs)
+
+
+def _model_shapes_fn(model) -> Optional[Callable]:
+    """The wrapped model's own adjust_tensor_shapes (DistillationPair), or None."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    try:
+        return get_attr_wrapped_model(model, "adjust_tensor_shapes")
+    except RuntimeError:
+        return None

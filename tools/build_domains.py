@@ -1,0 +1,157 @@
+"""One command: a folder of per-domain JSONL -> train + validation datasets + manifest.yaml.
+
+Each <name>.jsonl (or <name>.txt, or <name>/ folder of them) in --input is a domain. Every domain
+is tokenized (multi-process, output independent of --workers), then whole documents drawn in a
+seeded random order are held out for validation until they hold
+--valid-samples x (--valid-seq-length + 1) tokens (paper defaults 500 x 4097); the rest is the
+training set. It is an error when validation would take the whole domain. Writes
+
+    <output-dir>/<name>/train_text_document.bin/.idx
+    <output-dir>/<name>/valid_text_document.bin/.idx
+    <output-dir>/manifest.yaml        (last, only when every domain succeeded)
+
+    python tools/build_domains.py --input corpus/ --output-dir datasets/ \\
+        --tokenizer-model tokenizer/ddk.model [--train-tokenizer --vocab-size 8000]
+
+With --train-tokenizer, a SentencePiece model is first trained on the domains (equal shares by
+default) and written to --tokenizer-model (see tools/train_tokenizer.py for its flags).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_TOOLS))
+sys.path.insert(0, _TOOLS)
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+from train_tokenizer import add_training_args, train_from_args  # noqa: E402
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
+def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="corpus folder of per-domain JSONL")
+    p.add_argument("--output-dir", required=True, help="where datasets and manifest go")
+    p.add_argument("--manifest", default=None, help="default: <output-dir>/manifest.yaml")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model or tokenizer.json (written with --train-tokenizer)")
+    p.add_argument("--train-tokenizer", action="store_true",
+                   help="train a SentencePiece model on the domains first, at --tokenizer-model")
+    p.add_argument("--domains", default=None, help="comma-separated subset/order of domains")
+    p.add_argument("--valid-samples", type=int, default=500,
+                   help="validation samples per domain (paper: 500)")
+    p.add_argument("--valid-seq-length", type=int, default=4096,
+                   help="tokens per validation sample; each needs seq_length + 1 tokens")
+    p.add_argument("--initial-weights", default=None,
+                   help="name=weight,... stored as initial_weight in the manifest")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--skip-malformed", action="store_true",
+                   help="skip and count malformed lines instead of stopping")
+    add_training_args(p)
+    return p.parse_args(argv)
+
+
+def _select(domains, spec: Optional[str]):
+    if not spec:
+        return domains
+    by_name = {d.name: d for d in domains}
+    wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise ValueError(f"--domains {missing} not found in the corpus folder; found "
+                         f"{sorted(by_name)}")
+    return [by_name[n] for n in wanted]
+
+
+def _initial_weights(spec: Optional[str], names: List[str]) -> dict:
+    out = {}
+    for item in (spec.split(",") if spec else []):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in names:
+            raise ValueError(f"--initial-weights item {item!r}: expected name=weight with name "
+                             f"one of {names}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--initial-weights item {item!r}: not a number") from None
+    return out
+
+
+def build(args: argparse.Namespace) -> str:
+    """Run the whole pipeline; return the manifest path."""
+    from megatron_ddk.data.corpus import discover_domains
+    from megatron_ddk.data.manifest import DomainManifest, load_manifest, save_manifest
+    from megatron_ddk.data.preprocess import build_domain
+    from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
+
+    domains = _select(discover_domains(args.input), args.domains)
+    weights = _initial_weights(args.initial_weights, [d.name for d in domains])
+    manifest_path = os.path.abspath(args.manifest or os.path.join(args.output_dir,
+                                                                  "manifest.yaml"))
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # a failed run must not leave an old manifest looking current
+    if args.train_tokenizer:
+        prefix = args.tokenizer_model
+        prefix = prefix[:-len(".model")] if prefix.endswith(".model") else prefix
+        args.tokenizer_model = train_from_args(args, domains, prefix, args.skip_malformed)
+    tok = build_tokenizer(args.tokenizer_model)
+    entries = []
+    for domain in domains:
+        start = time.perf_counter()
+        entry = build_domain(
+            domain.name, domain.paths, args.output_dir, args.tokenizer_model,
+            valid_samples=args.valid_samples, valid_seq_length=args.valid_seq_length,
+            seed=args.seed, workers=args.workers, skip_malformed=args.skip_malformed,
+            progress=True)
+        entry.initial_weight = weights.get(domain.name)
+        entries.append(entry)
+        print(f"{domain.name}: {time.perf_counter() - start:.1f}s", flush=True)
+    manifest = DomainManifest(path="", tokenizer_model=os.path.abspath(args.tokenizer_model),
+                              tokenizer_hash=tokenizer_hash(args.tokenizer_model),
+                              vocab_size=int(tok.vocab_size), domains=entries)
+    save_manifest(manifest, manifest_path)
+    load_manifest(manifest_path, expected_tokenizer_hash=manifest.tokenizer_hash)
+    return manifest_path
+
+
+def _print_table(manifest_path: str) -> None:
+    from megatron_ddk.data.manifest import load_manifest
+
+    m = load_manifest(manifest_path)
+    print(f"\n{'domain':<16} {'train docs':>10} {'train tokens':>13} {'valid docs':>10} "
+          f"{'valid tokens':>13} {'natural w':>9}")
+    for d, w in zip(m.domains, m.natural_weights()):
+        print(f"{d.name:<16} {d.num_train_documents:>10,} {d.num_train_tokens:>13,} "
+              f"{d.num_valid_documents:>10,} {d.num_valid_tokens:>13,} {w:>9.3f}")
+    print(f"\ntokenizer {m.tokenizer_model} ({m.tokenizer_hash}, vocab {m.vocab_size})")
+    print(f"manifest  {m.path}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    try:
+        manifest_path = build(args)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished domains keep their datasets; no manifest was written",
+              file=sys.stderr)
+        sys.exit(130)
+    _print_table(manifest_path)
+    print(f"done in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
