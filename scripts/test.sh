@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-# shellcheck source=scripts/setup_env.sh
+# shellcheck source=scripts/setup_env.sh disable=SC1091
 source "$ROOT/scripts/setup_env.sh" test
 start=$(date +%s)
 python -m pytest tests "$@"

@@ -188,7 +188,7 @@ class DistillConfig:
     kl_direction: Literal["forward", "reverse"] = "forward"
     """forward = KL(teacher || student) (the paper's KD); reverse = KL(student || teacher)."""
 
-    kl_chunk_tokens: int = 1024
+    kl_chunk_tokens: int = 256
     """Tokens per chunk of the vocab-parallel KL (bounds its extra memory; recomputed in backward)."""
 
 
