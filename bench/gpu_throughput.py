@@ -330,23 +330,35 @@ def _stage(name: str, ctx, args, cfgs: tuple, teacher, on_seq=None) -> List[Row]
     return rows
 
 
-def run_rows(args) -> tuple:
+def fp8_unavailable(args) -> str:
+    """Why the FP8 rows cannot run here ("" when they can)."""
+    from megatron_ddk.config import optional
+
+    if not optional.have_transformer_engine():
+        return NO_TE
+    if args.impl != "transformer_engine":
+        return "n/a (--impl local: FP8 needs the TE layers)"
+    return ""
+
+
+def run_rows(args, ctx=None) -> tuple:
     """Build the models, measure every row; returns (rows, header lines).
+
+    ctx: a ParallelContext already started (tests); None starts a world-1 one.
 
     Order keeps the memory column honest: CPT runs with no teacher on the device, KD with the
     bf16 teacher only; the FP8 teacher is built (weights copied) when the bf16 one is freed,
     after its logits on each length's first micro-batch were kept on the host for the
     FP8-vs-bf16 comparison.
     """
-    from megatron_ddk.config import optional
     from megatron_ddk.models.build import build_gpt_model
-    from megatron_ddk.models.fp8 import describe_fp8
+    from megatron_ddk.models.fp8 import describe_fp8, recast_fp8_weights_every_forward
     from megatron_ddk.models.teacher import freeze
     from megatron_ddk.models.vocab import common_padded_vocab_size
     from megatron_ddk.parallel.state import initialize
     from megatron_ddk.training.flops import peak_flops
 
-    ctx = initialize(seed=args.seed)
+    ctx = ctx or initialize(seed=args.seed)
     bf16 = not args.cpu_smoke
     dtype = "bf16" if bf16 else "fp32"
     student_cfg, teacher_cfg, vocab = model_configs(args)
@@ -367,13 +379,13 @@ def run_rows(args) -> tuple:
 
     rows += _stage(f"KD, {dtype} teacher", ctx, args, cfgs, teacher, keep_reference)
     fp8_cfg = fp8_teacher_config(teacher_cfg, args)
-    why = NO_TE if not optional.have_transformer_engine() else (
-        "n/a (--impl local: FP8 needs the TE layers)" if args.impl != "transformer_engine" else "")
+    why = fp8_unavailable(args)
     if why:
         rows += [Row(seq, "KD, FP8 teacher", note=why) for seq in args.seq_lengths]
     else:
         teacher_fp8 = freeze(build_gpt_model(fp8_cfg, ctx, padded, bf16=bf16))
         copy_weights(teacher, teacher_fp8)
+        recast_fp8_weights_every_forward(teacher_fp8)  # as models/teacher.py does for FP8
         teacher = None
         _free()
 
@@ -438,14 +450,22 @@ def format_table(rows: List[Row], peak: Optional[float]) -> str:
     return "\n".join(lines)
 
 
+def smoke_settings(args) -> argparse.Namespace:
+    """--cpu-smoke: tiny shapes and counts (the models come from model_configs)."""
+    args.seq_lengths = [s for s in args.seq_lengths if s <= 64] or [32, 64]
+    args.micro_batch_size, args.num_microbatches = 2, 2
+    args.eval_domains, args.eval_samples = 3, 2
+    args.warmup, args.steps, args.interval = 1, 2, 4
+    if args.impl == "auto":
+        args.impl = "local"
+    return args
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run stays on CPU on any host
-        args.seq_lengths = [s for s in args.seq_lengths if s <= 64] or [32, 64]
-        args.micro_batch_size, args.num_microbatches = 2, 2
-        args.eval_domains, args.eval_samples = 3, 2
-        args.warmup, args.steps, args.interval = 1, 2, 4
+        smoke_settings(args)
     elif not torch.cuda.is_available():
         print(NO_GPU, file=sys.stderr)
         return 2

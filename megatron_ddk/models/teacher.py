@@ -14,6 +14,7 @@ import torch
 from megatron_ddk.config.loader import to_dict
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.models.build import build_gpt_model
+from megatron_ddk.models.fp8 import recast_fp8_weights_every_forward
 from megatron_ddk.models.checkpoint import check_compatible, load_model, read_metadata, resolve_checkpoint
 from megatron_ddk.parallel.state import ParallelContext
 
@@ -39,4 +40,5 @@ def build_teacher(teacher: ModelConfig, ctx: ParallelContext, padded_vocab_size:
     load_model(folder, model)
     logger.info("teacher loaded from %s (%d parameters on this rank)", folder,
                 sum(p.numel() for p in model.parameters()))
+    recast_fp8_weights_every_forward(model)  # no-op without FP8; see models/fp8.py
     return freeze(model)

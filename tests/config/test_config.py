@@ -143,3 +143,14 @@ def test_host_checks_refuse_te_and_fp8_on_cpu():
     assert "needs a CUDA GPU" in errs
     assert "model.fp8='hybrid' needs an FP8-capable GPU" in errs
     assert "train.bf16=true on a host without CUDA" in errs
+
+
+def test_configuration_reference_is_up_to_date():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "tools/config_reference.py", "--check"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

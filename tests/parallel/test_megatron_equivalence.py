@@ -62,7 +62,11 @@ def _step_fn(batches):
         out = model(tokens, pos, None, labels=labels)
 
         def loss_func(output):
-            return output.float().mean(), {"lm": output.float().mean().detach()}
+            # Megatron's per-token contract (calculate_per_token_loss, as the trainer uses):
+            # a token sum and a count; the schedule divides by the global token count once
+            total = output.float().sum()
+            count = torch.tensor(output.numel(), dtype=torch.int)
+            return total, count, {"lm": output.float().mean().detach()}
 
         return out, loss_func
 
