@@ -12,7 +12,7 @@ from typing import List
 import torch
 
 from megatron_ddk.config.loader import ConfigError
-from megatron_ddk.config.optional import have_transformer_engine
+from megatron_ddk.config.optional import have_cuda, have_transformer_engine
 from megatron_ddk.config.schema import ModelConfig, RunConfig
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper
@@ -25,11 +25,11 @@ def _model_host_errors(m: ModelConfig, where: str) -> List[str]:
             errs.append(f"{where}.transformer_impl='transformer_engine' but Transformer Engine is "
                         f"not importable on this host; install the 'te' extra on a GPU host or use "
                         f"'local'")
-        if not torch.cuda.is_available():
+        if not have_cuda():
             errs.append(f"{where}.transformer_impl='transformer_engine' needs a CUDA GPU; this "
                         f"host has none")
     if m.fp8 is not None:
-        if not torch.cuda.is_available():
+        if not have_cuda():
             errs.append(f"{where}.fp8={m.fp8!r} needs an FP8-capable GPU (Hopper/Ada); this host "
                         f"has no CUDA GPU")
         elif torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
@@ -45,10 +45,10 @@ def host_errors(cfg: RunConfig) -> List[str]:
     if cfg.distill.teacher is not None:
         errs += _model_host_errors(cfg.distill.teacher, "distill.teacher")
     backend = cfg.parallel.distributed_backend
-    if backend == "nccl" and not (torch.cuda.is_available() and torch.distributed.is_nccl_available()):
+    if backend == "nccl" and not (have_cuda() and torch.distributed.is_nccl_available()):
         errs.append("parallel.distributed_backend='nccl' but NCCL/CUDA is not available on this "
                     "host; use 'auto' or 'gloo'")
-    if cfg.train.bf16 and not torch.cuda.is_available():
+    if cfg.train.bf16 and not have_cuda():
         errs.append("train.bf16=true on a host without CUDA: the CPU path trains in fp32; set "
                     "train.bf16 to null or false")
     return errs

@@ -30,3 +30,10 @@ def have_apex() -> bool:
     except Exception:
         return False
     return True
+
+
+def have_cuda() -> bool:
+    """True when this process can use a CUDA GPU (the only place that asks torch)."""
+    import torch
+
+    return torch.cuda.is_available()

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ddk.config.optional import have_cuda
+
 logger = logging.getLogger(__name__)
 
 
@@ -145,7 +147,7 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    use_cuda = torch.cuda.is_available()
+    use_cuda = have_cuda()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if use_cuda:

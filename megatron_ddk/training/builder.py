@@ -22,13 +22,14 @@ from megatron_ddk.models.pair import DistillationPair
 from megatron_ddk.models.teacher import build_teacher
 from megatron_ddk.models.vocab import check_tokenizer_hashes, common_padded_vocab_size
 from megatron_ddk.parallel.state import ParallelContext
+from megatron_ddk.config.optional import have_cuda
 
 logger = logging.getLogger(__name__)
 
 
 def use_bf16(cfg: RunConfig) -> bool:
     """train.bf16, or bf16 exactly when a GPU is present."""
-    return torch.cuda.is_available() if cfg.train.bf16 is None else cfg.train.bf16
+    return have_cuda() if cfg.train.bf16 is None else cfg.train.bf16
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from megatron_ddk.config.optional import have_cuda
 from megatron_ddk.models.checkpoint import (check_compatible, load_sharded, read_metadata,
                                             resolve_checkpoint, save_sharded)
 
@@ -39,7 +40,7 @@ def _rng_state() -> Dict[str, Any]:
 
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if have_cuda() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
@@ -52,7 +53,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and have_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from megatron_ddk.config.schema import ModelConfig
+from megatron_ddk.config.optional import have_cuda
 
 # dense bf16 peak FLOP/s per device (NVIDIA data sheets)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -36,7 +37,7 @@ def forward_flops_per_token(m: ModelConfig, seq_length: int, padded_vocab: int) 
 
 def peak_flops() -> Optional[float]:
     """Peak dense bf16 FLOP/s of this process's GPU, or None (CPU, unknown GPU)."""
-    if not torch.cuda.is_available():
+    if not have_cuda():
         return None
     name = torch.cuda.get_device_name()
     for key, value in PEAK_BF16.items():

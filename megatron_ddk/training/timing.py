@@ -12,10 +12,11 @@ from collections import defaultdict
 from typing import Dict, Optional
 
 import torch
+from megatron_ddk.config.optional import have_cuda
 
 
 def _sync():
-    if torch.cuda.is_available():
+    if have_cuda():
         torch.cuda.synchronize()
 
 

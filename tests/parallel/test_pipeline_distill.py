@@ -244,7 +244,8 @@ def _check_refusals(ctx):
 
 
 def pipeline_two_stages(rank, world, ck, ref):
-    """PP=2: teacher A (even split) with every extra check, teacher B (uneven split)."""
+    """PP=2: teacher A (even split) with every extra check, teacher B (uneven split); then
+    TP=2 and DP=2 without pipelining."""
     from megatron_ddk.parallel import initialize
 
     ctx = initialize(pipeline_model_parallel_size=2, seed=5)
@@ -252,6 +253,17 @@ def pipeline_two_stages(rank, world, ck, ref):
     _check_student_checkpoint(ctx, ck, pair)
     _distill_step(ctx, ck, ref, "b")
     _check_refusals(ctx)
+    # the same step without pipelining: TP=2 (vocab-parallel loss), then DP=2 (distributed
+    # optimizer, the global batch split over ranks) against the same single-process reference
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    ctx = initialize(tensor_model_parallel_size=2, seed=5)
+    _distill_step(ctx, ck, ref, "a")
+    parallel_state.destroy_model_parallel()
+    ctx = initialize(seed=5)
+    assert ctx.dp_size == 2
+    _distill_step(ctx, ck, ref, "a")
     return True
 
 
