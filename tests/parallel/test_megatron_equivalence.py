@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_ddk.testing import run_distributed
+from megatron_ddk.testing.sharding import tp_shard
 
 SEQ, MBS, VOCAB = 16, 2, 256
 
@@ -44,13 +45,7 @@ def _loss(model, tokens, labels):
 
 def _shard(name, full, param, ctx):
     """Slice a TP=1 tensor the way Megatron shards `param` on this TP rank."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim, r, n = param.partition_dim, ctx.tp_rank, ctx.tp_size
-    if "linear_fc1" in name:  # gated MLP: gate and up halves are split separately
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(n, dim=dim)[r], up.chunk(n, dim=dim)[r]], dim=dim)
-    return full.chunk(n, dim=dim)[r]
+    return tp_shard(name, full, param, ctx.tp_rank, ctx.tp_size)
 
 
 def _step_fn(batches):
