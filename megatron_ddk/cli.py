@@ -16,16 +16,18 @@ def _check_config(args) -> int:
     from megatron_ddk.config import ConfigError, load_config, static_checks
     from megatron_ddk.config.host import host_errors
 
+    from megatron_ddk.console import messages
+
     try:
         cfg = static_checks(load_config(args.config, args.overrides), args.world_size)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        messages().error(f"error: {exc}")
         return 2
-    print(f"{args.config}: static checks passed")
+    messages().info(f"{args.config}: static checks passed")
     if args.host:
         errs = host_errors(cfg)
         for e in errs:
-            print(f"host: {e}", file=sys.stderr)
+            messages().error(f"host: {e}")
         return 2 if errs else 0
     return 0
 

@@ -28,6 +28,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ddk.console import run_or_exit  # noqa: E402
+
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -313,11 +315,7 @@ def main(argv: Optional[List[str]] = None, ctx=None) -> None:
     if ctx is None:  # a CPU job: hide GPUs before anything initialises CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        convert(args, ctx)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_or_exit(convert, args, ctx)
 
 
 if __name__ == "__main__":

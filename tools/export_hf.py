@@ -28,6 +28,8 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
 
+from megatron_ddk.console import run_or_exit  # noqa: E402
+
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -251,11 +253,7 @@ def main(argv: Optional[List[str]] = None, ctx=None) -> None:
     if ctx is None:  # a CPU job: hide GPUs before anything initialises CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        export(args, ctx)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_or_exit(export, args, ctx)
 
 
 if __name__ == "__main__":

@@ -80,15 +80,16 @@ def _start(cfg):
 
 def _guard(fn) -> int:
     """Run fn; user errors (ValueError) become one clear line and exit code 2."""
+    from megatron_ddk.console import messages
     from megatron_ddk.training.trainer import NonFiniteLossError
 
     try:
         return fn()
     except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        messages().error(f"error: {exc}")
         return 3
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        messages().error(f"error: {exc}")
         return 2
 
 
@@ -125,7 +126,9 @@ def eval_main(config: str, overrides: List[str], load: str, output: Optional[str
 
             destroy()
         if ctx.rank == 0:
-            print(format_table(result))
+            from megatron_ddk.console import results
+
+            results().info(format_table(result))
             if output:
                 tmp = output + ".tmp"
                 with open(tmp, "w") as f:
