@@ -3,8 +3,13 @@
 Only the logging rank (last pipeline stage, TP rank 0, DP rank 0) writes; other ranks get a
 RunLogger whose methods do nothing, so call sites stay unconditional. metrics.jsonl holds one
 JSON object per logged step ({"kind": "step", ...}) and one per DDK interval
-({"kind": "interval", ...}); a resumed run appends after dropping records past its start step,
-so the file always reads as one uninterrupted run.
+({"kind": "interval", ...}). The file always reads as one run:
+- a fresh run (resume_step 0) finding an earlier run's metrics.jsonl moves it aside to
+  metrics.<time of its last write>.jsonl (and tensorboard/ to tensorboard.<same time>/) and
+  starts a new file;
+- a resumed run (resume_step S > 0) keeps the step records up to S and the interval records
+  before S, and drops the rest (written by a run that died after its last checkpoint; the
+  interval starting at S is decided again after the resume), then appends.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from typing import Any, Dict, Optional
+
+from megatron_ddk.atomic import remove_stale_tmp, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +61,70 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def kept_after_resume(rec: Dict[str, Any], step: int) -> bool:
+    """Whether a metrics record survives a resume from the checkpoint of `step`.
+
+    Step records up to `step` were written before that checkpoint. The interval record
+    of `step` itself is written after it (the next interval starts in the next loop turn) and is
+    written again by the resumed run, so interval records are kept only before `step`. An "end"
+    record is kept only before `step` too: the resumed run continues, so it did not end there.
+    """
+    s = rec.get("step", 0)
+    if rec.get("kind") in ("interval", "end"):
+        return s < step
+    return s <= step
+
+
+def truncate_records(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl keeping only what a resume from `step` keeps (atomically)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if kept_after_resume(rec, step):
+                keep.append(json.dumps(rec) + "\n")
+    write_atomic(path, "".join(keep))
+
+
+def keep_previous_run(run_dir: str) -> Optional[str]:
+    """Move an earlier run's metrics.jsonl (and tensorboard/) aside before a fresh run.
+
+    They become metrics.<YYYYmmdd-HHMMSS>.jsonl and tensorboard.<same>/, stamped with the time
+    metrics.jsonl was last written. Returns the new metrics path, or None when there was none.
+    """
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+    tag, n = stamp, 1
+    while (os.path.exists(os.path.join(run_dir, f"metrics.{tag}.jsonl"))
+           or os.path.exists(os.path.join(run_dir, f"tensorboard.{tag}"))):
+        n += 1
+        tag = f"{stamp}-{n}"
+    old = os.path.join(run_dir, f"metrics.{tag}.jsonl")
+    os.replace(path, old)
+    tb = os.path.join(run_dir, "tensorboard")
+    if os.path.isdir(tb):
+        os.replace(tb, os.path.join(run_dir, f"tensorboard.{tag}"))
+    logger.warning("%s held an earlier run's metrics: kept as %s; this run starts a new "
+                   "metrics.jsonl", run_dir, os.path.basename(old))
+    return old
+
+
 class RunLogger:
-    """Writes the run folder's log artefacts (a no-op on non-logging ranks)."""
+    """Writes the run folder's log artefacts (a no-op on non-logging ranks).
+
+    Args:
+        run_dir: the run folder.
+        enabled: False on every rank but the logging rank.
+        tensorboard: also write TensorBoard scalars under run_dir/tensorboard.
+        resume_step: the step a resumed run continues from; 0 means a fresh run.
+    """
 
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.run_dir = run_dir
@@ -65,42 +135,26 @@ class RunLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, "metrics.jsonl")
-        self._truncate_after(path, resume_step)
+        remove_stale_tmp(path)
+        if resume_step > 0:
+            truncate_records(path, resume_step)
+        else:
+            keep_previous_run(run_dir)
         self._jsonl = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step or None)
 
-    @staticmethod
-    def _truncate_after(path: str, step: int) -> None:
-        """Drop records past `step` (left by a run that died after its last checkpoint)."""
-        if not os.path.isfile(path):
-            return
-        keep = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                if rec.get("step", 0) <= step:
-                    keep.append(json.dumps(rec))
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("".join(k + "\n" for k in keep))
-        os.replace(tmp, path)
-
     def write_metadata(self, config_yaml: str, extra: Dict[str, Any]) -> None:
         """run_config.yaml and metadata.json (git commit, versions, tokenizer hash, ...)."""
         if not self.enabled:
             return
-        with open(os.path.join(self.run_dir, "run_config.yaml"), "w") as f:
-            f.write(config_yaml)
+        write_atomic(os.path.join(self.run_dir, "run_config.yaml"), config_yaml)
         meta = dict(extra, git_commit=_git_commit(), versions=package_versions(),
                     command=" ".join(sys.argv))
-        with open(os.path.join(self.run_dir, "metadata.json"), "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
+        write_atomic(os.path.join(self.run_dir, "metadata.json"),
+                     json.dumps(meta, indent=1, sort_keys=True))
 
     def record(self, kind: str, values: Dict[str, Any]) -> None:
         """Append one JSON record to metrics.jsonl."""

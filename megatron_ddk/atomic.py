@@ -1,0 +1,90 @@
+"""Atomic file output: temporary names that carry the writer's pid, and their clean-up.
+
+Every writer of a file that must never be seen half-written (manifest, datasets, metrics,
+evaluation JSON) writes `<path>.tmp<pid>[.ext]` and renames it into place with os.replace. A
+writer killed before the rename leaves that temporary file behind; the next writer of the same
+output calls `remove_stale_tmp(path)` first, which deletes the leftovers of writers that are no
+longer alive (a live writer's file is never touched). Imports nothing from megatron_ddk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import List, Union
+
+logger = logging.getLogger(__name__)
+
+
+def tmp_path(path: str, suffix: str = "") -> str:
+    """The temporary name this process writes `path` under: `<path>.tmp<pid><suffix>`."""
+    return f"{path}.tmp{os.getpid()}{suffix}"
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (signal 0 probes without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_tmp_files(path: str) -> List[str]:
+    """Leftover temporary files of `path` whose writer process is gone.
+
+    Matches `<path>.tmp<pid>`, `<path>.tmp<pid>.<ext>` and `<path>.tmp.<pid>` next to `path`.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.tmp\.?(\d+)(\.[^/]*)?$")
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no folder yet: nothing left over
+        return []
+    stale = []
+    for name in sorted(names):
+        match = pattern.match(name)
+        full = os.path.join(folder, name)
+        if match and not pid_alive(int(match.group(1))) and os.path.isfile(full):
+            stale.append(full)
+    return stale
+
+
+def remove_stale_tmp(path: str) -> List[str]:
+    """Delete the temporary files a killed writer of `path` left; returns what was removed."""
+    removed = []
+    for stale in stale_tmp_files(path):
+        try:
+            os.remove(stale)
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+        removed.append(stale)
+        logger.info("removed %s, left by a writer that is no longer running", stale)
+    return removed
+
+
+def write_atomic(path: str, data: Union[str, bytes]) -> None:
+    """Write `data` to `path` all at once: stale temporaries removed, temp file, os.replace.
+
+    On any error the temporary file is removed and `path` keeps its previous content.
+    """
+    remove_stale_tmp(path)
+    tmp = tmp_path(path)
+    binary = isinstance(data, bytes)
+    try:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
