@@ -44,6 +44,13 @@ def _eval(args) -> int:
     return eval_main(args.config, args.overrides, load=args.load, output=args.output)
 
 
+def _pipeline(args) -> int:
+    from megatron_ddk.pipeline.runner import pipeline_main
+
+    return pipeline_main(args.config, args.overrides, corpus=args.corpus, out=args.out,
+                         smoke=args.smoke)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-ddk", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("pipeline", help="the whole job from one config: data -> teacher -> "
+                       "arms x seeds -> test evaluation -> report -> export (resumable)")
+    p.add_argument("--config", required=True, help="pipeline YAML (docs/pipeline.md)")
+    p.add_argument("--corpus", default=None, help="folder of per-domain .jsonl/.txt files")
+    p.add_argument("--out", default=None, help="output folder (default: the config's out)")
+    p.add_argument("--smoke", action="store_true", help="apply the config's smoke section")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the pipeline")
+    p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("check-config", help="run the static (and optionally host) checks")
     p.add_argument("--config", required=True, help="run YAML")

@@ -14,7 +14,7 @@ from typing import Any, List, Literal, Optional, Sequence, Union
 
 import yaml
 
-from megatron_ddk.config.schema import RunConfig
+from megatron_ddk.config.schema import TEACHER_FROM_CHECKPOINT, RunConfig
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,9 @@ def _convert(value: Any, tp, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        for arg in args:  # a mapping for a dataclass arm: its own errors keep the dotted name
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _convert(value, arg, where)
         for arg in args:
             if arg is type(None):
                 continue
@@ -61,6 +64,10 @@ def _convert(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where}: got {value!r}; expected {_type_name(tp)}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: got {value!r}; expected a mapping")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: got {value!r}; expected {_type_name(tp)}")
@@ -140,6 +147,14 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def _default_teacher(data: dict) -> None:
+    """distill.teacher_load set and distill.teacher not given: the teacher is from_checkpoint
+    (models/teacher_config.py resolves it). An explicit `teacher: null` stays no teacher."""
+    distill = data.get("distill")
+    if isinstance(distill, dict) and distill.get("teacher_load") and "teacher" not in distill:
+        distill["teacher"] = TEACHER_FROM_CHECKPOINT
+
+
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
     """Read a run YAML (or defaults when path is None), apply overrides, return a RunConfig.
 
@@ -158,6 +173,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig
             raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
         data = loaded or {}
     data = apply_overrides(data, overrides)
+    _default_teacher(data)
     try:
         return from_dict(RunConfig, data)
     except ConfigError as exc:

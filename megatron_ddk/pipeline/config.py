@@ -1,0 +1,253 @@
+"""The pipeline config: one YAML for the whole job (data -> tokenizer -> teacher / student ->
+arms x seeds -> test-split evaluation -> report -> Hugging Face export).
+
+Typed dataclasses with a docstring under every field (docs/configuration.md is generated from
+them). The `run` mappings are partial run configs (megatron_ddk.config.schema.RunConfig
+sections) merged over the common `run` section; every generated run config is loaded and
+statically checked before any stage starts, so a typo fails the pipeline at once, naming the
+pipeline field it came from. This module imports only the config layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import yaml
+
+from megatron_ddk.config.loader import ConfigError, apply_overrides, from_dict
+from megatron_ddk.config.schema import ModelConfig
+
+
+@dataclass
+class DataSpec:
+    """Where the domains come from and how they are split."""
+
+    corpus: Optional[str] = None
+    """Folder of per-domain files: <domain>.jsonl ({"text": ...} per line), <domain>.txt or a
+    <domain>/ folder of them. `--corpus DIR` on the command line sets it."""
+
+    manifest: Optional[str] = None
+    """An existing domain manifest (tools/build_domains.py) to use instead of a corpus; it must
+    have a test split."""
+
+    demo_corpus_mb: Optional[float] = None
+    """Build the embedded demo corpus (tools/build_demo_corpus.py, text already on the machine)
+    with this many MB per domain instead of reading `corpus`."""
+
+    domains: Optional[List[str]] = None
+    """Subset and order of the corpus's domains; None takes every domain, sorted by name."""
+
+    valid_samples: int = 32
+    """Validation samples per domain: DDK's steering set (paper: 500)."""
+
+    test_samples: int = 32
+    """Test samples per domain: reports only, never read by training or DDK."""
+
+    split_seq_length: Optional[int] = None
+    """Tokens per validation / test sample; None means run.data.seq_length."""
+
+    workers: int = 2
+    """Tokenizer worker processes of the preprocessing."""
+
+
+@dataclass
+class TokenizerSpec:
+    """The tokenizer: trained on the corpus, or an existing one."""
+
+    train: bool = True
+    """Train a SentencePiece BPE tokenizer on the corpus (equal shares per domain)."""
+
+    vocab_size: int = 4096
+    """Vocabulary size of the trained tokenizer."""
+
+    model: Optional[str] = None
+    """An existing SentencePiece .model or Hugging Face tokenizer.json (with train: false)."""
+
+
+@dataclass
+class ModelStageSpec:
+    """Where the teacher or the starting student comes from."""
+
+    source: Literal["pretrain", "checkpoint", "huggingface"] = "pretrain"
+    """pretrain: train `model` from scratch on the natural mixture for `run`'s budget;
+    checkpoint: a megatron-ddk or Megatron-LM checkpoint folder (`checkpoint`);
+    huggingface: a Hugging Face folder converted with tools/convert_hf_checkpoint.py."""
+
+    model: Optional[ModelConfig] = None
+    """Architecture to pre-train (source: pretrain)."""
+
+    run: Dict[str, Any] = field(default_factory=dict)
+    """Run-config sections for the pre-training (e.g. train: {train_iters: 200, lr: 2e-3}),
+    merged over the common `run`."""
+
+    checkpoint: Optional[str] = None
+    """Checkpoint folder (source: checkpoint)."""
+
+    hf_dir: Optional[str] = None
+    """Hugging Face model folder (source: huggingface)."""
+
+
+@dataclass
+class ArmSpec:
+    """One continuation of the starting student (CPT, KD, DDK or an ablation)."""
+
+    name: str = "DDK"
+    """Name used in folders, the report and the export."""
+
+    teacher: bool = True
+    """Distil from the teacher (False: continued pre-training, the paper's CPT)."""
+
+    run: Dict[str, Any] = field(default_factory=dict)
+    """Run-config sections of this arm (e.g. ddk: {policy: static}), merged over the common
+    `run` and `continuation`."""
+
+
+@dataclass
+class EvaluationSpec:
+    """The held-out evaluation every report number comes from."""
+
+    split: Literal["test", "valid"] = "test"
+    """Split the report is computed on (test: never seen by training or DDK)."""
+
+
+@dataclass
+class ExportSpec:
+    """Hugging Face export of trained arms."""
+
+    arms: List[str] = field(default_factory=list)
+    """Arm names to export (every seed of each); empty exports nothing."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the exported weights."""
+
+
+@dataclass
+class LmEvalSpec:
+    """Downstream evaluation with lm-evaluation-harness (the `eval` extra)."""
+
+    tasks: List[str] = field(default_factory=list)
+    """Task names; empty runs no downstream evaluation."""
+
+    limit: Optional[int] = None
+    """Items per task (None: all)."""
+
+
+@dataclass
+class LaunchSpec:
+    """How training and evaluation stages are started."""
+
+    nproc_per_node: int = 1
+    """Processes per stage; > 1 starts them with torchrun (python -m torch.distributed.run)."""
+
+
+@dataclass
+class PipelineConfig:
+    """The whole job in one file."""
+
+    out: str = "runs/pipeline"
+    """Output folder (`--out` overrides): data, runs, evaluations, report, exports, logs."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    """Corpus or manifest and the held-out splits."""
+
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    """Tokenizer to train or use."""
+
+    run: Dict[str, Any] = field(default_factory=dict)
+    """Run-config sections common to every training stage (parallel, data.seq_length, train,
+    logging ...)."""
+
+    teacher: ModelStageSpec = field(default_factory=ModelStageSpec)
+    """The teacher."""
+
+    student: ModelStageSpec = field(default_factory=ModelStageSpec)
+    """The starting student (every arm continues from it)."""
+
+    continuation: Dict[str, Any] = field(default_factory=dict)
+    """Run-config sections common to every arm (the shared token budget, LR, DDK interval)."""
+
+    arms: List[ArmSpec] = field(default_factory=list)
+    """The continuations to compare, all on the same token budget."""
+
+    seeds: List[int] = field(default_factory=lambda: [1234])
+    """Each arm runs once per seed (train.seed); the pre-training stages use their own seed."""
+
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    """Held-out evaluation."""
+
+    export: ExportSpec = field(default_factory=ExportSpec)
+    """Hugging Face export."""
+
+    lm_eval: LmEvalSpec = field(default_factory=LmEvalSpec)
+    """Downstream evaluation."""
+
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+    """Processes per stage."""
+
+    smoke: Dict[str, Any] = field(default_factory=dict)
+    """Pipeline-config sections merged over the rest with --smoke (tiny sizes for a check run)."""
+
+
+def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of base with update merged in (mappings recursively; anything else replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _check_unique_arms(cfg: PipelineConfig, path: str) -> None:
+    names = [a.name for a in cfg.arms]
+    if not names:
+        raise ConfigError(f"{path}: arms is empty; give at least one arm (e.g. name: DDK)")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: arms: duplicate name(s) {dupes}")
+    for n in names:
+        if not n or not all(c.isalnum() or c in "-_." for c in n):
+            raise ConfigError(f"{path}: arms: name {n!r} must be letters, digits, '-', '_', '.'")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"{path}: seeds: expected a non-empty list of distinct integers, got "
+                          f"{cfg.seeds}")
+    unknown = sorted(set(cfg.export.arms) - set(names))
+    if unknown:
+        raise ConfigError(f"{path}: export.arms {unknown} are not arms; arms: {names}")
+
+
+def load_pipeline_config(path: str, overrides: Sequence[str] = (), smoke: bool = False,
+                         corpus: Optional[str] = None, out: Optional[str] = None) -> PipelineConfig:
+    """Read the pipeline YAML, apply --smoke, section.key=value overrides, --corpus and --out."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"pipeline config {path} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"pipeline config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"pipeline config {path}: the top level must be a mapping")
+    if smoke:
+        data = deep_merge(data, data.get("smoke") or {})
+    data = apply_overrides(data, overrides)
+    if corpus is not None:
+        data.setdefault("data", {})
+        data["data"].update(corpus=corpus, manifest=None, demo_corpus_mb=None)
+    if out is not None:
+        data["out"] = out
+    try:
+        cfg = from_dict(PipelineConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline config {path}: {exc}") from None
+    _check_unique_arms(cfg, path)
+    sources = [s for s in ("corpus", "manifest", "demo_corpus_mb")
+               if getattr(cfg.data, s) is not None]
+    if len(sources) != 1:
+        raise ConfigError(f"pipeline config {path}: data: give exactly one of corpus (or "
+                          f"--corpus DIR), manifest, demo_corpus_mb; got {sources or 'none'}")
+    return cfg

@@ -1,0 +1,226 @@
+"""The stages of a pipeline config, in order, as real commands (see docs/pipeline.md).
+
+    corpus (demo only) -> datasets (tokenizer + train/valid/test + manifest)
+    -> teacher (pre-train | checkpoint | convert) -> student (same)
+    -> arm x seed (CPT / KD / DDK / ablations, continuing the student on one token budget)
+    -> eval/<model> (test split) -> report -> export/<arm>/seed<s> -> lm-eval/<arm>/seed<s>
+
+Run configs are generated under <out>/configs/ from the common `run` section, the stage's own
+sections and the paths this module chooses; every one is loaded and statically checked before
+the first stage runs (`PipelinePlan.check`). Imports the config, models (checkpoint metadata)
+and data (manifest) layers; nothing imports this module but the runner.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from megatron_ddk.config import load_config, static_checks, to_dict
+from megatron_ddk.config.loader import ConfigError
+from megatron_ddk.config.schema import ModelConfig
+from megatron_ddk.pipeline.config import ArmSpec, ModelStageSpec, PipelineConfig, deep_merge
+from megatron_ddk.pipeline.stage import Stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PY = sys.executable
+PRETRAIN_SEEDS = {"teacher": 101, "student": 202}
+"""Default train.seed of the pre-training stages: distinct from the arms' seeds, so the
+continuations read the corpus in another order than the runs that made their starting points."""
+
+
+def _tool(name: str) -> str:
+    return os.path.join(ROOT, "tools", name)
+
+
+def _latest_checkpoint(save: str) -> bool:
+    return os.path.isfile(os.path.join(save, "latest_checkpointed_iteration.txt"))
+
+
+class PipelinePlan:
+    """Paths, generated configs and stages of one pipeline run."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.out = os.path.abspath(cfg.out)
+        self.data_dir = os.path.join(self.out, "data")
+        self.configs = os.path.join(self.out, "configs")
+        if cfg.data.manifest:
+            self.manifest = os.path.abspath(cfg.data.manifest)
+        else:
+            self.manifest = os.path.join(self.data_dir, "datasets", "manifest.yaml")
+        self.corpus = (os.path.join(self.data_dir, "corpus") if cfg.data.demo_corpus_mb
+                       else cfg.data.corpus and os.path.abspath(cfg.data.corpus))
+
+    # ----------------------------------------------------------------------------- paths
+    def run_dir(self, name: str) -> str:
+        """Run folder of a training stage (teacher, student, ARM/seedS)."""
+        return os.path.join(self.out, "runs", name)
+
+    def ckpt(self, name: str) -> str:
+        """Checkpoint folder of a model: produced by a stage, or the one the config names."""
+        spec = getattr(self.cfg, name, None) if name in ("teacher", "student") else None
+        if spec is not None and spec.source == "checkpoint":
+            return os.path.abspath(spec.checkpoint)
+        return os.path.join(self.run_dir(name), "ckpt")
+
+    def arm_name(self, arm: ArmSpec, seed: int) -> str:
+        return f"{arm.name}/seed{seed}"
+
+    @property
+    def seq_length(self) -> int:
+        return int((self.cfg.run.get("data") or {}).get("seq_length", 256))
+
+    # ----------------------------------------------------------------------------- configs
+    def _model_of(self, name: str) -> Dict[str, Any]:
+        """The architecture of the teacher or student: pre-train spec, else checkpoint metadata."""
+        spec: ModelStageSpec = getattr(self.cfg, name)
+        if spec.source == "pretrain":
+            return to_dict(spec.model)
+        meta = self._metadata(self.ckpt(name))
+        if meta.get("model"):
+            return meta["model"]
+        if spec.model is not None:
+            return to_dict(spec.model)
+        raise ConfigError(f"{name}: checkpoint {self.ckpt(name)} records no model (a Megatron-LM "
+                          f"checkpoint); give {name}.model with its architecture")
+
+    @staticmethod
+    def _metadata(path: str) -> Dict[str, Any]:
+        from megatron_ddk.models.checkpoint import read_metadata, resolve_checkpoint
+
+        folder, _ = resolve_checkpoint(path)
+        return read_metadata(folder)
+
+    def _base(self, name: str, *sections: Dict[str, Any]) -> Dict[str, Any]:
+        data = deep_merge({}, self.cfg.run)
+        for section in sections:
+            data = deep_merge(data, section)
+        data.setdefault("data", {})["manifest"] = self.manifest
+        data.setdefault("logging", {})["run_dir"] = self.run_dir(name)
+        data.setdefault("checkpoint", {})["save"] = self.ckpt(name)
+        return data
+
+    def pretrain_config(self, name: str) -> Dict[str, Any]:
+        """Run config that pre-trains the teacher or the student on the natural mixture."""
+        spec: ModelStageSpec = getattr(self.cfg, name)
+        if spec.model is None:
+            raise ConfigError(f"{name}.model: required with {name}.source: pretrain")
+        data = self._base(name, spec.run)
+        data["model"] = to_dict(spec.model)
+        data["distill"] = {"teacher": None, "teacher_load": None}
+        data.setdefault("ddk", {})["policy"] = "static"
+        data.setdefault("train", {}).setdefault("seed", PRETRAIN_SEEDS[name])
+        return data
+
+    def arm_config(self, arm: ArmSpec, seed: int, resolve: bool = True) -> Dict[str, Any]:
+        """Run config of one arm x seed, continuing the student (weights only)."""
+        data = self._base(self.arm_name(arm, seed), self.cfg.continuation, arm.run)
+        data["model"] = self._model_of("student") if resolve else to_dict(
+            self.cfg.student.model or ModelConfig())
+        distill = data.setdefault("distill", {})
+        if arm.teacher:
+            distill["teacher_load"] = self.ckpt("teacher")
+            distill["teacher"] = self._model_of("teacher") if resolve else to_dict(
+                self.cfg.teacher.model or ModelConfig())
+        else:
+            distill.update(teacher=None, teacher_load=None)
+        data["checkpoint"].update(load=self.ckpt("student"), finetune=True)
+        data.setdefault("train", {})["seed"] = seed
+        return data
+
+    def eval_config(self, model: str) -> Dict[str, Any]:
+        """Run config that `megatron-ddk eval` reads for the teacher or the student."""
+        data = self._base(f"eval_{model}")
+        data["model"] = self._model_of(model)
+        data["checkpoint"] = {}
+        return data
+
+    def write_config(self, name: str, data: Dict[str, Any]) -> str:
+        path = os.path.join(self.configs, name.replace("/", "_") + ".yaml")
+        os.makedirs(self.configs, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(data, f, sort_keys=False)
+        os.replace(tmp, path)
+        return path
+
+    def check(self) -> None:
+        """Load and statically check every run config that can be built now (before any stage
+        runs): a typo, an unknown policy or an impossible layout fails here, naming the stage."""
+        cfg = self.cfg
+        if cfg.data.corpus and not os.path.isdir(self.corpus):
+            raise ConfigError(f"data.corpus: corpus folder {self.corpus} does not exist; give a "
+                              f"folder of per-domain .jsonl/.txt files with --corpus DIR")
+        if cfg.data.manifest and not os.path.isfile(self.manifest):
+            raise ConfigError(f"data.manifest: {self.manifest} does not exist")
+        if cfg.tokenizer.model and not os.path.exists(cfg.tokenizer.model):
+            raise ConfigError(f"tokenizer.model: {cfg.tokenizer.model} does not exist")
+        if not cfg.tokenizer.train and not cfg.tokenizer.model and not cfg.data.manifest:
+            raise ConfigError("tokenizer: give tokenizer.model or set tokenizer.train: true")
+        for name in ("teacher", "student"):
+            spec = getattr(cfg, name)
+            if spec.source == "checkpoint" and not (spec.checkpoint and os.path.exists(spec.checkpoint)):
+                raise ConfigError(f"{name}.checkpoint: {spec.checkpoint!r} does not exist")
+            if spec.source == "huggingface" and not (spec.hf_dir and os.path.isdir(spec.hf_dir)):
+                raise ConfigError(f"{name}.hf_dir: {spec.hf_dir!r} is not a folder")
+        checks: List[Tuple[str, Dict[str, Any]]] = []
+        for name in ("teacher", "student"):
+            if getattr(cfg, name).source == "pretrain":
+                checks.append((name, self.pretrain_config(name)))
+        resolve = all(getattr(cfg, n).source != "huggingface" for n in ("teacher", "student"))
+        for arm in cfg.arms:
+            for seed in cfg.seeds:
+                checks.append((f"arm {arm.name} (seed {seed})", self.arm_config(arm, seed, resolve)))
+        clash = sorted(set(cfg.seeds) & {c[1]["train"]["seed"] for c in checks[:2]
+                                          if c[0] in ("teacher", "student")})
+        if clash:
+            raise ConfigError(f"seeds {clash} equal a pre-training stage's train.seed: the arms "
+                              f"would re-read the pre-training sample order; choose other seeds")
+        for where, data in checks:
+            overrides = [f"data.manifest={data['data']['manifest']}"]
+            try:
+                static_checks(_from_data(data, overrides), self.cfg.launch.nproc_per_node)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        self._check_checkpoint_tokenizers()
+
+    def _check_checkpoint_tokenizers(self) -> None:
+        """Given checkpoints must be of the tokenizer the data will use (when it is known)."""
+        from megatron_ddk.data.tokenizer import tokenizer_hash
+
+        known = None
+        if self.cfg.data.manifest:
+            from megatron_ddk.data.manifest import load_manifest
+
+            known = load_manifest(self.manifest).tokenizer_hash
+        elif self.cfg.tokenizer.model and not self.cfg.tokenizer.train:
+            known = tokenizer_hash(self.cfg.tokenizer.model)
+        for name in ("teacher", "student"):
+            if getattr(self.cfg, name).source != "checkpoint":
+                continue
+            saved = self._metadata(self.ckpt(name)).get("tokenizer_hash")
+            if saved and known is None:
+                raise ConfigError(
+                    f"{name}.checkpoint {self.ckpt(name)} was trained with tokenizer {saved}, "
+                    f"but the pipeline trains a new tokenizer; set tokenizer.train: false and "
+                    f"tokenizer.model to the checkpoint's tokenizer")
+            if saved and known and saved != known:
+                raise ConfigError(
+                    f"{name}.checkpoint {self.ckpt(name)} was trained with tokenizer {saved} but "
+                    f"the data use {known}; teacher, student and data must share a tokenizer")
+
+
+def _from_data(data: Dict[str, Any], overrides: List[str]):
+    """A RunConfig from generated plain data (through a temp YAML, the trainer's own path)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    try:
+        return load_config(f.name, overrides)
+    finally:
+        os.remove(f.name)
