@@ -130,14 +130,15 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Apply `section.field=value` strings (values parsed as YAML) to plain config data."""
+def apply_overrides(data: dict, overrides: Sequence[str], top_level: bool = False) -> dict:
+    """Apply `section.field=value` strings (values parsed as YAML) to plain config data;
+    top_level=True also accepts `field=value` for top-level fields (pipeline configs)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.field=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if not key or "." not in key:
+        if not key or ("." not in key and not top_level):
             raise ConfigError(f"override {item!r}: the key must be section.field, e.g. train.lr=1e-4")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None

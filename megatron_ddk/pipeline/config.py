@@ -234,7 +234,7 @@ def load_pipeline_config(path: str, overrides: Sequence[str] = (), smoke: bool =
         raise ConfigError(f"pipeline config {path}: the top level must be a mapping")
     if smoke:
         data = deep_merge(data, data.get("smoke") or {})
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, top_level=True)
     if corpus is not None:
         data.setdefault("data", {})
         data["data"].update(corpus=corpus, manifest=None, demo_corpus_mb=None)
