@@ -18,7 +18,7 @@ Relative paths resolve against the manifest's folder. load_manifest checks every
 run would otherwise trip over much later (shape, unknown keys, duplicates, missing or empty
 datasets, counts that disagree with the .idx files, the tokenizer hash) and raises ValueError
 naming the manifest and the field. megatron.core is imported lazily (only to read .idx counts);
-nothing from megatron_ddk is imported.
+of megatron_ddk only the atomic-write helper (megatron_ddk/atomic.py) is imported.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import yaml
+
+from megatron_ddk.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -265,14 +267,6 @@ def save_manifest(manifest: DomainManifest, path: str) -> None:
     os.makedirs(folder, exist_ok=True)
     text = yaml.safe_dump(_to_yaml_dict(manifest, folder), sort_keys=False,
                           allow_unicode=True, default_flow_style=False)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, text)  # also removes temporary files a killed writer left
     manifest.path = path
     logger.info("wrote manifest %s (%d domains)", path, len(manifest.domains))

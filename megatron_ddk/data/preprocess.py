@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_ddk.atomic import remove_stale_tmp
 from megatron_ddk.data.corpus import (
     MalformedLineError, ReadCounts, check_input_files, input_format, iter_raw_lines, parse_line,
 )
@@ -166,7 +167,9 @@ def _remove_quietly(*paths: str) -> None:
 
 def commit_dataset(tmp_prefix: str, prefix: str) -> None:
     """Rename a finished temporary dataset into place: any old .idx goes first, then the new
-    .bin, then the new .idx, so a crash in between never leaves a complete-looking pair."""
+    .bin, then the new .idx, so a crash in between never leaves a complete-looking pair.
+    Temporary files of `prefix` left by a killed writer are removed too."""
+    remove_stale_tmp(prefix)
     _remove_quietly(prefix + ".idx")
     os.replace(tmp_prefix + ".bin", prefix + ".bin")
     os.replace(tmp_prefix + ".idx", prefix + ".idx")
@@ -349,6 +352,7 @@ def build_domain(
                          f"({valid_seq_length}) must be >= 1")
     folder = os.path.join(os.path.abspath(out_dir), name)
     all_prefix = os.path.join(folder, f".all_text_document.tmp{os.getpid()}")
+    remove_stale_tmp(os.path.join(folder, ".all_text_document"))  # a killed build's leftovers
     train, valid = (os.path.join(folder, f"{s}_text_document") for s in ("train", "valid"))
     res = tokenize_to_datasets(paths, {"text": all_prefix}, tokenizer_model, workers=workers,
                                skip_malformed=skip_malformed, progress=progress)

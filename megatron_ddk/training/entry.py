@@ -15,6 +15,8 @@ import sys
 import warnings
 from typing import List, Optional
 
+from megatron_ddk.atomic import write_atomic
+
 logger = logging.getLogger("megatron_ddk")
 
 _STOP = {"requested": False}
@@ -130,10 +132,7 @@ def eval_main(config: str, overrides: List[str], load: str, output: Optional[str
 
             results().info(format_table(result))
             if output:
-                tmp = output + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(result, f, indent=1)
-                os.replace(tmp, output)
+                write_atomic(output, json.dumps(result, indent=1))
         return 0
 
     return _guard(run)

@@ -1,0 +1,100 @@
+"""Leftover `<path>.tmp<pid>` files of a killed writer are removed by the next writer of the
+same output (megatron_ddk/atomic.py and the writers that use it); a live writer's are kept.
+
+The killed writer is a real process: it opens its temporary files, then is SIGKILLed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+from megatron_ddk import atomic
+from megatron_ddk.atomic import remove_stale_tmp, stale_tmp_files, write_atomic
+
+KILLED_WRITER = """
+import os, sys, time
+for path in sys.argv[1:]:
+    with open(path.replace("PID", str(os.getpid())), "w") as f:
+        f.write("half-written")
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def killed_writer(*paths):
+    """Start a writer that leaves `paths` (PID replaced by its pid), SIGKILL it, return its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, *paths], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    return proc.pid
+
+
+def test_only_dead_writers_files_are_removed(tmp_path):
+    out = str(tmp_path / "result.json")
+    dead = killed_writer(out + ".tmpPID", out + ".tmpPID.bin", out + ".tmp.PID")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs = tmp_path / f"result.json.tmp{live.pid}"  # a writer still running
+        other = tmp_path / f"other.json.tmp{dead}"  # another output's
+        for p in (theirs, other):
+            p.write_text("in progress")
+        expected = sorted(str(tmp_path / f"result.json{s}") for s in
+                          (f".tmp{dead}", f".tmp{dead}.bin", f".tmp.{dead}"))
+        assert stale_tmp_files(out) == expected
+        write_atomic(out, json.dumps({"a": 1}))
+        assert json.load(open(out)) == {"a": 1}
+        left = sorted(os.listdir(str(tmp_path)))
+        assert left == sorted(["result.json", theirs.name, other.name])
+    finally:
+        live.kill()
+        live.wait()
+    pid = os.getpid()
+    assert atomic.tmp_path("x") == f"x.tmp{pid}" and atomic.tmp_path("x", ".bin") == f"x.tmp{pid}.bin"
+
+
+def test_write_atomic_keeps_old_content_when_writing_fails(tmp_path):
+    out = str(tmp_path / "a.txt")
+    write_atomic(out, "old")
+    try:
+        write_atomic(out, object())  # not str/bytes: the write itself fails
+    except TypeError:
+        pass
+    assert open(out).read() == "old" and os.listdir(str(tmp_path)) == ["a.txt"]
+    assert remove_stale_tmp(str(tmp_path / "missing" / "x")) == []
+
+
+def test_manifest_dataset_and_metrics_writers_clean_up(tmp_path):
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_ddk.data.manifest import DomainEntry, DomainManifest, save_manifest
+    from megatron_ddk.data.preprocess import commit_dataset
+    from megatron_ddk.training.metrics import RunLogger
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    manifest = str(folder / "manifest.yaml")
+    prefix = str(folder / "train_text_document")
+    metrics = str(tmp_path / "run" / "metrics.jsonl")
+    os.makedirs(os.path.dirname(metrics))
+    dead = killed_writer(manifest + ".tmpPID", prefix + ".tmpPID.bin", prefix + ".tmpPID.idx",
+                         metrics + ".tmpPID")
+    # the dataset writer: a real indexed dataset committed into place
+    tmp = atomic.tmp_path(prefix)
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=DType.optimal_dtype(512))
+    builder.add_document(np.arange(5), [5])
+    builder.finalize(tmp + ".idx")
+    commit_dataset(tmp, prefix)
+    save_manifest(DomainManifest(path=manifest, tokenizer_model="t.model",
+                                 tokenizer_hash="sha256:0", vocab_size=512, domains=[
+                                     DomainEntry("d", [prefix], prefix, 5, 1, 5, 1)]), manifest)
+    assert sorted(os.listdir(str(folder))) == ["manifest.yaml", "train_text_document.bin",
+                                               "train_text_document.idx"]
+    RunLogger(os.path.dirname(metrics), enabled=True, tensorboard=False).close()
+    assert os.listdir(os.path.dirname(metrics)) == ["metrics.jsonl"]
+    assert not os.path.exists(f"{metrics}.tmp{dead}")
