@@ -1,0 +1,155 @@
+"""Arms x seeds: means and 95% intervals over seeds, paired differences, the ablation table.
+
+Input: the report's perplexity table (report.ppl_table) whose columns are `ARM@SEED` for the
+arms and plain names for the references (teacher, student_before). Per arm and metric the
+interval is the two-sided 95% Student-t interval of the mean over seeds,
+mean +- t(0.975, n-1) * sd / sqrt(n); paired differences (e.g. DDK - KD) are taken seed by seed
+(same seed = same data order of the continuation), then summarised the same way. With one seed
+no interval exists (reported as None). Pure: no I/O, no plotting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# Two-sided 95% critical values t(0.975, df) for df = 1..30 (standard tables); df > 30 uses the
+# Cornish-Fisher expansion around the normal quantile, accurate to < 1e-3 there.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_critical(df: int) -> float:
+    """t(0.975, df), the multiplier of a two-sided 95% interval."""
+    if df < 1:
+        raise ValueError(f"t interval needs df >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_interval(values: Sequence[float]) -> Dict[str, Any]:
+    """{"mean", "half_width", "low", "high", "n", "values"}; half_width None when n < 2."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        raise ValueError("mean_interval of no values")
+    mean = sum(vals) / n
+    half = None
+    if n >= 2:
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+        half = t_critical(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "half_width": half, "low": None if half is None else mean - half,
+            "high": None if half is None else mean + half, "n": n, "values": vals}
+
+
+def split_column(column: str) -> Tuple[str, Optional[int]]:
+    """'DDK@1234' -> ('DDK', 1234); 'teacher' -> ('teacher', None)."""
+    arm, sep, seed = column.rpartition("@")
+    if sep and arm and seed.lstrip("-").isdigit():
+        return arm, int(seed)
+    return column, None
+
+
+def arms_and_seeds(columns: Sequence[str]) -> Dict[str, Dict[int, str]]:
+    """{arm: {seed: column}} for the ARM@SEED columns, arms in first-seen order."""
+    out: Dict[str, Dict[int, str]] = {}
+    for col in columns:
+        arm, seed = split_column(col)
+        if seed is not None:
+            out.setdefault(arm, {})[seed] = col
+    return out
+
+
+def _metrics(table: Dict[str, Any], col: str, teacher: Optional[str]) -> Dict[str, float]:
+    out = {"pooled_ppl": table["pooled_ppl"][col]}
+    for d in table["domains"]:
+        out[f"ppl/{d}"] = table["ppl"][col][d]
+    if teacher is not None:
+        out["worst_ratio"] = max(table["ppl"][col][d] / table["ppl"][teacher][d]
+                                 for d in table["domains"])
+    return out
+
+
+def summarize(table: Dict[str, Any], teacher: Optional[str] = "teacher",
+              pairs: Sequence[Tuple[str, str]] = (("DDK", "KD"), ("DDK", "ES"), ("KD", "CPT"))
+              ) -> Dict[str, Any]:
+    """Per arm: mean and interval of every metric over seeds; paired differences over the seeds
+    two arms share. Pairs naming an absent arm are left out."""
+    teacher = teacher if teacher in table["columns"] else None
+    groups = arms_and_seeds(table["columns"])
+    if not groups:
+        return {"available": False, "reason": "no ARM@SEED columns"}
+    arms: Dict[str, Any] = {}
+    for arm, by_seed in groups.items():
+        per_seed = {s: _metrics(table, c, teacher) for s, c in sorted(by_seed.items())}
+        keys = next(iter(per_seed.values())).keys()
+        arms[arm] = {"seeds": sorted(by_seed), "metrics": {
+            k: mean_interval([m[k] for m in per_seed.values()]) for k in keys}}
+    diffs = {}
+    for a, b in pairs:
+        if a not in groups or b not in groups:
+            continue
+        shared = sorted(set(groups[a]) & set(groups[b]))
+        if not shared:
+            continue
+        keys = ["pooled_ppl"] + [f"ppl/{d}" for d in table["domains"]]
+        vals = {k: [_metrics(table, groups[a][s], teacher)[k]
+                    - _metrics(table, groups[b][s], teacher)[k] for s in shared] for k in keys}
+        diffs[f"{a}-{b}"] = {"first": a, "second": b, "seeds": shared,
+                             "metrics": {k: mean_interval(v) for k, v in vals.items()}}
+    return {"available": True, "domains": list(table["domains"]), "teacher": teacher,
+            "arms": arms, "differences": diffs}
+
+
+def interval_verdict(stat: Dict[str, Any]) -> str:
+    """What a difference's interval allows one to say."""
+    if stat["half_width"] is None:
+        return "one seed: no interval"
+    if stat["high"] < 0:
+        return "lower (interval below 0)"
+    if stat["low"] > 0:
+        return "higher (interval above 0)"
+    return "no difference resolved (interval contains 0)"
+
+
+def _fmt(stat: Dict[str, Any], digits: int = 2) -> str:
+    if stat["half_width"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['half_width']:.{digits}f}"
+
+
+def study_markdown(study: Dict[str, Any]) -> List[str]:
+    """The study section: ablation-shaped table, per-domain table, paired differences."""
+    if not study.get("available"):
+        return []
+    domains, arms = study["domains"], study["arms"]
+    n = {len(a["seeds"]) for a in arms.values()}
+    lines = ["## Arms over seeds (test split)", "",
+             f"Mean ± 95% t-interval half-width over {'/'.join(str(x) for x in sorted(n))} "
+             "seed(s) per arm; lower perplexity is better.", ""]
+    head = ["arm", "seeds", "pooled test ppl"] + (["worst-domain ppl ratio S/T"]
+                                                  if study["teacher"] else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, a in arms.items():
+        row = [arm, str(len(a["seeds"])), _fmt(a["metrics"]["pooled_ppl"])]
+        if study["teacher"]:
+            row.append(_fmt(a["metrics"]["worst_ratio"], 3))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Per-domain test perplexity:", "",
+              "| arm | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for arm, a in arms.items():
+        lines.append(f"| {arm} | " + " | ".join(_fmt(a["metrics"][f"ppl/{d}"])
+                                                for d in domains) + " |")
+    if study["differences"]:
+        lines += ["", "Paired differences (same seed), pooled test perplexity:", "",
+                  "| difference | seeds | mean ± 95% interval | what it allows one to say |",
+                  "|---|---|---|---|"]
+        for name, d in study["differences"].items():
+            stat = d["metrics"]["pooled_ppl"]
+            lines.append(f"| {name} | {len(d['seeds'])} | {_fmt(stat)} | "
+                         f"{d['first']} {interval_verdict(stat)} |")
+    lines.append("")
+    return lines
