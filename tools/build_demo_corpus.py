@@ -4,16 +4,20 @@ No downloads. Candidate sources, in priority order (the first --num-domains that
 --min-mb each are used; a folder missing on some machine just moves on to the next candidate):
 
   python_code    Python standard-library source (the running interpreter's lib folder)
-  english_prose  Python's help topics (pydoc_data) and module/class/function docstrings
+  english_prose  Python's help topics (pydoc_data) and the GNU info manuals' text
   c_headers      C headers under /usr/include
-  licenses       /usr/share/common-licenses and /usr/share/doc/*/copyright
-  gnu_manuals    GNU info manuals (/usr/share/info/*.info*.gz)   -- fallback
+  licenses       /usr/share/common-licenses and /usr/share/doc/*/copyright, every paragraph
+                 kept once (package copyright files repeat the same licence texts)
+  unicode_names  the Unicode character table of Python's unicodedata ("U+00C0 À LATIN CAPITAL
+                 LETTER A WITH GRAVE Lu", one block per document; algorithmically named ranges
+                 left out): memorisation-heavy, where a larger model's capacity shows
   man_pages      roff man pages (/usr/share/man/man1/*.gz)        -- fallback
 
-Each domain becomes <output-dir>/<name>.jsonl, one {"text": ..., "source": ...} object per
-source file (files larger than --max-doc-kb split at line boundaries), files read in sorted
-order, so the output is deterministic for a given machine. Sizes and a sha256 per domain go to
-stdout and to <output-dir>/summary.json.
+The domains share no text: prose holds no docstrings of the code domain, and the licence domain
+no repeated paragraph. Each domain becomes <output-dir>/<name>.jsonl, one {"text": ...,
+"source": ...} object per source file (files larger than --max-doc-kb split at line boundaries),
+files read in sorted order, so the output is deterministic for a given machine. Sizes and a
+sha256 per domain go to stdout and to <output-dir>/summary.json.
 
     python tools/build_demo_corpus.py --output-dir data/demo/corpus
 """
@@ -92,23 +96,56 @@ def english_prose() -> Iterator[Doc]:
     for key in sorted(topics):
         if topics[key].strip():
             yield f"pydoc_data.topics:{key}", topics[key]
-    for path, source in python_code():
-        text = _docstrings(path, source)
-        if text:
-            yield f"{path}:docstrings", text
+    yield from gnu_manuals()
 
 
 def c_headers() -> Iterator[Doc]:
     yield from _files(_walk("/usr/include", (".h",)))
 
 
-def licenses() -> Iterator[Doc]:
+def _license_files() -> Iterator[Doc]:
     root = "/usr/share/common-licenses"
     if os.path.isdir(root):
         yield from _files(os.path.join(root, n) for n in sorted(os.listdir(root)))
     doc = "/usr/share/doc"
     if os.path.isdir(doc):
         yield from _files(os.path.join(doc, n, "copyright") for n in sorted(os.listdir(doc)))
+
+
+def licenses() -> Iterator[Doc]:
+    """Licence texts with every paragraph (blank-line separated, whitespace-normalised) kept
+    only the first time it appears."""
+    seen = set()
+    for source, text in _license_files():
+        kept = []
+        for para in text.split("\n\n"):
+            key = hashlib.sha256(" ".join(para.split()).encode("utf-8")).digest()
+            if para.strip() and key not in seen:
+                seen.add(key)
+                kept.append(para)
+        if kept:
+            yield source, "\n\n".join(kept) + "\n"
+
+
+_ALGORITHMIC_NAMES = ("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH", "HANGUL SYLLABLE",
+                      "TANGUT", "KHITAN", "NUSHU", "EGYPTIAN HIEROGLYPH", "YI SYLLABLE")
+
+
+def unicode_names() -> Iterator[Doc]:
+    """One document per 256-code-point block: 'U+XXXX <char> <NAME> <category>' lines."""
+    import unicodedata
+
+    for block in range(0, 0x110000, 256):
+        lines = []
+        for cp in range(block, block + 256):
+            name = unicodedata.name(chr(cp), "")
+            if not name or name.startswith(_ALGORITHMIC_NAMES):
+                continue
+            cat = unicodedata.category(chr(cp))
+            shown = chr(cp) if cat[0] not in "CZM" else " "
+            lines.append(f"U+{cp:04X} {shown} {name} {cat}\n")
+        if lines:
+            yield f"unicodedata:{block:06X}", "".join(lines)
 
 
 def gnu_manuals() -> Iterator[Doc]:
@@ -127,10 +164,11 @@ def man_pages() -> Iterator[Doc]:
 
 CANDIDATES: Dict[str, Tuple[str, Callable[[], Iterator[Doc]]]] = {
     "python_code": ("Python standard-library source", python_code),
-    "english_prose": ("Python help topics and docstrings (English prose)", english_prose),
+    "english_prose": ("Python help topics and GNU manuals (English prose)", english_prose),
     "c_headers": ("C headers from /usr/include", c_headers),
-    "licenses": ("licence texts (common-licenses, package copyright files)", licenses),
-    "gnu_manuals": ("GNU info manuals", gnu_manuals),
+    "licenses": ("licence texts, each paragraph once (common-licenses, copyright files)",
+                 licenses),
+    "unicode_names": ("the Unicode character table (unicodedata)", unicode_names),
     "man_pages": ("roff man pages", man_pages),
 }
 
@@ -195,7 +233,7 @@ def write_jsonl(docs: List[Dict[str, str]], path: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def build_demo_corpus(output_dir: str, num_domains: int = 4, max_mb: float = 1.5,
+def build_demo_corpus(output_dir: str, num_domains: int = 5, max_mb: float = 1.5,
                       min_mb: float = 0.3, max_doc_kb: float = 32.0,
                       candidates: Optional[List[str]] = None, progress: bool = True) -> dict:
     """Build the corpus; return the summary (also written to <output_dir>/summary.json)."""
@@ -253,7 +291,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="data/demo/corpus", help="where <domain>.jsonl go")
-    p.add_argument("--num-domains", type=int, default=4, help="domains to build (>= 4 is the "
+    p.add_argument("--num-domains", type=int, default=5, help="domains to build (>= 4 is the "
                    "demo's contract; up to %d candidates)" % len(CANDIDATES))
     p.add_argument("--max-mb", type=float, default=1.5, help="cap per domain, MB of text")
     p.add_argument("--min-mb", type=float, default=0.3, help="a source with less is skipped")

@@ -56,6 +56,7 @@ def test_domains_have_different_character(corpus):
         "c_headers": lambda t: "#define" in t or "#include" in t or "#if" in t,
         "licenses": lambda t: "licen" in t.lower() or "copyright" in t.lower(),
         "english_prose": lambda t: sum(c.isalpha() or c == " " for c in t) > 0.75 * len(t),
+        "unicode_names": lambda t: t.startswith("U+") and " LETTER " in t or " SIGN " in t,
     }
     for d in summary["domains"]:
         if d["name"] in checks:
@@ -86,7 +87,24 @@ def test_missing_source_is_skipped_and_too_few_is_an_error(demo, tmp_path, monke
     summary = demo.build_demo_corpus(str(tmp_path / "a"), max_mb=0.31, min_mb=0.3,
                                      progress=False)
     assert summary["skipped"][0]["name"] == "nothing_here"
-    assert len(summary["domains"]) == 4
+    assert len(summary["domains"]) == 5
     with pytest.raises(ValueError, match="only 1 demo domains could be built"):
         demo.build_demo_corpus(str(tmp_path / "b"), max_mb=0.31, min_mb=0.3, progress=False,
                                candidates=["nothing_here", "python_code"])
+
+
+def test_domains_share_no_text(corpus):
+    """No prose document quotes the code domain (no docstrings), and no licence paragraph
+    repeats."""
+    out, summary = corpus
+    names = {d["name"] for d in summary["domains"]}
+    assert {"python_code", "english_prose", "licenses", "unicode_names"} <= names
+    code = "\n".join(d["text"] for d in _docs(os.path.join(out, "python_code.jsonl")))
+    code_lines = {ln.strip() for ln in code.splitlines() if len(ln.strip()) >= 60}
+    prose = [ln.strip() for d in _docs(os.path.join(out, "english_prose.jsonl"))
+             for ln in d["text"].splitlines() if len(ln.strip()) >= 60]
+    shared = [ln for ln in prose if ln in code_lines]
+    assert len(shared) <= 0.01 * max(1, len(prose)), shared[:5]
+    paras = [" ".join(p.split()) for d in _docs(os.path.join(out, "licenses.jsonl"))
+             for p in d["text"].split("\n\n") if p.strip()]
+    assert len(paras) == len(set(paras))
