@@ -1,0 +1,382 @@
+"""The preprocessing engine: JSONL/.txt lines -> token ids -> Megatron-Core .bin/.idx, streaming.
+
+Pipeline: the main process reads raw lines in batches of about BATCH_BYTES (whole lines), in
+output order; `workers` processes (or the main process itself when workers == 1) parse the JSON,
+encode the batch with one tokenizer call (SentencePiece / Rust tokenizers batch APIs) and pack the
+ids into one array per json key; the main process appends the arrays to the .bin and the lengths
+to the streaming index writer (indexed_writer.py) strictly in batch order. So the bytes do not
+depend on the worker count, and they equal Megatron-LM's preprocess_data.py for the same
+tokenizer and flags:
+- a document is one sequence, or one per sentence (--split-sentences, or a JSON list of strings);
+  sequences of zero tokens are dropped; eod goes after the last sequence (append_eod);
+- keep_empty=True (Megatron-LM): a document without tokens is written as an empty document (no
+  eod); keep_empty=False (megatron_ddk's own pipeline): it is skipped and counted;
+- partitions > 1 (Megatron-LM --partitions) without keep_sequential_samples orders documents as
+  Megatron-LM's round-robin partition files merged in partition order: lines 0, P, 2P, ... then
+  1, P+1, ...; with keep_sequential_samples (or partitions == 1) the input order is kept.
+Blank JSONL lines are ignored (Megatron-LM stops on them); a malformed line stops the run naming
+file:line, or is skipped and counted (skip_malformed).
+
+Memory bound: at most 2 x workers + 2 batches in flight (each BATCH_BYTES of text plus its ids,
+~3x the text size in Python lists while one batch is packed), one document larger than a batch is
+held whole, plus the tokenizer and the index writer's 1M-sequence chunk: about
+(2 x workers + 2) x 4 x BATCH_BYTES + 12 MiB + tokenizer, independent of the input size.
+
+Output is written under temporary names and renamed into place at the end (commit); on any error
+or interrupt the temporary files are removed and older outputs are left as they were.
+
+Imports numpy and, lazily, the tokenizer library in use; no torch or megatron.core on the
+SentencePiece / GPT-2 path. From megatron_ddk: data.corpus, data.indexed_writer,
+data.megatron_tokenizers, data.sentence_split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from megatron_ddk.data.corpus import MalformedLineError, input_format
+from megatron_ddk.data.indexed_writer import IndexedWriter, token_dtype
+from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
+
+BATCH_BYTES = 1 << 19
+"""Text per batch (whole lines; a longer line is a batch of its own)."""
+BATCH_LINES = 4096
+_STATE: dict = {}  # per-process: encoder, splitter and job options (set before forking)
+
+
+@dataclass
+class EncodeJob:
+    """One preprocessing run."""
+
+    paths: List[str]
+    """Input files (.jsonl/.json/.txt, optionally .gz), read in this order."""
+
+    prefixes: Dict[str, str]
+    """Output prefix (no .bin/.idx) per json key; the order is the key order."""
+
+    tokenizer: TokenizerSpec
+    """Which tokenizer (megatron_tokenizers.TokenizerSpec)."""
+
+    append_eod: bool = True
+    """Append the tokenizer's eod after each non-empty document."""
+
+    workers: int = 1
+    """Encoding processes (1: in the main process). Output does not depend on it."""
+
+    keep_empty: bool = False
+    """Write documents without tokens as empty documents (Megatron-LM) instead of skipping."""
+
+    split_sentences: bool = False
+    """One sequence per nltk punkt sentence (Megatron-LM --split-sentences)."""
+
+    keep_newlines: bool = False
+    """With split_sentences: keep the newlines after sentences (--keep-newlines)."""
+
+    lang: str = "english"
+    """punkt language for split_sentences (--lang)."""
+
+    partitions: int = 1
+    """Megatron-LM --partitions: the document order of its partition-and-merge (see above)."""
+
+    keep_sequential_samples: bool = False
+    """With partitions > 1: keep the input order (Megatron-LM --keep-sequential-samples)."""
+
+    skip_malformed: bool = False
+    """Skip and count malformed lines instead of stopping."""
+
+
+@dataclass
+class EncodeStats:
+    """What a run wrote (per json key where keyed)."""
+
+    num_documents: Dict[str, int] = field(default_factory=dict)
+    """Documents written per key (empty ones included when keep_empty)."""
+
+    num_tokens: Dict[str, int] = field(default_factory=dict)
+    """Tokens written per key, eod included."""
+
+    num_empty: int = 0
+    """Documents without tokens (skipped, or written empty when keep_empty), all keys."""
+
+    num_malformed_skipped: int = 0
+    """Malformed lines skipped (skip_malformed)."""
+
+    first_malformed: str = ""
+    """'file:line: reason' of the first skipped malformed line."""
+
+    num_bytes: int = 0
+    """Input bytes read."""
+
+    seconds: float = 0.0
+    """Wall time from the first batch read to the commit."""
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def line_format(path: str) -> str:
+    """'jsonl' or 'txt' (a .gz suffix is looked through); ValueError otherwise."""
+    return input_format(path[:-3] if path.lower().endswith(".gz") else path)
+
+
+def _batches(paths: Sequence[str], partitions: int, sequential: bool) -> Iterator[tuple]:
+    """(path, first_line, step, [raw lines]) in output order (see the module docstring)."""
+    passes = 1 if partitions <= 1 or sequential else partitions
+    for part in range(passes):
+        index = 0  # line index over all files: Megatron-LM's round-robin counter
+        for path in paths:
+            raws: List[bytes] = []
+            size, first = 0, None
+            with _open(path) as f:
+                for line_no, raw in enumerate(f, start=1):
+                    keep = index % passes == part
+                    index += 1
+                    if not keep:
+                        continue
+                    if first is None:
+                        first = line_no
+                    raws.append(raw)
+                    size += len(raw)
+                    if size >= BATCH_BYTES or len(raws) >= BATCH_LINES:
+                        yield path, first, passes, raws
+                        raws, size, first = [], 0, None
+            if raws:
+                yield path, first, passes, raws
+
+
+def _init_state(job: EncodeJob, threads: int = 1) -> None:
+    from megatron_ddk.data.sentence_split import make_splitter
+
+    encoder = build_encoder(job.tokenizer, num_threads=threads)
+    _STATE.update(
+        encoder=encoder, keys=tuple(job.prefixes), append_eod=job.append_eod,
+        keep_empty=job.keep_empty, dtype=token_dtype(encoder.vocab_size),
+        splitter=make_splitter(job.lang, job.keep_newlines) if job.split_sentences else None)
+
+
+def _worker_init(job: EncodeJob) -> None:
+    if "encoder" not in _STATE:  # spawn start method: nothing inherited
+        _init_state(job)
+
+
+def _parse(raw: bytes, fmt: str, keys, splitter) -> Optional[List[List[str]]]:
+    """Sentences per key of one line; None for a blank JSONL line; MalformedLineError."""
+    if fmt == "txt":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MalformedLineError(f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+        return [splitter(text) if splitter else [text]]
+    if not raw.strip():
+        return None
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError as err:
+        raise MalformedLineError(f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise MalformedLineError(f"invalid JSON ({err.msg}: column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise MalformedLineError(f"expected a JSON object, got {type(obj).__name__}")
+    out = []
+    for key in keys:
+        if key not in obj:
+            raise MalformedLineError(f"key {key!r} missing (keys present: {sorted(obj)[:8]})")
+        value = obj[key]
+        if isinstance(value, str):
+            out.append(splitter(value) if splitter else [value])
+        elif isinstance(value, list) and all(isinstance(s, str) for s in value):
+            out.append(value)  # already split into sentences (Megatron-LM's _ss files)
+        else:
+            raise MalformedLineError(
+                f"key {key!r} is {type(value).__name__}, expected a string (or a list of strings)")
+    return out
+
+
+def _pack(ids: List[List[int]], per_doc: List[int], eod, keep_empty: bool, dtype):
+    """(tokens, sequence lengths, sequences per document, empty documents) of one key."""
+    pieces, lengths, docs, num_empty, pos, eod_list = [], [], [], 0, 0, [eod]
+    for n in per_doc:
+        seqs = 0
+        for x in ids[pos:pos + n]:
+            if x:
+                pieces.append(x)
+                lengths.append(len(x))
+                seqs += 1
+        pos += n
+        if seqs == 0:
+            num_empty += 1
+            if keep_empty:
+                docs.append(0)
+            continue
+        if eod is not None:
+            pieces.append(eod_list)
+            lengths[-1] += 1
+        docs.append(seqs)
+    total = sum(lengths)
+    tokens = np.fromiter(chain.from_iterable(pieces), dtype=dtype, count=total)
+    return tokens, np.array(lengths, dtype=np.int32), np.array(docs, dtype=np.int64), num_empty
+
+
+def encode_batch(batch: tuple):
+    """Worker: one batch of raw lines -> (path, nbytes, num_lines_parsed, errors, packed per
+    key)."""
+    path, first, step, raws = batch
+    fmt, keys, splitter = line_format(path), _STATE["keys"], _STATE["splitter"]
+    encoder = _STATE["encoder"]
+    texts: List[List[str]] = [[] for _ in keys]
+    per_doc: List[List[int]] = [[] for _ in keys]
+    errors, num_parsed = [], 0
+    for i, raw in enumerate(raws):
+        try:
+            parsed = _parse(raw, fmt, keys, splitter)
+        except MalformedLineError as err:
+            errors.append((first + i * step, str(err)))
+            continue
+        if parsed is None:
+            continue
+        num_parsed += 1
+        for k, sentences in enumerate(parsed):
+            texts[k].extend(sentences)
+            per_doc[k].append(len(sentences))
+    eod = encoder.eod if _STATE["append_eod"] else None
+    packed = [_pack(encoder.encode_batch(texts[k]), per_doc[k], eod, _STATE["keep_empty"],
+                    _STATE["dtype"]) for k in range(len(keys))]
+    return path, sum(map(len, raws)), num_parsed, errors, packed
+
+
+class _Bounded:
+    """Feeds a Pool at most `limit` batches ahead of the consumer (bounded memory)."""
+
+    def __init__(self, items, limit: int) -> None:
+        self.items, self.slots, self.stopped = items, threading.Semaphore(limit), False
+
+    def __iter__(self):
+        for item in self.items:
+            while not self.slots.acquire(timeout=0.1):
+                if self.stopped:
+                    return
+            if self.stopped:
+                return
+            yield item
+
+    def done_one(self) -> None:
+        self.slots.release()
+
+
+def _encoded(job: EncodeJob) -> Iterator[tuple]:
+    batches = _batches(job.paths, job.partitions, job.keep_sequential_samples)
+    if job.workers <= 1:
+        yield from map(encode_batch, batches)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    feed = _Bounded(batches, limit=2 * job.workers + 2)
+    pool = ctx.Pool(job.workers, initializer=_worker_init, initargs=(job,))
+    try:
+        for item in pool.imap(encode_batch, feed, chunksize=1):
+            feed.done_one()
+            yield item
+        pool.close()
+    finally:
+        feed.stopped = True
+        pool.terminate()
+        pool.join()
+
+
+def check_inputs(paths: Sequence[str]) -> None:
+    """ValueError naming the first input that is missing, not a file, or of unknown format."""
+    if not paths:
+        raise ValueError("no input files given")
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"input file {path} does not exist")
+        if not os.path.isfile(path):
+            raise ValueError(f"input {path} is not a regular file")
+        line_format(path)
+
+
+def prepare(job: EncodeJob) -> None:
+    """Check the inputs and build the tokenizer (and splitter) in this process; raises
+    ValueError before anything is written. Called by run_encode; call it first to time the
+    start-up apart."""
+    check_inputs(job.paths)
+    if job.workers < 1 or job.partitions < 1:
+        raise ValueError(f"workers ({job.workers}) and partitions ({job.partitions}) must be >= 1")
+    _STATE.clear()
+    _init_state(job)
+    if job.append_eod and _STATE["encoder"].eod is None:
+        raise ValueError("the tokenizer has no end-of-document (eos) token, which --append-eod "
+                         "needs; pick a tokenizer with one or drop --append-eod")
+
+
+def _record_errors(stats: EncodeStats, path: str, errors, skip: bool) -> None:
+    for line_no, reason in errors:
+        where = f"{path}:{line_no}: {reason}"
+        if not skip:
+            raise MalformedLineError(
+                f"{where}; fix the line or pass --skip-malformed to skip such lines")
+        stats.num_malformed_skipped += 1
+        stats.first_malformed = stats.first_malformed or where
+
+
+def run_encode(job: EncodeJob, progress: Optional[Callable[[int, int, int], None]] = None,
+               commit: Optional[Callable[[str, str], None]] = None) -> EncodeStats:
+    """Run the job; progress(docs, bytes, tokens) after each batch; commit(tmp, prefix) renames
+    each finished dataset into place. Returns the counts."""
+    if _STATE.get("job") is not job:
+        prepare(job)
+        _STATE["job"] = job
+    keys = list(job.prefixes)
+    stats = EncodeStats(num_documents=dict.fromkeys(keys, 0), num_tokens=dict.fromkeys(keys, 0))
+    tmp = {k: f"{p}.tmp{os.getpid()}" for k, p in job.prefixes.items()}
+    writers: Dict[str, IndexedWriter] = {}
+    start = time.perf_counter()
+    try:
+        for k in keys:
+            os.makedirs(os.path.dirname(os.path.abspath(tmp[k])), exist_ok=True)
+            writers[k] = IndexedWriter(tmp[k], _STATE["dtype"])
+        for path, nbytes, num_parsed, errors, packed in _encoded(job):
+            _record_errors(stats, path, errors, job.skip_malformed)
+            batch_tokens = 0
+            for k, (tokens, lengths, docs, num_empty) in zip(keys, packed):
+                writers[k].append(tokens, lengths, docs)
+                stats.num_documents[k] += len(docs)
+                stats.num_tokens[k] += int(tokens.size)
+                stats.num_empty += num_empty
+                batch_tokens += int(tokens.size)
+            stats.num_bytes += nbytes
+            if progress is not None:
+                progress(num_parsed, nbytes, batch_tokens)
+        for k in keys:
+            writers[k].finalize()
+        for k in keys:
+            (commit or _default_commit)(tmp[k], job.prefixes[k])
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        _STATE.pop("job", None)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _default_commit(tmp_prefix: str, prefix: str) -> None:
+    try:
+        os.remove(prefix + ".idx")
+    except FileNotFoundError:
+        pass
+    os.replace(tmp_prefix + ".bin", prefix + ".bin")
+    os.replace(tmp_prefix + ".idx", prefix + ".idx")
