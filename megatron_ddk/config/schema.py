@@ -10,7 +10,16 @@ megatron_ddk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Union
+
+
+TEACHER_FROM_CHECKPOINT = "from_checkpoint"
+"""distill.teacher value: take the teacher's architecture from its checkpoint's metadata."""
+
+
+KL_CHUNK_TOKENS = 256
+"""Default tokens per chunk of the vocab-parallel KL: distill.kl_chunk_tokens, the chunk_tokens
+default of losses/kl.py and the memory planner's Layout.kl_chunk_tokens all take it from here."""
 
 
 @dataclass
@@ -171,25 +180,43 @@ class DataConfig:
 
 @dataclass
 class DistillConfig:
-    """The teacher and the distillation loss (Eq. 3: CE + gamma * T^2 * KL)."""
+    """The teacher and the distillation loss (Eq. 3: CE + gamma * KL, optionally Hinton's T^2)."""
 
-    teacher: Optional[ModelConfig] = None
-    """Teacher architecture. None means no teacher: continued pre-training (the paper's CPT)."""
+    teacher: Union[ModelConfig, Literal["from_checkpoint"], None] = None
+    """Teacher architecture: a mapping (ModelConfig fields), or from_checkpoint to take it from
+    the model recorded in teacher_load's megatron_ddk.json (the default whenever teacher_load is
+    set and teacher is not given; a Megatron-LM checkpoint records none: give a mapping). A
+    mapping is checked against the recorded model and every differing field is named. null,
+    or neither teacher nor teacher_load given, means no teacher: continued pre-training (CPT)."""
 
     teacher_load: Optional[str] = None
-    """Checkpoint folder of the teacher (Megatron layout). Required when teacher is set."""
+    """Checkpoint folder of the teacher (megatron-ddk or Megatron-LM layout: a root with
+    latest_checkpointed_iteration.txt, an iter_NNNNNNN or a release folder). Required when
+    teacher is set."""
 
     gamma: float = 0.2
     """Weight of the KL term (paper: 0.2). The CE weight is 1."""
 
     temperature: float = 1.0
-    """Softmax temperature T of both distributions; the loss multiplies the KL by T^2 once."""
+    """Softmax temperature T of both distributions in the KL (CE is always at T = 1)."""
+
+    kl_t2_scaling: bool = False
+    """Multiply the KL term by T^2 (Hinton's convention: keeps the soft-target gradient's size
+    as T changes). False is Eq. 3 of the paper, loss = CE + gamma * KL, so a temperature sweep
+    changes only T, not the KL weight; at T = 1 both agree (docs/losses.md)."""
 
     kl_direction: Literal["forward", "reverse"] = "forward"
     """forward = KL(teacher || student) (the paper's KD); reverse = KL(student || teacher)."""
 
-    kl_chunk_tokens: int = 256
+    kl_chunk_tokens: int = KL_CHUNK_TOKENS
     """Tokens per chunk of the vocab-parallel KL (bounds its extra memory; recomputed in backward)."""
+
+    teacher_logits: Optional[str] = None
+    """Offline teacher: a store folder written by tools/cache_teacher_logits.py. The run builds
+    no teacher model; the KL is exact over the store's top-K tokens plus one bucket for the rest,
+    and DDK's teacher validation losses come from the store. Its header must match the run
+    (teacher_load's checkpoint, teacher shape, tokenizer, seq_length, temperature, seed, data);
+    a (domain, sample) it does not hold is an error. Forward KL only. None: the online teacher."""
 
 
 @dataclass
@@ -206,9 +233,22 @@ class DDKConfig:
     alpha: float = 0.5
     """Smoothing coefficient of Eq. 2; every domain keeps at least (1 - alpha) / N."""
 
-    initial_weights: Literal["eq1", "natural", "uniform", "manifest"] = "eq1"
-    """Mixture of interval 0: eq1 = r_0 from the first evaluation (paper's intent), natural =
-    token shares, uniform, or manifest = each domain's initial_weight."""
+    signal: Literal["validation", "training"] = "validation"
+    """What the perplexity ratio of Eq. 1 / Eq. 2 is measured on. validation (the paper): the
+    student's (and, once, the frozen teacher's) mean CE on each domain's validation samples,
+    measured before step 1 and every K steps. training: the student's and the teacher's mean
+    CE on the interval's own training batches, from logits the KD loss already has (no extra
+    forward pass); a domain with no tokens in an interval keeps its previous ratio, and r_0 is
+    uniform since nothing is measured before step 1 (docs/ddk.md)."""
+
+    initial_sampling: Literal["natural", "uniform", "eq1", "manifest"] = "natural"
+    """How interval 0's data D_0 is drawn (policies ddk / ddk_no_smoothing). natural (the paper's
+    "randomly sample"): token shares of the corpus; uniform: 1 / N; eq1: from r_0 itself;
+    manifest: each domain's initial_weight. Eq. 2's prior r_0 is Eq. 1 in every case."""
+
+    initial_weights: Optional[str] = None
+    """Removed: it both sampled interval 0 and served as Eq. 2's prior. Setting it is an error;
+    interval 0's data is now ddk.initial_sampling and the prior r_0 is always Eq. 1."""
 
     static_weights: Optional[List[float]] = None
     """Weights for policy static, in manifest domain order. None means natural token shares."""
@@ -297,7 +337,10 @@ class CheckpointConfig:
     """Folder to write checkpoints to. None saves nothing."""
 
     load: Optional[str] = None
-    """Folder to resume from (its latest iteration). None starts fresh."""
+    """Folder to resume from (its latest iteration; an iter_NNNNNNN folder picks one). auto
+    resumes from checkpoint.save when it holds a checkpoint and starts fresh when it does not.
+    None starts fresh (refused when checkpoint.save already holds checkpoints, unless
+    overwrite)."""
 
     save_interval: Optional[int] = None
     """Save every this many steps; a final checkpoint is always written when save is set."""
@@ -310,6 +353,11 @@ class CheckpointConfig:
 
     finetune: bool = False
     """Load only the model weights from load (new optimizer, step 0)."""
+
+    overwrite: bool = False
+    """Let a run write into a checkpoint.save folder that holds checkpoints it does not resume
+    from (a fresh run over an earlier one, another run's folder, the teacher's folder). Its
+    iterations replace same-numbered ones; iterations it did not write are never pruned."""
 
 
 @dataclass

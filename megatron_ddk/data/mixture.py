@@ -40,6 +40,14 @@ Entry = Tuple[int, int]
 """(domain_id, sample_id) of one training sample."""
 
 
+def domain_sample_order(seed: int, domain: int, num_samples: int, epoch: int) -> np.ndarray:
+    """The order in which a run of `seed` draws the sample ids of `domain` in `epoch` (a
+    permutation of range(num_samples)); whatever the weights, a run's first n samples of a
+    domain are the first n of its epoch-0 order (the offline teacher store covers that prefix)."""
+    rng = np.random.default_rng([seed, _DOMAIN_STREAM, domain, epoch])
+    return rng.permutation(int(num_samples))
+
+
 class IntervalMixture:
     """Per-domain cursors plus the current interval's shuffled index.
 
@@ -111,8 +119,7 @@ class IntervalMixture:
     def _permutation(self, domain: int, epoch: int) -> np.ndarray:
         cached = self._perm_cache.get(domain)
         if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, _DOMAIN_STREAM, domain, epoch])
-            cached = (epoch, rng.permutation(int(self.sizes[domain])))
+            cached = (epoch, domain_sample_order(self.seed, domain, int(self.sizes[domain]), epoch))
             self._perm_cache[domain] = cached
         return cached[1]
 
@@ -254,8 +261,8 @@ def collate(entries: Sequence[Entry], datasets: Sequence[Any]) -> Dict[str, torc
     """Read entries from the per-domain training datasets and stack them.
 
     Returns {tokens [b, s] int64, labels [b, s] int64, loss_mask [b, s] float32,
-    position_ids [b, s] int64, domain_id [b] int64}; no attention mask (the model builds causal
-    masks itself).
+    position_ids [b, s] int64, domain_id [b] int64, sample_id [b] int64}; no attention mask
+    (the model builds causal masks itself).
     """
     samples = [datasets[d][s] for d, s in entries]
     out = {key: torch.stack([torch.as_tensor(x[key]) for x in samples])
@@ -265,4 +272,5 @@ def collate(entries: Sequence[Entry], datasets: Sequence[Any]) -> Dict[str, torc
     out["position_ids"] = out["position_ids"].long()
     out["loss_mask"] = out["loss_mask"].float()
     out["domain_id"] = torch.tensor([d for d, _ in entries], dtype=torch.int64)
+    out["sample_id"] = torch.tensor([s for _, s in entries], dtype=torch.int64)
     return out

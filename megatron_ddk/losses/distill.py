@@ -1,10 +1,13 @@
 """The distillation loss of Eq. 3 in Megatron-Core's loss_func contract, with per-domain sums.
 
-    loss = lm_loss + gamma * T^2 * kd_loss        (ddk-algorithm.md, Eq. 3; Hinton's T^2 once)
+    loss = lm_loss + gamma * kd_loss              (ddk-algorithm.md, Eq. 3)
+    loss = lm_loss + gamma * T^2 * kd_loss        (kl_t2_scaling: Hinton's convention)
 
 lm_loss is the student's cross entropy (temperature 1), kd_loss the unscaled KL between
 softmax(z / T) of teacher and student (forward by default), both summed over the tokens of
 loss_mask. Without a teacher (the paper's CPT) the loss is the CE alone and kd_loss reports 0.
+With teacher_ce (ddk.signal: training) the report also holds the teacher's per-domain CE sums,
+computed from the teacher logits the KL already has (no extra forward pass).
 
 Megatron-Core's schedules (pipeline_parallel/schedules.py, forward_step_calc_loss) call
 `loss_func(output_tensor)`; when it returns three values they are (loss, num_tokens, report):
@@ -28,6 +31,7 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 import torch
 
 from megatron_ddk.losses.kl import vocab_parallel_ce_and_kl, vocab_parallel_cross_entropy
+from megatron_ddk.losses.topk_kl import vocab_parallel_ce_and_topk_kl
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ LossOutput = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
 
 @dataclass
 class DistillationLoss:
-    """Builds Megatron loss_func closures for CE + gamma * T^2 * KL with per-domain reports.
+    """Builds Megatron loss_func closures for CE + gamma * KL with per-domain reports.
 
     Batch tensors come in Megatron's batch layout (labels and loss_mask [b, s], domain_id [b]);
     logits come in the model's layout, `logits_layout`.
@@ -55,7 +59,15 @@ class DistillationLoss:
     """Weight of the KL term (paper: 0.2); the CE weight is 1."""
 
     temperature: float = 1.0
-    """Softmax temperature T of the KL; the loss multiplies the KL by T^2."""
+    """Softmax temperature T of the KL (CE is at T = 1)."""
+
+    kl_t2_scaling: bool = False
+    """Multiply the KL by T^2 (Hinton). False is the paper's Eq. 3; equal at T = 1."""
+
+    teacher_ce: bool = False
+    """Also report the teacher's per-domain CE sums (domain_teacher_lm_loss) at T = 1, from the
+    teacher logits given to the call (ddk.signal: training). One more chunked, vocab-parallel
+    pass over those logits, no gradient; exact over TP like the student's CE."""
 
     reverse: bool = False
     """False: KL(teacher || student) (the paper's KD); True: KL(student || teacher)."""
@@ -87,7 +99,8 @@ class DistillationLoss:
 
     def __call__(self, student_logits: torch.Tensor, *, labels: torch.Tensor,
                  loss_mask: torch.Tensor, domain_id: torch.Tensor,
-                 teacher_logits: Optional[torch.Tensor] = None) -> LossOutput:
+                 teacher_logits: Optional[torch.Tensor] = None,
+                 teacher_topk: Optional[Tuple[torch.Tensor, ...]] = None) -> LossOutput:
         """(loss_sum, num_tokens, report) for one micro-batch; see the module docstring.
 
         Args:
@@ -96,6 +109,9 @@ class DistillationLoss:
             loss_mask: [b, s], 1 where a token counts (float or bool).
             domain_id: [b] integer domain of each sample.
             teacher_logits: same shape as student_logits, or None (CPT: CE only).
+            teacher_topk: instead of teacher_logits, the offline teacher (data/teacher_store.py):
+                (topk_ids [b, s, K], topk_logprobs [b, s, K], rest_logprob [b, s]) in the batch
+                layout; the KL is then the top-K KL of losses/topk_kl.py (forward only).
         """
         sbv = self.logits_layout == "sbv"
         lead = tuple(student_logits.shape[:-1])
@@ -109,7 +125,9 @@ class DistillationLoss:
                              f"be ({labels.shape[0]},)")
         tok_labels = labels.t().contiguous() if sbv else labels
         mask = (loss_mask.t() if sbv else loss_mask) != 0
-        if teacher_logits is None:
+        if teacher_topk is not None:
+            ce, kl = self._topk_ce_and_kl(student_logits, teacher_topk, tok_labels, sbv)
+        elif teacher_logits is None:
             ce = vocab_parallel_cross_entropy(student_logits, tok_labels, tp_group=self.tp_group,
                                               vocab_size=self.vocab_size,
                                               chunk_tokens=self.chunk_tokens)
@@ -129,9 +147,36 @@ class DistillationLoss:
         else:
             kl = torch.where(mask, kl, 0.0)
             kd_sum = kl.sum()
-            loss_sum = lm_sum + (self.gamma * self.temperature ** 2) * kd_sum
+            scale = self.temperature ** 2 if self.kl_t2_scaling else 1.0
+            loss_sum = lm_sum + (self.gamma * scale) * kd_sum
         report = self._report(lm_sum, kd_sum, loss_sum, num_tokens, ce, kl, mask, domain_id, sbv)
+        if self.teacher_ce and teacher_logits is not None:
+            report["domain_teacher_lm_loss"] = self._teacher_ce(
+                teacher_logits, tok_labels, mask, domain_id, sbv, report["domain_lm_loss"][1])
         return loss_sum, num_tokens.to(torch.int), report
+
+    def _teacher_ce(self, teacher_logits, tok_labels, mask, domain_id, sbv: bool,
+                    tokens: torch.Tensor) -> torch.Tensor:
+        """[2, num_domains]: the teacher's CE sums per domain (T = 1) and the token counts."""
+        with torch.no_grad():
+            tce = vocab_parallel_cross_entropy(teacher_logits.detach(), tok_labels,
+                                               tp_group=self.tp_group, vocab_size=self.vocab_size,
+                                               chunk_tokens=self.chunk_tokens)
+            tce = torch.where(mask, tce, 0.0).to(torch.float32).sum(dim=0 if sbv else 1)
+            sums = torch.zeros(self.num_domains, dtype=torch.float32, device=tce.device)
+            sums.index_add_(0, domain_id.to(torch.long), tce)
+        return torch.stack([sums, tokens])
+
+    def _topk_ce_and_kl(self, student_logits, teacher_topk, tok_labels, sbv: bool):
+        """(CE, top-K KL) per token against a stored teacher ([b, s, ..] batch layout)."""
+        if self.reverse:
+            raise ValueError("DistillationLoss: reverse KL needs the teacher's whole "
+                             "distribution; an offline top-K teacher serves forward KL only")
+        ids, logp, rest = (t.transpose(0, 1) if sbv else t for t in teacher_topk)
+        return vocab_parallel_ce_and_topk_kl(
+            student_logits, ids, logp, rest, tok_labels, tp_group=self.tp_group,
+            temperature=self.temperature, vocab_size=self.vocab_size,
+            chunk_tokens=self.chunk_tokens)
 
     def _report(self, lm_sum, kd_sum, loss_sum, num_tokens, ce, kl, mask, domain_id,
                 sbv: bool) -> Dict[str, torch.Tensor]:
@@ -159,14 +204,17 @@ class DistillationLoss:
 
 def distillation_loss_from_config(distill, *, tp_group, num_domains: int,
                                   vocab_size: Optional[int] = None,
-                                  logits_layout: str = "sbv") -> DistillationLoss:
-    """Build the loss from a megatron_ddk.config.DistillConfig (gamma, temperature, direction,
-    chunk size); the teacher's presence is decided per call by passing teacher_logits or not."""
+                                  logits_layout: str = "sbv",
+                                  teacher_ce: bool = False) -> DistillationLoss:
+    """Build the loss from a megatron_ddk.config.DistillConfig (gamma, temperature, T^2 switch,
+    direction, chunk size); the teacher's presence is decided per call by passing teacher_logits
+    or not. teacher_ce: also report the teacher's per-domain CE (ddk.signal: training)."""
     if distill.kl_direction not in ("forward", "reverse"):
         raise ValueError(f"distill.kl_direction={distill.kl_direction!r}: use 'forward' "
                          "(KL(teacher || student)) or 'reverse' (KL(student || teacher))")
     return DistillationLoss(tp_group=tp_group, num_domains=num_domains, vocab_size=vocab_size,
                             gamma=float(distill.gamma), temperature=float(distill.temperature),
+                            kl_t2_scaling=bool(distill.kl_t2_scaling), teacher_ce=teacher_ce,
                             reverse=distill.kl_direction == "reverse",
                             chunk_tokens=int(distill.kl_chunk_tokens),
                             logits_layout=logits_layout)

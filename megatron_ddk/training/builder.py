@@ -5,14 +5,16 @@ Kept apart from the loop (trainer.py) so the eval command and tests can build th
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
-from megatron_ddk.config import RunConfig, to_dict, train_iters
+from megatron_ddk.config import ModelConfig, RunConfig, to_dict, train_iters
 from megatron_ddk.data.domain_datasets import DomainDatasets, build_domain_datasets
 from megatron_ddk.data.manifest import DomainManifest, load_manifest
 from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
@@ -22,14 +24,42 @@ from megatron_ddk.models.pair import DistillationPair
 from megatron_ddk.models.teacher import build_teacher
 from megatron_ddk.models.vocab import check_tokenizer_hashes, common_padded_vocab_size
 from megatron_ddk.parallel.state import ParallelContext
+from megatron_ddk.training.run_folder import run_id
 from megatron_ddk.config.optional import have_cuda
 
 logger = logging.getLogger(__name__)
 
 
 def use_bf16(cfg: RunConfig) -> bool:
-    """train.bf16, or bf16 exactly when a GPU is present."""
+    """train.bf16, or bf16 exactly when a GPU is present (true on a CPU host runs bf16 too)."""
     return have_cuda() if cfg.train.bf16 is None else cfg.train.bf16
+
+
+def float16_wrap(module, bf16: bool):
+    """Megatron-Core's Float16Module around `module` (the pair) when bf16 is on, else `module`.
+
+    The wrapper casts the parameters (teacher included) to bf16; the optimizer keeps fp32 main
+    parameters and DDP fp32 main gradients. Its outputs stay bf16 (fp32_output=False): the loss
+    computes every vocabulary chunk in fp32 itself (losses/kl.py), so no fp32 copy of the student's
+    and the teacher's logits is ever made.
+    """
+    if not bf16:
+        return module
+    return _bf16_logits_module()(module.config, module)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_logits_module():
+    """The Float16Module subclass (one class; Megatron-Core is imported on first use)."""
+    from megatron.core.transformer.module import Float16Module
+
+    class Bf16LogitsModule(Float16Module):
+        """Float16Module whose last stage returns the logits in bf16."""
+
+        def forward(self, *inputs, fp32_output=False, **kwargs):
+            return super().forward(*inputs, fp32_output=fp32_output, **kwargs)
+
+    return Bf16LogitsModule
 
 
 @dataclass
@@ -79,13 +109,16 @@ def model_vocab(cfg: RunConfig, vocab_size: int, tp_size: int) -> int:
 def build_models(cfg: RunConfig, ctx: ParallelContext, padded_vocab: int,
                  data_hash: Optional[str], load: Optional[str]):
     """(student stage, frozen teacher stage or None, pair) on this rank."""
-    check_tokenizer_hashes(_checkpoint_hash(load), _checkpoint_hash(cfg.distill.teacher_load),
+    # an offline teacher (distill.teacher_logits) is read from its store: no teacher model
+    with_teacher = isinstance(cfg.distill.teacher, ModelConfig) and not cfg.distill.teacher_logits
+    check_tokenizer_hashes(_checkpoint_hash(load),
+                           _checkpoint_hash(cfg.distill.teacher_load) if with_teacher else None,
                            data_hash)
     bf16 = use_bf16(cfg)
     student = build_gpt_model(cfg.model, ctx, padded_vocab, bf16=bf16,
                               sequence_parallel=cfg.parallel.sequence_parallel)
     teacher = None
-    if cfg.distill.teacher is not None:
+    if with_teacher:  # resolved by models/teacher_config.py before the static checks
         teacher = build_teacher(cfg.distill.teacher, ctx, padded_vocab, cfg.distill.teacher_load,
                                 bf16=bf16, tokenizer_hash=data_hash)
     return student, teacher, DistillationPair(student, teacher)
@@ -96,8 +129,17 @@ def num_iters(cfg: RunConfig) -> int:
     return int(train_iters(cfg))
 
 
+def _shared_run_id(cfg: RunConfig) -> str:
+    """run_folder.run_id, rank 0's on every rank (a fresh id is random)."""
+    value = [run_id(cfg)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
 def checkpoint_metadata(cfg: RunConfig, padded_vocab: int, data: DataParts) -> dict:
-    """What models/checkpoint.py records beside every checkpoint of the student."""
+    """What models/checkpoint.py records beside every checkpoint of the student; run_id marks
+    the iterations this run writes (keep_last prunes only those). All ranks call it."""
     return {"model": to_dict(cfg.model), "padded_vocab_size": padded_vocab,
             "tokenizer_hash": data.tokenizer_hash, "vocab_size": data.vocab_size,
-            "domains": data.manifest.names()}
+            "domains": data.manifest.names(), "run_id": _shared_run_id(cfg)}

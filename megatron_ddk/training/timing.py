@@ -1,7 +1,9 @@
 """Wall-clock split of a run: teacher forward, student forward/backward, optimizer, DDK eval.
 
 The teacher's forward runs inside the pair's forward, so it is timed by forward hooks on the
-teacher module; student forward+backward is the schedule's time minus the teacher's. On a GPU
+teacher module; student forward+backward is the schedule's time minus the teacher's. An offline
+teacher's store reads (trainer._read_store) are a stage of their own, teacher_cache_read, also
+inside the schedule's time and also taken out of student_forward_backward. On a GPU
 each boundary synchronises so the numbers are real (timing costs a little throughput).
 """
 
@@ -48,8 +50,10 @@ class StageTimer:
         self.total[name] += time.perf_counter() - self._open.pop(name)
 
     def summary(self) -> Dict[str, float]:
-        """Seconds per stage so far (student_forward_backward excludes the teacher)."""
+        """Seconds per stage so far (student_forward_backward excludes the teacher's forward and
+        the store reads)."""
         out = dict(self.total)
         fb = out.pop("forward_backward", 0.0)
-        out["student_forward_backward"] = fb - out.get("teacher_forward", 0.0) + 0.0
+        out["student_forward_backward"] = (fb - out.get("teacher_forward", 0.0)
+                                           - out.get("teacher_cache_read", 0.0) + 0.0)
         return {k: round(v, 4) for k, v in sorted(out.items())}

@@ -34,6 +34,7 @@ from megatron_ddk.training.flops import FlopCounter
 from megatron_ddk.training.metrics import RunLogger, step_line
 from megatron_ddk.training.optimizer import build_training_objects
 from megatron_ddk.training.schedule import forward_backward
+from megatron_ddk.training.teacher_cache import open_run_store
 from megatron_ddk.training.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Trainer:
         self.data = builder.build_data(cfg, ctx, cfg.ddk.valid_samples_per_domain)
         self.names = self.data.manifest.names()
         self.padded_vocab = builder.model_vocab(cfg, self.data.vocab_size, ctx.tp_size)
+        self.store = open_run_store(cfg, self.data)  # offline teacher (teacher_logits) or None
         load = cfg.checkpoint.load
         self.student, self.teacher, self.pair = builder.build_models(
             cfg, ctx, self.padded_vocab, self.data.tokenizer_hash, load)
@@ -64,7 +66,8 @@ class Trainer:
             bf16=builder.use_bf16(cfg))
         self.loss = distillation_loss_from_config(
             cfg.distill, tp_group=ctx.tp_group, num_domains=len(self.names),
-            vocab_size=self.data.vocab_size, logits_layout="bsv")
+            vocab_size=self.data.vocab_size, logits_layout="bsv",
+            teacher_ce=cfg.ddk.signal == "training" and self.teacher is not None)
         self.mixture = IntervalMixture(self.data.datasets.num_train_samples, self.gbs,
                                        cfg.ddk.interval, cfg.train.seed, self.names)
         self.controller = DDKController(
@@ -75,9 +78,11 @@ class Trainer:
         self.step = 0
         self.meta = builder.checkpoint_metadata(cfg, self.padded_vocab, self.data)
         self.timer = StageTimer(self.teacher)
-        self.flops = FlopCounter(cfg.model, cfg.distill.teacher, cfg.data.seq_length,
+        self.flops = FlopCounter(cfg.model, cfg.distill.teacher if self.store is None else None,
+                                 cfg.data.seq_length,
                                  self.padded_vocab, self.gbs * cfg.data.seq_length)
-        self.domain_train = np.zeros((2, len(self.names)))
+        # per domain, since the last interval start: student CE sum, tokens, teacher CE sum
+        self.domain_train = np.zeros((3, len(self.names)))
         if load:
             self._resume(load)
         self.log = RunLogger(cfg.logging.run_dir, ctx.is_logging_rank, cfg.logging.tensorboard,
@@ -88,11 +93,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ set-up
     def _maybe_float16(self, module):
-        if not builder.use_bf16(self.cfg):
-            return module
-        from megatron.core.transformer.module import Float16Module
-
-        return Float16Module(module.config, module)
+        return builder.float16_wrap(module, builder.use_bf16(self.cfg))
 
     def _resume(self, path: str) -> None:
         state = load_training_checkpoint(
@@ -106,6 +107,8 @@ class Trainer:
         self.controller.load_state_dict(state["controller"])
         self.mixture.load_state_dict(state["mixture"])
         self.domain_train = np.asarray(state["domain_train"], dtype=np.float64)
+        if self.domain_train.shape[0] == 2:  # checkpoints from before the teacher CE row
+            self.domain_train = np.vstack([self.domain_train, np.zeros(len(self.names))])
 
     def _run_state(self) -> Dict[str, Any]:
         return {"step": self.step, "consumed_samples": self.step * self.gbs,
@@ -126,24 +129,38 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ DDK
     def _start_interval(self) -> None:
-        """Evaluate if the policy needs it, choose the weights, build the interval's index."""
-        self.timer.start("ddk_eval")
-        student_losses = teacher_losses = None
-        if self.controller.needs_losses():
-            with_teacher = self.controller.teacher_losses is None
+        """Measure what the policy needs, choose the weights, build the interval's index.
+
+        Validation signal: one forward pass over the validation sets (the teacher's once),
+        timed as ddk_eval. Training signal: the per-domain CE sums the loss reported over the
+        interval that just ended (no forward pass; ddk_eval stays 0)."""
+        student_losses = teacher_losses = signal_tokens = None
+        self.timer.total["ddk_eval"] += 0.0  # present in the split even when nothing runs
+        if self.controller.needs_validation():
+            self.timer.start("ddk_eval")
+            with_teacher = self.controller.teacher_losses is None and self.store is None
             model = self.pair if with_teacher else self.eval_student
             student_losses, teacher_losses, _ = evaluate_domains(
                 model, self.ctx, self.data.datasets.valid, micro_batch_size=self.mbs,
                 seq_length=self.cfg.data.seq_length, vocab_size=self.data.vocab_size,
                 with_teacher=with_teacher, chunk_tokens=self.cfg.distill.kl_chunk_tokens)
+            if self.store is not None and self.controller.teacher_losses is None:
+                teacher_losses = self.store.valid_losses()  # measured by the store's producer
+            self.timer.stop("ddk_eval")
+        elif self.loss.teacher_ce and self.controller.interval >= 0:
+            s_sum, signal_tokens, t_sum = self.domain_train
+            with np.errstate(invalid="ignore", divide="ignore"):  # no tokens: NaN, carried
+                student_losses = np.where(signal_tokens > 0, s_sum / signal_tokens, np.nan)
+                teacher_losses = np.where(signal_tokens > 0, t_sum / signal_tokens, np.nan)
+        self.timer.start("ddk_mixture")
         consumed = self.mixture.samples_consumed
         weights = self.controller.next_weights(
             self.step, student_losses, teacher_losses, samples_consumed=consumed,
-            tokens_consumed=consumed * self.cfg.data.seq_length)
+            tokens_consumed=consumed * self.cfg.data.seq_length, signal_tokens=signal_tokens)
         self._check_same_on_all_ranks(weights)
         steps = min(self.cfg.ddk.interval, self.iters - self.step)
         self.mixture.start_interval(weights, num_steps=steps)
-        self.timer.stop("ddk_eval")
+        self.timer.stop("ddk_mixture")
         self._log_interval()
 
     def _check_same_on_all_ranks(self, weights: np.ndarray) -> None:
@@ -160,17 +177,17 @@ class Trainer:
     def _log_interval(self) -> None:
         rec = dict(self.controller.history[-1])
         train = self.domain_train
-        rec["train_lm_loss"] = [float(s / c) if c else None for s, c in zip(*train)]
+        rec["train_lm_loss"] = [float(s / c) if c else None for s, c in zip(*train[:2])]
         rec["domains"] = self.names
         rec["wraps"] = self.mixture.num_wraps.tolist()
         self.domain_train = np.zeros_like(self.domain_train)
         self.log.record("interval", rec)
-        for key in ("weights", "ppl_student", "ppl_teacher", "ratio", "epochs",
+        for key in ("weights", "r", "ppl_student", "ppl_teacher", "ratio", "epochs",
                     "samples_consumed", "train_lm_loss"):
             values = rec.get(key)
             if values is not None:
-                self.log.scalars(self.step, {f"{n}": v for n, v in zip(self.names, values)},
-                                 prefix=f"ddk/{key}/")
+                self.log.scalars(self.step, {f"{n}": v for n, v in zip(self.names, values)
+                                             if v is not None}, prefix=f"ddk/{key}/")
 
     # ------------------------------------------------------------------------------ step
     def _forward_step(self, batches: List[Dict[str, torch.Tensor]]):
@@ -185,17 +202,30 @@ class Trainer:
 
             def loss_func(output):
                 student_logits, teacher_logits = output
+                topk = self._read_store(batch) if self.store is not None else None
                 return self.loss(student_logits, labels=labels, loss_mask=mask,
-                                 domain_id=domains, teacher_logits=teacher_logits)
+                                 domain_id=domains, teacher_logits=teacher_logits,
+                                 teacher_topk=topk)
 
             return out, loss_func
 
         return forward_step
 
+    def _read_store(self, batch: Dict[str, torch.Tensor]):
+        """The offline teacher of one micro-batch (last stage), timed as teacher_cache_read."""
+        self.timer.start("teacher_cache_read")
+        out = tuple(t.to(self.ctx.device) for t in self.store.read(
+            batch["domain_id"], batch["sample_id"], tokens=batch["tokens"]))
+        self.timer.stop("teacher_cache_read")
+        return out
+
     def train_step(self) -> Dict[str, Any]:
         """One optimizer step on the next global batch; returns this step's metrics."""
-        entries = micro_batches_for_rank(self.mixture.next_global_batch(), self.ctx.dp_rank,
-                                         self.ctx.dp_size, self.mbs)
+        global_batch = self.mixture.next_global_batch()
+        if self.store is not None:  # every rank stops at the same step, naming the pair
+            self.store.check_covered(global_batch)
+        entries = micro_batches_for_rank(global_batch, self.ctx.dp_rank, self.ctx.dp_size,
+                                         self.mbs)
         batches = [collate(e, self.data.datasets.train) for e in entries]
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -225,16 +255,18 @@ class Trainer:
     def _reduce_reports(self, reports) -> Dict[str, float]:
         """Exact means over micro-batches and DP ranks, shared with every rank."""
         n = len(self.names)
-        buf = torch.zeros(6 + 2 * n, dtype=torch.float64)
+        buf = torch.zeros(6 + 3 * n, dtype=torch.float64)
         if self.ctx.is_last_stage and self.ctx.tp_rank == 0:
             for r in reports:
                 for i, key in enumerate(("loss", "lm_loss", "kd_loss")):
                     buf[2 * i:2 * i + 2] += r[key].detach().double().cpu()
                 buf[6:6 + n] += r["domain_lm_loss"][0].double().cpu()
-                buf[6 + n:] += r["domain_lm_loss"][1].double().cpu()
+                buf[6 + n:6 + 2 * n] += r["domain_lm_loss"][1].double().cpu()
+                if "domain_teacher_lm_loss" in r:  # ddk.signal: training
+                    buf[6 + 2 * n:] += r["domain_teacher_lm_loss"][0].double().cpu()
         if dist.is_initialized():
             dist.all_reduce(buf)
-        self.domain_train += buf[6:].view(2, n).numpy()
+        self.domain_train += buf[6:].view(3, n).numpy()
         count = max(float(buf[1]), 1.0)
         return {k: float(buf[2 * i] / count) for i, k in enumerate(("loss", "lm_loss", "kd_loss"))}
 
@@ -280,7 +312,9 @@ class Trainer:
         reason = None
         logger.info("training %d steps (%d left), %d domains, %s, policy %s", self.iters,
                     self.iters - self.step, len(self.names),
-                    "teacher" if self.teacher is not None else "no teacher (CPT)",
+                    "teacher" if self.teacher is not None else
+                    f"teacher store {self.store.root}" if self.store is not None else
+                    "no teacher (CPT)",
                     self.cfg.ddk.policy)
         self.model.train()
         while self.step < self.iters:
@@ -303,6 +337,8 @@ class Trainer:
                 self.save()
         self.log.record("end", {"step": self.step, "reason": reason or "budget",
                                 "timing": self.timer.summary(),
-                                "elapsed_s": time.time() - started})
+                                "elapsed_s": time.time() - started,
+                                "teacher_store_samples": None if self.store is None
+                                else self.store.samples_served})
         self.log.close()
         return 0
