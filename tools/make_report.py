@@ -87,8 +87,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     rep["plots"] = draw(rep, runs, args.ddk_name, out_dir)
+    from megatron_ddk.reporting.study_report import study_section
+
+    study, study_lines = study_section(rep["table"], runs, out_dir)
+    rep["plots"].update(study.pop("plots", {}))
+    rep.update(study)
     with open(args.out, "w") as f:
-        f.write(render_markdown(rep))
+        f.write(render_markdown(rep) + "\n".join(study_lines))
     json_path = os.path.splitext(args.out)[0] + ".json"
     with open(json_path, "w") as f:
         json.dump(rep, f, indent=1)

@@ -220,11 +220,14 @@ def _check_unique_arms(cfg: PipelineConfig, path: str) -> None:
         raise ConfigError(f"{path}: export.arms {unknown} are not arms; arms: {names}")
 
 
-def load_pipeline_config(path: str, overrides: Sequence[str] = (), smoke: bool = False,
-                         corpus: Optional[str] = None, out: Optional[str] = None) -> PipelineConfig:
-    """Read the pipeline YAML, apply --smoke, section.key=value overrides, --corpus and --out."""
+def read_pipeline_yaml(path: str, _seen: Sequence[str] = ()) -> Dict[str, Any]:
+    """The YAML as plain data, with `extends: OTHER.yaml` (relative to this file) resolved:
+    this file's sections are merged over OTHER's (mappings recursively, lists replaced)."""
+    path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"pipeline config {path} does not exist")
+    if path in _seen:
+        raise ConfigError(f"pipeline config {path}: `extends` loops back to itself")
     with open(path) as f:
         try:
             data = yaml.safe_load(f) or {}
@@ -232,6 +235,20 @@ def load_pipeline_config(path: str, overrides: Sequence[str] = (), smoke: bool =
             raise ConfigError(f"pipeline config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"pipeline config {path}: the top level must be a mapping")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"pipeline config {path}: extends: expected a file name, got {base!r}")
+    parent = read_pipeline_yaml(os.path.join(os.path.dirname(path), base), [*_seen, path])
+    return deep_merge(parent, data)
+
+
+def load_pipeline_config(path: str, overrides: Sequence[str] = (), smoke: bool = False,
+                         corpus: Optional[str] = None, out: Optional[str] = None) -> PipelineConfig:
+    """Read the pipeline YAML (and what it extends), apply --smoke, section.key=value overrides,
+    --corpus and --out."""
+    data = read_pipeline_yaml(path)
     if smoke:
         data = deep_merge(data, data.get("smoke") or {})
     data = apply_overrides(data, overrides, top_level=True)

@@ -153,3 +153,76 @@ def study_markdown(study: Dict[str, Any]) -> List[str]:
                          f"{d['first']} {interval_verdict(stat)} |")
     lines.append("")
     return lines
+
+
+def signal_costs(runs: Sequence[Any], reference: str = "KD") -> Dict[str, Any]:
+    """Per arm over seeds: training wall time without checkpoint writes, the time spent in DDK
+    evaluations (ddk_eval) and teacher forwards, and the overhead against `reference`'s mean.
+    `runs` are report.RunRecords named ARM@SEED."""
+    per_arm: Dict[str, Dict[str, List[float]]] = {}
+    for run in runs:
+        arm, seed = split_column(run.name)
+        end = run.end or {}
+        timing = end.get("timing") or {}
+        if seed is None or end.get("elapsed_s") is None:
+            continue
+        rows = per_arm.setdefault(arm, {"train_s": [], "ddk_eval_s": [], "teacher_s": []})
+        rows["train_s"].append(float(end["elapsed_s"]) - float(timing.get("checkpoint", 0.0)))
+        rows["ddk_eval_s"].append(float(timing.get("ddk_eval", 0.0)))
+        rows["teacher_s"].append(float(timing.get("teacher_forward", 0.0)))
+    out = {arm: {k: mean_interval(v) for k, v in rows.items()} for arm, rows in per_arm.items()}
+    if reference in out:
+        ref = out[reference]["train_s"]["mean"]
+        for arm, stats in out.items():
+            stats["overhead_vs_" + reference] = (stats["train_s"]["mean"] - ref) / ref
+    return out
+
+
+def interval_weights(runs: Sequence[Any], arms: Sequence[str]) -> Dict[str, Any]:
+    """Weights per interval of the given arms for the first seed they share."""
+    by_arm: Dict[str, Dict[int, Any]] = {}
+    for run in runs:
+        arm, seed = split_column(run.name)
+        if arm in arms and seed is not None:
+            by_arm.setdefault(arm, {})[seed] = run
+    present = [a for a in arms if a in by_arm]
+    shared = sorted(set.intersection(*(set(by_arm[a]) for a in present))) if present else []
+    if len(present) < 1 or not shared:
+        return {"available": False}
+    seed = shared[0]
+    table = {a: [list(map(float, r["weights"])) for r in by_arm[a][seed].intervals]
+             for a in present}
+    return {"available": True, "seed": seed, "domains": by_arm[present[0]][seed].domains,
+            "weights": table}
+
+
+def costs_markdown(costs: Dict[str, Any], weights: Dict[str, Any]) -> List[str]:
+    """Wall time per arm (and overhead vs KD), and interval weights of the DDK signals."""
+    lines: List[str] = []
+    if costs:
+        lines += ["## Cost of each arm's signal", "",
+                  "Training seconds per run (checkpoint writes excluded), mean ± 95% interval "
+                  "over seeds; ddk_eval is the time spent measuring validation perplexities.", "",
+                  "| arm | train s | ddk_eval s | teacher forward s | overhead vs KD |",
+                  "|---|---|---|---|---|"]
+        for arm, c in costs.items():
+            over = c.get("overhead_vs_KD")
+            lines.append(f"| {arm} | {_fmt(c['train_s'], 1)} | {_fmt(c['ddk_eval_s'], 1)} | "
+                         f"{_fmt(c['teacher_s'], 1)} | "
+                         f"{'n/a' if over is None else f'{100 * over:+.1f}%'} |")
+        lines.append("")
+    if weights.get("available"):
+        arms = list(weights["weights"])
+        lines += [f"## Domain weights per interval (seed {weights['seed']})", "",
+                  "Weights applied in each interval, in domain order "
+                  f"({', '.join(weights['domains'])}).", "",
+                  "| interval | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        num = max(len(v) for v in weights["weights"].values())
+        for i in range(num):
+            cells = []
+            for a in arms:
+                w = weights["weights"][a]
+                cells.append(" ".join(f"{x:.3f}" for x in w[i]) if i < len(w) else "")
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines

@@ -84,8 +84,17 @@ def test_rerun_skips_every_stage(done):
     assert time.time() - t0 < 60
 
 
-def test_sigkill_during_training_then_rerun_gives_same_numbers(done, tmp_path):
-    out = tmp_path / "out"
+def test_sigkill_during_training_then_rerun_gives_same_numbers(done):
+    """The KD arm is redone from scratch (its stamp and outputs removed), SIGKILLed once it has
+    saved a checkpoint, and resumed by the same command: its test-split numbers equal those of
+    the uninterrupted first run."""
+    import shutil
+
+    out = done["out"]
+    reference = json.load(open(out / "eval" / "KD_seed1234.json"))
+    shutil.rmtree(out / "runs" / "KD")
+    for path in (out / "stamps" / "KD_seed1234.json", out / "eval" / "KD_seed1234.json"):
+        path.unlink()
     proc = _pipeline(done["corpus"], out, check=False)
     stamp = out / "stamps" / "KD_seed1234.json"
     ckpt_latest = out / "runs" / "KD" / "seed1234" / "ckpt" / "latest_checkpointed_iteration.txt"
@@ -93,16 +102,15 @@ def test_sigkill_during_training_then_rerun_gives_same_numbers(done, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if stamp.exists() and ckpt_latest.exists():
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert proc.poll() is None, "the pipeline ended before the KD stage saved a checkpoint"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.load(open(stamp))["state"] == "running"
     log = _pipeline(done["corpus"], out)
     text = log.stderr + log.stdout
-    assert "KD/seed1234" in text and "resuming" in text
-    ours, reference = _evals(out), _evals(done["out"])
-    assert ours.keys() == reference.keys()
-    for name in ours:
-        for domain, r in reference[name]["domains"].items():
-            assert ours[name]["domains"][domain]["loss"] == r["loss"], (name, domain)
+    assert any("KD/seed1234" in line and "resuming" in line for line in text.splitlines()), text
+    ours = json.load(open(out / "eval" / "KD_seed1234.json"))
+    assert ours["domains"].keys() == reference["domains"].keys()
+    for domain, r in reference["domains"].items():
+        assert ours["domains"][domain]["loss"] == r["loss"], domain
