@@ -142,4 +142,5 @@ def checkpoint_metadata(cfg: RunConfig, padded_vocab: int, data: DataParts) -> d
     the iterations this run writes (keep_last prunes only those). All ranks call it."""
     return {"model": to_dict(cfg.model), "padded_vocab_size": padded_vocab,
             "tokenizer_hash": data.tokenizer_hash, "vocab_size": data.vocab_size,
+            "tokenizer_model": data.manifest.tokenizer_model,  # export_hf's default tokenizer
             "domains": data.manifest.names(), "run_id": _shared_run_id(cfg)}
