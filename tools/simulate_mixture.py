@@ -62,8 +62,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=4096, help="tokens per sample")
     p.add_argument("--seed", type=int, default=1234, help="run seed (mixture shuffles)")
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--initial-weights", default="eq1",
-                   choices=["eq1", "natural", "uniform", "manifest"])
+    p.add_argument("--initial-sampling", default="natural",
+                   choices=["natural", "uniform", "eq1", "manifest"],
+                   help="interval 0's mixture (ddk.initial_sampling); r_0 is Eq. 1 regardless")
     p.add_argument("--static-weights", help="comma list for --policy static")
     p.add_argument("--weight-floor", type=float)
     p.add_argument("--weight-cap", type=float)
@@ -171,7 +172,7 @@ def simulate(args) -> None:
     ctl = losses = None
     if args.synthetic:
         cfg = DDKConfig(policy=args.policy, interval=k, alpha=args.alpha,
-                        initial_weights=args.initial_weights,
+                        initial_sampling=args.initial_sampling,
                         static_weights=None if args.static_weights is None else
                         list(_floats(args.static_weights, n, "--static-weights")),
                         weight_floor=args.weight_floor, weight_cap=args.weight_cap,

@@ -237,6 +237,17 @@ def _distill_checks(cfg: RunConfig) -> List[str]:
         errs.append(f"ddk.weight_floor={k.weight_floor} is above ddk.weight_cap={k.weight_cap}")
     if k.max_epochs_per_domain is not None and k.max_epochs_per_domain <= 0:
         errs.append(f"ddk.max_epochs_per_domain={k.max_epochs_per_domain}: must be > 0")
+    if k.initial_weights is not None:
+        errs.append(f"ddk.initial_weights={k.initial_weights!r} was removed: write "
+                    f"ddk.initial_sampling (natural | uniform | eq1 | manifest) for interval 0's "
+                    f"data; Eq. 2's prior r_0 is always Eq. 1 (docs/ddk.md)")
+    if k.signal == "training" and k.initial_sampling == "eq1":
+        errs.append("ddk.initial_sampling='eq1' with ddk.signal='training': nothing is measured "
+                    "before step 1, so r_0 is uniform; use initial_sampling natural or uniform")
+    if k.signal == "training" and getattr(d, "teacher_logits", None):
+        errs.append("ddk.signal='training' needs the teacher's exact CE on the training batches, "
+                    "which an offline store (distill.teacher_logits, top-K) does not hold; use "
+                    "ddk.signal='validation' or the online teacher")
     return errs
 
 

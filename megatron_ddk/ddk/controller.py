@@ -1,18 +1,34 @@
 """DDKController: per-domain losses in, the next interval's mixture weights out (Algorithm 1).
 
-The training loop calls `next_weights` at step 0 and after every K = ddk.interval steps with the
-student's per-domain mean validation CE losses (and, once, the teacher's: the teacher is frozen,
-so its losses are cached here and stored in the checkpoint). The controller applies the policy
-(policies.py), then the optional weight floor / cap and repetition cap (math.bound_weights), and
-appends one history record per interval. It is deterministic (no randomness), so every rank that
-feeds it the same losses gets bit-identical weights, and its state_dict() is plain python data
-(lists, floats, ints, str) that a checkpoint stores and compares exactly.
+Algorithm 1 as this controller runs it (docs/ddk.md, ddk-algorithm.md):
+
+    interval 0 (step 0)   ratio_0 measured before the first step (validation signal)
+                          r_0 = Eq. 1(ratio_0)   (training signal: nothing measured yet, r_0 = 1/N)
+                          D_0 sampled with ddk.initial_sampling (natural: the paper's "randomly")
+    interval t (step tK)  ratio_t measured; r_t = policy(r_{t-1}, ratio_t)
+                          (ddk: Eq. 2, so the first update is psi_1 = r_0 * exp(ratio_1);
+                          ddk_no_smoothing: Eq. 1); D_t sampled with bounds(r_t)
+
+Two things are kept apart: r (Eq. 2's history, never bounded) and the weights an interval samples
+with (the initial sampling at t = 0, r_t afterwards, then the optional floor / cap / repetition
+cap). ratio_t[i] = ppl_S[i] / ppl_T[i] = exp(loss_S[i] - loss_T[i]) comes from the validation
+sets (the teacher's losses are cached: it is frozen) or, with ddk.signal: training, from the
+interval's own training batches; there a domain that got no tokens keeps its previous ratio
+("carried"), or, before it was ever measured, the mean of the measured ratios ("mean").
+
+The controller is deterministic (no randomness): every rank that feeds it the same losses gets
+bit-identical weights. Its state_dict() is plain python data a checkpoint stores and compares.
 
 History record keys (one dict per interval t, written when t's weights are chosen):
-    interval, step, weights (used for interval t), r (policy output before the bounds),
-    loss_student, loss_teacher, ppl_student, ppl_teacher, ratio (ppl_S / ppl_T),
-    samples_consumed, tokens_consumed, epochs (per domain, cumulative up to the start of t)
-Entries that were not measured are None.
+    interval, step, policy, alpha, signal
+    ratio, ratio_source     the ratio r_t was computed from; per domain measured | carried | mean
+    r                       the policy's vector before any bound (interval 0: r_0, or the fixed
+                            mixture of equal / static)
+    weights                 the weights interval t samples with
+    loss_student, loss_teacher, ppl_student, ppl_teacher   the measurement (None: not measured)
+    signal_tokens           training signal: tokens per domain behind the means
+    samples_consumed, tokens_consumed, epochs   per domain, cumulative up to the start of t
+    interval 0 only: r0, r0_source (eq1 | uniform | None for equal / static), initial_sampling
 
 Must not import torch, torch.distributed or do I/O.
 """
@@ -20,7 +36,7 @@ Must not import torch, torch.distributed or do I/O.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,18 +53,25 @@ from megatron_ddk.ddk.policies import ADAPTIVE_POLICIES, get_policy
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+REMOVED_INITIAL_WEIGHTS = (
+    "ddk.initial_weights={value!r} was removed: write ddk.initial_sampling (natural | uniform | "
+    "eq1 | manifest) for interval 0's data; Eq. 2's prior r_0 is always Eq. 1 (docs/ddk.md)")
 
 
-def _floats(arr) -> Optional[List[float]]:
-    return None if arr is None else [float(x) for x in np.asarray(arr, dtype=np.float64)]
+def _floats(arr) -> Optional[List[Optional[float]]]:
+    """Plain floats; non-finite entries (a domain not measured) become None (valid JSON)."""
+    if arr is None:
+        return None
+    return [float(x) if np.isfinite(x) else None for x in np.asarray(arr, dtype=np.float64)]
 
 
 def _ints(arr) -> Optional[List[int]]:
     return None if arr is None else [int(x) for x in np.asarray(arr)]
 
 
-def _ppl(losses: Optional[np.ndarray]) -> Optional[List[float]]:
+def _ppl(losses: Optional[np.ndarray]) -> Optional[List[Optional[float]]]:
     return None if losses is None else _floats(np.exp(np.minimum(losses, MAX_LOG_RATIO)))
 
 
@@ -56,8 +79,8 @@ class DDKController:
     """Chooses the domain mixture of every interval.
 
     Args:
-        config: the run's DDKConfig (policy, alpha, initial_weights, static_weights, floor, cap,
-            max_epochs_per_domain).
+        config: the run's DDKConfig (policy, alpha, signal, initial_sampling, static_weights,
+            floor, cap, max_epochs_per_domain).
         domain_names: domain names in manifest order.
         natural_weights: token shares of the domains (static's default, initial 'natural').
         manifest_weights: each domain's initial_weight from the manifest (initial 'manifest').
@@ -71,6 +94,10 @@ class DDKController:
                  manifest_weights: Optional[Sequence[Optional[float]]] = None,
                  samples_per_epoch: Optional[Sequence[int]] = None,
                  samples_per_interval: Optional[int] = None) -> None:
+        if getattr(config, "initial_weights", None) is not None:
+            raise ValueError(REMOVED_INITIAL_WEIGHTS.format(value=config.initial_weights))
+        if config.signal not in ("validation", "training"):
+            raise ValueError(f"ddk.signal={config.signal!r}: use 'validation' or 'training'")
         self.config = config
         self.domain_names = [str(n) for n in domain_names]
         self.num_domains = len(self.domain_names)
@@ -101,6 +128,8 @@ class DDKController:
         self._teacher_losses: Optional[np.ndarray] = None
         self._weights: Optional[np.ndarray] = None
         self._r: Optional[np.ndarray] = None
+        self._r0: Optional[np.ndarray] = None
+        self._ratio: Optional[np.ndarray] = None
         self._interval = -1
         self.history: List[Dict[str, Any]] = []
 
@@ -112,19 +141,34 @@ class DDKController:
 
     @property
     def weights(self) -> Optional[np.ndarray]:
-        """The current interval's mixture (None before the first next_weights)."""
+        """The current interval's sampling weights (None before the first next_weights)."""
         return None if self._weights is None else self._weights.copy()
+
+    @property
+    def r(self) -> Optional[np.ndarray]:
+        """The current factor r_t of Eq. 2 (before bounds; None before the first call)."""
+        return None if self._r is None else self._r.copy()
 
     @property
     def teacher_losses(self) -> Optional[np.ndarray]:
         """Cached per-domain teacher validation losses (None until set)."""
         return None if self._teacher_losses is None else self._teacher_losses.copy()
 
-    def needs_losses(self) -> bool:
-        """Whether the coming next_weights call uses the losses (else they are only recorded)."""
-        if self.config.policy not in ADAPTIVE_POLICIES:
+    @property
+    def adaptive(self) -> bool:
+        """Whether the policy's weights depend on the student / teacher losses."""
+        return self.config.policy in ADAPTIVE_POLICIES
+
+    def needs_validation(self) -> bool:
+        """Whether the coming next_weights call needs a validation measurement: adaptive policy
+        and signal 'validation', at every interval including 0 (r_0 = Eq. 1 before step 1)."""
+        return self.adaptive and self.config.signal == "validation"
+
+    def needs_ratio(self) -> bool:
+        """Whether the coming next_weights call cannot be made without losses."""
+        if not self.adaptive:
             return False
-        return self._interval >= 0 or self.config.initial_weights == "eq1"
+        return self.config.signal == "validation" or self._interval >= 0
 
     # ----------------------------------------------------------------------------- updates
     def set_teacher_losses(self, losses) -> None:
@@ -136,75 +180,135 @@ class DDKController:
         self._teacher_losses = arr
 
     def next_weights(self, step: int, student_losses=None, teacher_losses=None,
-                     samples_consumed=None, tokens_consumed=None) -> np.ndarray:
+                     samples_consumed=None, tokens_consumed=None,
+                     signal_tokens=None) -> np.ndarray:
         """Choose the mixture of the next interval and record it.
 
         Args:
             step: optimizer step at which the interval starts.
-            student_losses: per-domain mean validation CE of the student (nats), measured now.
-            teacher_losses: the teacher's; cached on first use (later calls may omit them).
+            student_losses: per-domain mean CE of the student (nats): on the validation sets,
+                measured now, or (signal 'training') over the interval that just ended, NaN for
+                a domain with no tokens in it.
+            teacher_losses: the teacher's; validation: cached on first use (later calls may omit
+                them); training: the interval's, given at every call after the first.
             samples_consumed / tokens_consumed: per-domain cumulative training consumption.
+            signal_tokens: training signal: tokens per domain behind the means (recorded).
         Returns:
             The weights (float64, sums to 1) to sample interval `interval` with.
         """
-        if teacher_losses is not None:
-            self.set_teacher_losses(teacher_losses)
-        ls = None if student_losses is None else np.asarray(student_losses, dtype=np.float64)
-        ratio = None
-        if ls is not None and self._teacher_losses is not None:
-            ratio = perplexity_ratio(ls, self._teacher_losses)
-        if self.needs_losses() and ratio is None:
-            raise ValueError(f"policy {self.config.policy!r} (interval {self._interval + 1}) "
-                             f"needs student losses and cached teacher losses")
+        ls, lt, ratio, source = self._measure(student_losses, teacher_losses)
+        extra: Dict[str, Any] = {}
         if self._interval < 0:
-            r = self._initial(ratio)
+            r, sample_from, extra = self._interval0(ratio)
         else:
-            r = self._policy(self._weights, ratio, self.config.alpha, self.static_weights)
+            r = self._policy(self._r, ratio, self.config.alpha, self.static_weights)
+            sample_from = r
         consumed = None if samples_consumed is None else np.asarray(samples_consumed, np.int64)
         epochs = None
         if consumed is not None and self.samples_per_epoch is not None:
             epochs = consumed / self.samples_per_epoch
-        weights = self._bounded(r, epochs)
+        weights = self._bounded(sample_from, epochs)
         self._interval += 1
         self._r, self._weights = r, weights
-        lt = self._teacher_losses
-        self.history.append({
-            "interval": self._interval,
-            "step": int(step),
-            "weights": _floats(weights),
-            "r": _floats(r),
-            "loss_student": _floats(ls),
-            "loss_teacher": _floats(lt),
-            "ppl_student": _ppl(ls),
-            "ppl_teacher": _ppl(lt),
-            "ratio": _floats(ratio),
-            "samples_consumed": _ints(consumed),
-            "tokens_consumed": _ints(tokens_consumed),
+        if ratio is not None:
+            self._ratio = ratio
+        self.history.append(dict({
+            "interval": self._interval, "step": int(step), "policy": self.config.policy,
+            "alpha": float(self.config.alpha), "signal": self.config.signal,
+            "ratio": _floats(ratio), "ratio_source": source,
+            "r": _floats(r), "weights": _floats(weights),
+            "loss_student": _floats(ls), "loss_teacher": _floats(lt),
+            "ppl_student": _ppl(ls), "ppl_teacher": _ppl(lt),
+            "signal_tokens": _floats(signal_tokens),
+            "samples_consumed": _ints(consumed), "tokens_consumed": _ints(tokens_consumed),
             "epochs": _floats(epochs),
-        })
-        logger.info("ddk interval %d (step %d): weights %s", self._interval, step,
+        }, **extra))
+        logger.info("ddk interval %d (step %d, %s signal): weights %s", self._interval, step,
+                    self.config.signal,
                     ", ".join(f"{n}={w:.4f}" for n, w in zip(self.domain_names, weights)))
         return weights.copy()
 
-    def _initial(self, ratio: Optional[np.ndarray]) -> np.ndarray:
-        """r_0: the policy's fixed mixture, or for ddk policies the configured initial rule."""
-        policy, rule = self.config.policy, self.config.initial_weights
-        uniform = np.full(self.num_domains, 1.0 / self.num_domains)
-        if policy == "equal":
-            return uniform
-        if policy == "static":
-            return self.static_weights.copy()
-        if rule == "eq1":
-            return discrepancy_factor_from_ratio(ratio)
+    def _losses(self, values, name: str, allow_missing: bool) -> Optional[np.ndarray]:
+        if values is None:
+            return None
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.shape != (self.num_domains,):
+            raise ValueError(f"{name} {arr.tolist()}: need one value per domain "
+                             f"{self.domain_names}")
+        bad = ~np.isfinite(arr) & ~(allow_missing & np.isnan(arr))
+        if bad.any():
+            raise ValueError(f"{name} {arr.tolist()}: not finite for domain(s) "
+                             f"{[self.domain_names[i] for i in np.flatnonzero(bad)]}: the model "
+                             f"or the measurement diverged")
+        return arr
+
+    def _measure(self, student_losses, teacher_losses
+                 ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray],
+                            Optional[List[str]]]:
+        """(loss_S, loss_T, ratio, ratio_source) of this call; ratio None when not measured."""
+        training = self.config.signal == "training"
+        ls = self._losses(student_losses, "student losses", training)
+        lt = self._losses(teacher_losses, "teacher losses", training)
+        if not training:
+            if lt is not None:
+                self.set_teacher_losses(lt)
+            lt = self._teacher_losses
+        if ls is None or lt is None:
+            if self.needs_ratio():
+                raise ValueError(
+                    f"policy {self.config.policy!r} with signal {self.config.signal!r} "
+                    f"(interval {self._interval + 1}) needs student losses and teacher losses")
+            return ls, lt, None, None
+        measured = np.isfinite(ls) & np.isfinite(lt)
+        if not measured.any():
+            raise ValueError(f"no domain has a measured loss at interval {self._interval + 1} "
+                             f"(student {ls.tolist()}, teacher {lt.tolist()})")
+        ratio = np.full(self.num_domains, np.nan)
+        ratio[measured] = perplexity_ratio(ls[measured], lt[measured])
+        source = ["measured" if m else "carried" for m in measured]
+        for i in np.flatnonzero(~measured):
+            previous = None if self._ratio is None else self._ratio[i]
+            if previous is None or not np.isfinite(previous):
+                ratio[i], source[i] = float(np.mean(ratio[measured])), "mean"
+            else:
+                ratio[i] = previous
+        return ls, lt, ratio, source
+
+    def _interval0(self, ratio: Optional[np.ndarray]
+                   ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+        """(r_0, what D_0 is sampled from, record fields) of interval 0."""
+        policy, n = self.config.policy, self.num_domains
+        uniform = np.full(n, 1.0 / n)
+        if policy in ("equal", "static"):
+            fixed = uniform if policy == "equal" else self.static_weights.copy()
+            return fixed, fixed, {"r0": None, "r0_source": None, "initial_sampling": None}
+        if ratio is None:  # training signal: nothing measured before step 1
+            r0, r0_source = uniform, "uniform"
+        else:
+            r0, r0_source = discrepancy_factor_from_ratio(ratio), "eq1"
+        self._r0 = r0
+        rule = self.config.initial_sampling
         if rule == "natural":
-            return self.natural_weights.copy()
-        if rule == "uniform":
-            return uniform
-        mw = self.manifest_weights
-        if mw is None or len(mw) != self.num_domains or any(x is None for x in mw):
-            raise ValueError("ddk.initial_weights='manifest' needs an initial_weight for every "
-                             f"domain in the manifest; got {mw}")
-        return normalize_weights(mw, "manifest initial_weight")
+            sample_from = self.natural_weights.copy()
+        elif rule == "uniform":
+            sample_from = uniform
+        elif rule == "eq1":
+            if r0_source != "eq1":
+                raise ValueError("ddk.initial_sampling='eq1' needs r_0 from a measurement; with "
+                                 "ddk.signal='training' nothing is measured before step 1: use "
+                                 "initial_sampling natural or uniform")
+            sample_from = r0.copy()
+        elif rule == "manifest":
+            mw = self.manifest_weights
+            if mw is None or len(mw) != n or any(x is None for x in mw):
+                raise ValueError("ddk.initial_sampling='manifest' needs an initial_weight for "
+                                 f"every domain in the manifest; got {mw}")
+            sample_from = normalize_weights(mw, "manifest initial_weight")
+        else:
+            raise ValueError(f"ddk.initial_sampling={rule!r}: use natural, uniform, eq1 or "
+                             f"manifest")
+        return r0, sample_from, {"r0": _floats(r0), "r0_source": r0_source,
+                                 "initial_sampling": rule}
 
     def _bounded(self, r: np.ndarray, epochs: Optional[np.ndarray]) -> np.ndarray:
         """r with the weight floor / cap and the repetition cap applied (r itself if none)."""
@@ -246,27 +350,40 @@ class DDKController:
             "version": STATE_VERSION,
             "domain_names": list(self.domain_names),
             "policy": self.config.policy,
+            "signal": self.config.signal,
             "interval": self._interval,
             "weights": _floats(self._weights),
             "r": _floats(self._r),
+            "r0": _floats(self._r0),
+            "ratio": _floats(self._ratio),
             "teacher_losses": _floats(self._teacher_losses),
             "history": [dict(rec) for rec in self.history],
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what state_dict() returned; ValueError if the domains differ."""
+        """Restore what state_dict() returned; ValueError if the domains or the signal differ."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"DDK controller state version {state.get('version')} is not "
-                             f"{STATE_VERSION}: the checkpoint is from another release")
+                             f"{STATE_VERSION}: the checkpoint is from another release (before "
+                             f"r_0 and the sampling weights were kept apart); start a new run")
         if list(state["domain_names"]) != self.domain_names:
             raise ValueError(f"checkpoint domains {state['domain_names']} differ from the "
                              f"manifest's {self.domain_names}; resume with the same manifest")
+        if state["signal"] != self.config.signal:
+            raise ValueError(f"the checkpoint's run used ddk.signal={state['signal']!r}, this "
+                             f"config {self.config.signal!r}; resume with the same signal")
         if state["policy"] != self.config.policy:
             logger.warning("resuming a %r run with ddk.policy=%r", state["policy"],
                            self.config.policy)
-        as_arr = (lambda v: None if v is None else np.asarray(v, dtype=np.float64))
+
+        def as_arr(v):
+            return None if v is None else np.array([np.nan if x is None else x for x in v],
+                                                   dtype=np.float64)
+
         self._interval = int(state["interval"])
         self._weights = as_arr(state["weights"])
         self._r = as_arr(state["r"])
+        self._r0 = as_arr(state["r0"])
+        self._ratio = as_arr(state["ratio"])
         self._teacher_losses = as_arr(state["teacher_losses"])
         self.history = [dict(rec) for rec in state["history"]]

@@ -2,11 +2,13 @@
 
 Every policy has the same signature
 
-    policy(prev_weights, ratio, alpha, static_weights) -> next weights (1-D float64, sums to 1)
+    policy(prev_r, ratio, alpha, static_weights) -> next r (1-D float64, sums to 1)
 
-where prev_weights is the mixture of the interval that just ended, ratio[i] = ppl_S[i] / ppl_T[i]
-measured at its end (None for policies that do not look at it), alpha the Eq. 2 smoothing and
-static_weights the fixed mixture of `static`:
+where prev_r is the previous interval's factor r_t (Eq. 2's history: r_0 from Eq. 1 at the first
+update, then each policy output; never the bounded sampling weights), ratio[i] = ppl_S[i] /
+ppl_T[i] measured at the end of the interval (None for policies that do not look at it), alpha the
+Eq. 2 smoothing and static_weights the fixed mixture of `static`. The caller (controller.py)
+applies the optional floor / cap to r to get the weights the interval samples with:
 
 | name             | rule                                   | paper's name |
 | ---------------- | -------------------------------------- | ------------ |
@@ -39,35 +41,35 @@ def _need_ratio(name: str, ratio: Optional[np.ndarray]) -> np.ndarray:
     return ratio
 
 
-def ddk(prev_weights: np.ndarray, ratio: Optional[np.ndarray], alpha: float = 0.5,
+def ddk(prev_r: np.ndarray, ratio: Optional[np.ndarray], alpha: float = 0.5,
         static_weights: Optional[np.ndarray] = None) -> np.ndarray:
-    """Eq. 2: the previous mixture times exp(ratio), renormalised, mixed with the uniform."""
-    return smooth_update_from_ratio(prev_weights, _need_ratio("ddk", ratio), alpha)
+    """Eq. 2: psi = r_t * exp(ratio), renormalised, mixed with the uniform (1 - alpha) / N."""
+    return smooth_update_from_ratio(prev_r, _need_ratio("ddk", ratio), alpha)
 
 
-def ddk_no_smoothing(prev_weights: np.ndarray, ratio: Optional[np.ndarray], alpha: float = 0.5,
+def ddk_no_smoothing(prev_r: np.ndarray, ratio: Optional[np.ndarray], alpha: float = 0.5,
                      static_weights: Optional[np.ndarray] = None) -> np.ndarray:
     """Eq. 1 at every interval: softmax(ratio), no history and no uniform share."""
     return discrepancy_factor_from_ratio(_need_ratio("ddk_no_smoothing", ratio))
 
 
-def equal(prev_weights: np.ndarray, ratio: Optional[np.ndarray] = None, alpha: float = 0.5,
+def equal(prev_r: np.ndarray, ratio: Optional[np.ndarray] = None, alpha: float = 0.5,
           static_weights: Optional[np.ndarray] = None) -> np.ndarray:
     """Uniform sampling over the domains (DDK ES)."""
-    n = np.asarray(prev_weights).size
+    n = np.asarray(prev_r).size
     return np.full(n, 1.0 / n)
 
 
-def static(prev_weights: np.ndarray, ratio: Optional[np.ndarray] = None, alpha: float = 0.5,
+def static(prev_r: np.ndarray, ratio: Optional[np.ndarray] = None, alpha: float = 0.5,
            static_weights: Optional[np.ndarray] = None) -> np.ndarray:
     """The fixed mixture `static_weights` (the KD and CPT baselines)."""
     if static_weights is None:
         raise ValueError("policy 'static' needs static_weights (ddk.static_weights, or the "
                          "natural token shares)")
     w = normalize_weights(static_weights, "static_weights")
-    if w.size != np.asarray(prev_weights).size:
+    if w.size != np.asarray(prev_r).size:
         raise ValueError(f"static_weights has {w.size} entries for "
-                         f"{np.asarray(prev_weights).size} domains")
+                         f"{np.asarray(prev_r).size} domains")
     return w
 
 

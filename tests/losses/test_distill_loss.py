@@ -1,9 +1,10 @@
 """DistillationLoss (Eq. 3) against a dense float64 formula, at TP = 1 and 2, in one 2-rank launch.
 
-Checks: loss_sum / num_tokens = mean CE + gamma * T^2 * mean KL over the masked tokens; the gradient
-of loss_sum; the [sum, count] report; per-domain sums against a per-domain dense computation and
-against the totals; CPT (no teacher); both logits layouts; and Megatron-Core's own
-forward_step_calc_loss consuming the closure.
+Checks: loss_sum / num_tokens = mean CE + gamma * mean KL over the masked tokens (Eq. 3; times
+T^2 only with kl_t2_scaling); the gradient of loss_sum; the [sum, count] report; per-domain sums
+(student CE, KL, and the teacher's CE of teacher_ce) against a per-domain dense computation and
+against the totals, so TP = 2 equals TP = 1; CPT (no teacher); both logits layouts; and
+Megatron-Core's own forward_step_calc_loss consuming the closure.
 """
 
 from __future__ import annotations
@@ -28,17 +29,20 @@ class Case:
     reverse: bool = False
     temperature: float = 1.0
     layout: str = "sbv"
+    t2: bool = False
 
     @property
     def name(self) -> str:
         kind = ("rev" if self.reverse else "fwd") if self.teacher else "cpt"
-        return f"tp{self.tp}-{kind}-T{self.temperature:g}-{self.layout}"
+        return f"tp{self.tp}-{kind}-T{self.temperature:g}-{self.layout}" + ("-T2" if self.t2
+                                                                           else "")
 
 
 CASES = [Case(tp, True, rev, t) for tp in (1, 2) for rev in (False, True) for t in (1.0, 2.0)]
 CASES += [Case(tp, teacher=False) for tp in (1, 2)]
 CASES += [Case(tp, reverse=True, temperature=2.0, layout="bsv") for tp in (1, 2)]
 CASES += [Case(2, teacher=False, layout="bsv")]
+CASES += [Case(tp, temperature=2.0, t2=True) for tp in (1, 2)]
 GAMMA = 0.3
 
 
@@ -70,12 +74,16 @@ def _dense(case: Case, zs, zt, labels, mask, domain_id):
         kl = torch.zeros_like(kl)
     m = mask.double()
     n = m.sum()
-    loss_sum = (ce * m).sum() + (GAMMA * t * t if case.teacher else 0.0) * (kl * m).sum()
+    kl_weight = GAMMA * (t * t if case.t2 else 1.0) if case.teacher else 0.0
+    loss_sum = (ce * m).sum() + kl_weight * (kl * m).sum()
     loss_sum.backward()
+    teacher_ce = -torch.log_softmax(ltb, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    teacher_ce = teacher_ce.squeeze(-1)
     dom = {}
     for d in range(DOMAINS):
         sel = (domain_id == d).double().unsqueeze(1) * m
-        dom[d] = ((ce * sel).sum().item(), (kl * sel).sum().item(), sel.sum().item())
+        dom[d] = ((ce * sel).sum().item(), (kl * sel).sum().item(), sel.sum().item(),
+                  (teacher_ce * sel).sum().item())
     return {"loss_mean": (loss_sum / n).item(), "lm_mean": ((ce * m).sum() / n).item(),
             "kd_mean": ((kl * m).sum() / n).item(), "n": n.item(), "grad": zs.grad, "dom": dom}
 
@@ -94,7 +102,8 @@ def _run_case(case: Case, group, tp_rank: int):
     x.requires_grad_()
     loss = DistillationLoss(tp_group=group, num_domains=DOMAINS, vocab_size=VOCAB, gamma=GAMMA,
                             temperature=case.temperature, reverse=case.reverse, chunk_tokens=5,
-                            logits_layout=case.layout)
+                            logits_layout=case.layout, kl_t2_scaling=case.t2,
+                            teacher_ce=True)
     fn = loss.loss_func(labels, mask, domain_id, y if case.teacher else None)
     loss_sum, num_tokens, report = fn(x)
     loss_sum.backward()
@@ -121,6 +130,14 @@ def _run_case(case: Case, group, tp_rank: int):
                              abs(dom_kl[0].sum() - rep["kd_loss"][0]).item(),
                              abs(dom_ce[1].sum() - rep["lm_loss"][1]).item()),
     }
+    if case.teacher:  # teacher_ce: the teacher's per-domain CE sums, tokens as the student's
+        dom_t = rep["domain_teacher_lm_loss"]
+        out["teacher_ce_err"] = max(abs(dom_t[0, d].item() - ref["dom"][d][3])
+                                    for d in range(DOMAINS))
+        out["teacher_ce_counts_ok"] = float(torch.equal(dom_t[1], dom_ce[1]))
+    else:
+        out["teacher_ce_err"] = 0.0 if "domain_teacher_lm_loss" not in rep else 1.0
+        out["teacher_ce_counts_ok"] = 1.0
     return out
 
 
@@ -172,6 +189,7 @@ def test_distill_loss_matches_dense(results, case):
         for key in ("loss_err", "lm_err", "kd_err", "rep_loss_err", "grad_err"):
             assert r[key] < 1e-5, where
         assert r["dom_err"] < 3e-5 and r["dom_total_err"] < 3e-5, where
+        assert r["teacher_ce_err"] < 3e-5 and r["teacher_ce_counts_ok"] == 1.0, where
         assert r["n_ok"] == r["counts_ok"] == r["dom_counts_ok"] == 1.0, where
 
 
@@ -193,6 +211,10 @@ def test_bad_arguments():
     built = distillation_loss_from_config(cfg, tp_group=object(), num_domains=3, vocab_size=10)
     assert (built.reverse, built.temperature, built.chunk_tokens, built.gamma) == (True, 2.0, 64,
                                                                                    0.2)
+    assert not built.kl_t2_scaling and not built.teacher_ce  # Eq. 3 by default
+    cfg.kl_t2_scaling = True
+    assert distillation_loss_from_config(cfg, tp_group=object(), num_domains=3,
+                                         teacher_ce=True).kl_t2_scaling
     loss = DistillationLoss(tp_group=object(), num_domains=2)
     with pytest.raises(ValueError, match="labels"):
         loss(torch.zeros(3, 2, 5), labels=torch.zeros(3, 2, dtype=torch.long),

@@ -165,7 +165,7 @@ def test_weight_fell_is_reported(tmp_path):
 @pytest.mark.parametrize("initial", ["uniform", "eq1"])
 def test_weight_direction_on_controller_records(tmp_path, initial):
     """Interval records as the real DDKController writes them, against Eq. 2 written here."""
-    cfg = DDKConfig(policy="ddk", initial_weights=initial, alpha=0.5)
+    cfg = DDKConfig(policy="ddk", initial_sampling=initial, alpha=0.5)
     ctl = DDKController(cfg, DOMAINS, [0.5, 0.3, 0.2])
     teacher = [2.0, 2.0, 2.0]
     ctl.next_weights(0, [3.0, 3.2, 3.1], teacher)
@@ -175,8 +175,9 @@ def test_weight_direction_on_controller_records(tmp_path, initial):
     w0 = ([1 / 3] * 3 if initial == "uniform" else
           [math.exp(math.exp(s - 2.0)) for s in (3.0, 3.2, 3.1)])
     w0 = [w / sum(w0) for w in w0]
+    r0 = [math.exp(math.exp(s - 2.0)) for s in (3.0, 3.2, 3.1)]  # Eq. 1: the prior, always
     ratio = [math.exp(s - 2.0) for s in (2.5, 2.9, 2.6)]
-    psi = [w * math.exp(r) for w, r in zip(w0, ratio)]
+    psi = [w / sum(r0) * math.exp(r) for w, r in zip(r0, ratio)]
     w1 = [0.5 * p / sum(psi) + 0.5 / 3 for p in psi]
     assert wd["max_ratio_domain"] == "b"
     assert wd["weights_after"] == pytest.approx(w1) and wd["weights_before"] == pytest.approx(w0)

@@ -64,14 +64,16 @@ def test_ddk_at_dp2_reweights_at_interval_boundaries(ddk_dp2):
         assert r["weights"] == intervals[(r["step"] - 1) // 4]["weights"]
     first = intervals[0]
     assert first["ppl_teacher"] and first["ratio"] and abs(sum(w[1]) - 1) < 1e-12
-    # the logged weights follow the paper's Eq. 1 then Eq. 2 (alpha 0.5) from the logged ppls
+    # r_0 = Eq. 1 and then Eq. 2 (alpha 0.5) from the logged ppls; interval 0 samples the
+    # natural mixture (Algorithm 1; tests/training/test_ddk_algorithm.py re-derives it all)
     ratios = [[s / t for s, t in zip(r["ppl_student"], r["ppl_teacher"])] for r in intervals]
     e = [math.exp(x) for x in ratios[0]]
-    assert w[0] == pytest.approx([x / sum(e) for x in e], rel=1e-9)
+    r = [x / sum(e) for x in e]
+    assert first["r0"] == pytest.approx(r, rel=1e-9) and first["initial_sampling"] == "natural"
     for t in (1, 2):
-        psi = [p * math.exp(x) for p, x in zip(w[t - 1], ratios[t])]
-        expected = [0.5 * x / sum(psi) + 0.5 / len(psi) for x in psi]
-        assert w[t] == pytest.approx(expected, rel=1e-9)
+        psi = [p * math.exp(x) for p, x in zip(r, ratios[t])]
+        r = [0.5 * x / sum(psi) + 0.5 / len(psi) for x in psi]
+        assert w[t] == pytest.approx(r, rel=1e-9)
     # consumption per domain adds up to the samples trained on
     assert sum(intervals[2]["samples_consumed"]) == 8 * 8
 
