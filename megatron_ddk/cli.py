@@ -15,15 +15,24 @@ from typing import List, Optional
 def _check_config(args) -> int:
     from megatron_ddk.config import ConfigError, load_config, static_checks
     from megatron_ddk.config.host import host_errors
-
     from megatron_ddk.console import messages
+    from megatron_ddk.models.teacher_config import resolve_teacher
 
     try:
-        cfg = static_checks(load_config(args.config, args.overrides), args.world_size)
+        cfg = load_config(args.config, args.overrides)
+        if args.deep:  # reads the manifest and checkpoint metadata; reports every problem
+            from megatron_ddk.training.deep_check import deep_errors
+
+            logging.getLogger("megatron").setLevel(logging.WARNING)  # .idx reader chatter
+
+            errs = deep_errors(cfg, args.world_size)
+            if errs:
+                raise ConfigError(f"{len(errs)} problem(s):\n  - " + "\n  - ".join(errs))
+        cfg = static_checks(resolve_teacher(cfg), args.world_size)
     except ConfigError as exc:
         messages().error(f"error: {exc}")
         return 2
-    messages().info(f"{args.config}: static checks passed")
+    messages().info(f"{args.config}: static {'and deep ' if args.deep else ''}checks passed")
     if args.host:
         errs = host_errors(cfg)
         for e in errs:
@@ -42,6 +51,13 @@ def _eval(args) -> int:
     from megatron_ddk.training.entry import eval_main
 
     return eval_main(args.config, args.overrides, load=args.load, output=args.output)
+
+
+def _lm_eval(args) -> int:
+    from megatron_ddk.evaluation.lm_eval import lm_eval_main
+
+    return lm_eval_main(args.load, args.tasks, args.output, args.limit, args.batch_size,
+                        args.manifest, args.include_path, args.device)
 
 
 def _pipeline(args) -> int:
@@ -68,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness on a checkpoint (exported to a "
+                       "temporary Hugging Face folder; docs/lm_eval.md)")
+    p.add_argument("--load", required=True, help="checkpoint root or iter_NNNNNNN folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument("--limit", type=float, default=None, help="items per task (lm-eval's limit)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--manifest", default=None, help="build the local tasks (ddk_ppl, ddk_mc) "
+                   "from this manifest's test split")
+    p.add_argument("--include-path", action="append", default=[],
+                   help="extra lm-eval task folder (tools/build_lm_eval_tasks.py); repeatable")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.set_defaults(func=_lm_eval)
+
     p = sub.add_parser("pipeline", help="the whole job from one config: data -> teacher -> "
                        "arms x seeds -> test evaluation -> report -> export (resumable)")
     p.add_argument("--config", required=True, help="pipeline YAML (docs/pipeline.md)")
@@ -81,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run YAML")
     p.add_argument("--world-size", type=int, default=None, help="check batch sizes for this world")
     p.add_argument("--host", action="store_true", help="also run this host's checks")
+    p.add_argument("--deep", action="store_true", help="also check the manifest and the "
+                   "checkpoints the config names (vocabulary, tokenizer, shapes, save folder)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.set_defaults(func=_check_config)
     return parser

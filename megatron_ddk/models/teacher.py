@@ -15,7 +15,8 @@ from megatron_ddk.config.loader import to_dict
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.models.build import build_gpt_model
 from megatron_ddk.models.fp8 import recast_fp8_weights_every_forward
-from megatron_ddk.models.checkpoint import check_compatible, load_model, read_metadata, resolve_checkpoint
+from megatron_ddk.models.checkpoint import (META_FILE, check_compatible, load_model, read_metadata,
+                                           resolve_checkpoint)
 from megatron_ddk.parallel.state import ParallelContext
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,18 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 def build_teacher(teacher: ModelConfig, ctx: ParallelContext, padded_vocab_size: int, load: str,
                   *, bf16: bool = False, tokenizer_hash: Optional[str] = None):
-    """Build the teacher's stage, load its checkpoint (any saved TP/PP), freeze it."""
+    """Build the teacher's stage, load its checkpoint (any saved TP/PP), freeze it.
+
+    `load` is a megatron-ddk or Megatron-LM checkpoint (root, iter_NNNNNNN or release folder),
+    resolved once here; a Megatron-LM checkpoint records no model, so `teacher` (the config's)
+    is the architecture and its padded vocabulary must match the checkpoint's embedding rows."""
     folder, _ = resolve_checkpoint(load)
     meta = read_metadata(folder)
     check_compatible(meta, to_dict(teacher), padded_vocab_size, tokenizer_hash,
                      f"{load} (distill.teacher_load)")
+    if not meta:
+        logger.info("teacher %s has no %s (a Megatron-LM checkpoint): built from distill.teacher "
+                    "with %d embedding rows", folder, META_FILE, padded_vocab_size)
     model = build_gpt_model(teacher, ctx, padded_vocab_size, bf16=bf16)
     load_model(folder, model)
     logger.info("teacher loaded from %s (%d parameters on this rank)", folder,

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 
 from megatron_ddk.config import ModelConfig, RunConfig, to_dict, train_iters

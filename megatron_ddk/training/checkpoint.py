@@ -6,11 +6,11 @@ distill.teacher_load at every start. The run state (step, consumed samples, the 
 with its teacher-loss cache and weight history, the mixture's cursors and position, the
 scheduler) is common state; the optimizer is saved fully_reshardable so a checkpoint resumes at
 another TP / PP / DP layout; RNG states are saved per rank and restored only at the same layout.
+Megatron-Core 0.16's optimizer-loading quirks are handled in mcore_compat.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Dict, Optional
 
@@ -19,6 +19,8 @@ import torch
 from megatron_ddk.config.optional import have_cuda
 from megatron_ddk.models.checkpoint import (check_compatible, load_sharded, read_metadata,
                                             resolve_checkpoint, save_sharded)
+from megatron_ddk.training.mcore_compat import (check_version, materialise_optimizer_state,
+                                                restore_adam_steps, step_tolerant_loading)
 
 logger = logging.getLogger(__name__)
 
@@ -58,76 +60,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _materialise_optimizer_state(optimizer) -> None:
-    """A fresh torch Adam has no state to load into: take one zero-gradient, zero-LR step
-    (parameters unchanged) so every state tensor and 'step' exists, as dist_checkpointing needs."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if all(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
-            continue
-        saved = [g["lr"] for g in inner.param_groups]
-        for g in inner.param_groups:
-            g["lr"] = 0.0
-        with torch.no_grad():
-            for g in inner.param_groups:
-                for p in g["params"]:
-                    p.grad = torch.zeros_like(p)
-            inner.step()
-        inner.zero_grad(set_to_none=True)
-        for g, lr in zip(inner.param_groups, saved):
-            g["lr"] = lr
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Put the checkpoint's Adam step count into every parameter's state.
-
-    With torch's Adam (no apex/TE), Megatron-Core 0.16's DistributedOptimizer stores the step in
-    the param groups; on load into an optimizer whose state already exists the per-parameter
-    'step' tensors keep their old value (measured: 1 after a resume at step 3), which changes the
-    bias correction. Each parameter gets its own tensor (a shared one would be incremented once
-    per parameter by torch's in-place `step += 1`)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        for group in inner.param_groups:
-            if "step" not in group:
-                continue
-            for p in group["params"]:
-                state = inner.state.get(p)
-                if state and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
-
-
-@contextlib.contextmanager
-def _step_tolerant_loading(optimizer):
-    """Megatron-Core 0.16's fully_reshardable load copies every per-parameter optimizer state key
-    from the checkpoint, but skips torch Adam's 'step' there (it is restored from the param
-    groups), so loading fails with KeyError 'step' without apex/TE. Hide 'step' while each
-    parameter's tensors are copied; _restore_adam_steps sets it afterwards."""
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if original is None:
-            continue
-
-        def without_step(model_param, tensors, _opt=opt, _original=original):
-            gi, go = _opt.model_param_group_index_map[model_param]
-            state = _opt.optimizer.state[_opt.optimizer.param_groups[gi]["params"][go]]
-            step = state.pop("step", None)
-            try:
-                _original(model_param, tensors)
-            finally:
-                if step is not None:
-                    state["step"] = step
-
-        opt._set_main_param_and_optimizer_states = without_step
-        patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states  # back to the class method
-
-
 def layout(ctx) -> Dict[str, int]:
     """The parallel layout recorded with a checkpoint."""
     return {"world_size": ctx.world_size, "tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}
@@ -164,7 +96,8 @@ def load_training_checkpoint(path: str, *, model, optimizer, ctx, model_dict: Di
     request: Dict[str, Any] = {"model": model.sharded_state_dict()}
     same_layout = meta.get("layout") == layout(ctx)
     if full:
-        _materialise_optimizer_state(optimizer)
+        check_version()
+        materialise_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(),
                                                             is_loading=True, metadata=SHARDING)
         if same_layout:
@@ -175,9 +108,9 @@ def load_training_checkpoint(path: str, *, model, optimizer, ctx, model_dict: Di
         logger.info("loaded model weights from %s (iteration %d); starting at step 0", folder,
                     iteration)
         return None
-    with torch.no_grad(), _step_tolerant_loading(optimizer):  # copies into views of leaves
+    with torch.no_grad(), step_tolerant_loading(optimizer):  # copies into views of leaves
         optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer)
+    restore_adam_steps(optimizer)
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     else:

@@ -56,16 +56,22 @@ def _setup_logging(cfg, rank: int) -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _prepare(config: str, overrides: List[str], load: Optional[str]):
+def _prepare(config: str, overrides: List[str], load: Optional[str], training: bool = False):
+    """Load the config, resolve the teacher (from its checkpoint) and checkpoint.load: auto, run
+    the static checks, then (training) the save-folder guard, then the host checks."""
     from megatron_ddk.config import load_config, static_checks
     from megatron_ddk.config.host import host_checks
+    from megatron_ddk.models.teacher_config import resolve_teacher
     from megatron_ddk.parallel.state import _launcher_env
+    from megatron_ddk.training.run_folder import check_save_folder, resolve_load
 
     if load:
         overrides = list(overrides) + [f"checkpoint.load={load}"]
-    cfg = load_config(config, overrides)
+    cfg = resolve_load(resolve_teacher(load_config(config, overrides)))
     rank, world, _ = _launcher_env()
     static_checks(cfg, world)
+    if training:
+        check_save_folder(cfg)
     host_checks(cfg)
     _setup_logging(cfg, rank)
     return cfg
@@ -98,7 +104,7 @@ def _guard(fn) -> int:
 def train_main(config: str, overrides: List[str], load: Optional[str] = None) -> int:
     """Train a run (one process or one torchrun rank); returns the exit code."""
     def run():
-        cfg = _prepare(config, overrides, load)
+        cfg = _prepare(config, overrides, load, training=True)
         ctx = _start(cfg)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, _on_signal)
