@@ -1,18 +1,20 @@
-"""Tokenize one JSONL (or .txt) input into Megatron-Core indexed datasets (.bin/.idx).
-
-A drop-in for Megatron-LM's tools/preprocess_data.py where the flags overlap: one input, one
-dataset per json key, named <output-prefix>_<key>_document.bin/.idx, EOD appended to every
-document (--append-eod is accepted; --no-append-eod turns it off). No validation hold-out here:
-tools/build_domains.py does that per domain.
+"""Tokenize JSONL into Megatron-Core indexed datasets: a drop-in for Megatron-LM's
+tools/preprocess_data.py (core_v0.16.1) -- the same flags with the same meanings and defaults,
+the same output files (<output-prefix>_<key>_document.bin/.idx, _sentence with
+--split-sentences), byte for byte, for any --workers and --partitions:
 
     python tools/preprocess_data.py --input data.jsonl --output-prefix out/my_corpus \\
-        --tokenizer-model tokenizer.model --workers 2
+        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tokenizer.model \\
+        --append-eod --workers 2
 
---tokenizer-model: any SentencePiece .model (a released one such as LLaMA's tokenizer.model
-works as is, nothing is written beside it) or a Hugging Face tokenizer.json (needs
-`transformers`). Output bytes do not depend on --workers. Files are written under a temporary
-name and renamed when complete. A malformed line stops the run with file:line in the message;
---skip-malformed skips such lines and reports how many.
+Tokenizer types: SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer,
+HuggingFaceTokenizer (a local folder), GPT2BPETokenizer (--vocab-file/--merge-file); without
+--tokenizer-type the model file decides (.model: SentencePiece; tokenizer.json: Hugging Face).
+Other types and options that would change the ids are refused with a message. As in Megatron-LM,
+no EOD is appended unless --append-eod. Progress: a bar on a terminal, Megatron-LM's
+"Processed N documents" lines otherwise or with --log-interval. Files are written under temporary
+names and renamed when complete; a malformed line stops the run naming file:line
+(--skip-malformed skips and counts such lines). See docs/data.md for the flag table.
 """
 
 from __future__ import annotations
@@ -22,60 +24,46 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import warnings  # noqa: E402
+import time  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+_T0 = time.perf_counter()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="JSONL (.jsonl/.json) or .txt file")
-    p.add_argument("--output-prefix", required=True,
-                   help="writes <prefix>_<key>_document.bin/.idx per json key")
-    p.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="JSON fields to tokenize, one dataset each (ignored for .txt)")
-    p.add_argument("--tokenizer-model", required=True,
-                   help="SentencePiece .model or Hugging Face tokenizer.json")
-    p.add_argument("--tokenizer-type", default=None,
-                   help="accepted for Megatron-LM compatibility; the type is read from the file")
-    p.add_argument("--eos-token", default=None,
-                   help="end-of-document token of a Hugging Face tokenizer that names none")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer processes (output is identical for any count)")
-    p.add_argument("--append-eod", action="store_true", default=True,
-                   help="append the EOD (eos) token to each document (default)")
-    p.add_argument("--no-append-eod", dest="append_eod", action="store_false")
-    p.add_argument("--skip-malformed", action="store_true",
-                   help="skip and count malformed lines instead of stopping")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from megatron_ddk.data.megatron_preprocess import build_parser, job_from_args
 
-    from megatron_ddk.data.corpus import input_format
-    from megatron_ddk.data.preprocess import tokenize_to_datasets
+    args = build_parser(__doc__).parse_args(argv)
+    from megatron_ddk.data.encode_engine import prepare, run_encode
+    from megatron_ddk.data.preprocess_progress import Progress
 
     try:
-        keys = ["text"] if input_format(args.input) == "txt" else args.json_keys
-        prefixes = {k: f"{args.output_prefix}_{k}_document" for k in keys}
-        result = tokenize_to_datasets(
-            [args.input], prefixes, args.tokenizer_model, workers=args.workers,
-            append_eod=args.append_eod, skip_malformed=args.skip_malformed, progress=True,
-            eos_token=args.eos_token)
+        job = job_from_args(args)
+        print(f"Opening {', '.join(job.paths)}", file=sys.stderr)
+        prepare(job)
+        print(f"Time to startup: {time.perf_counter() - _T0:.2f}s", file=sys.stderr)
+        if not args.append_eod:
+            print("note: no --append-eod, so documents get no EOD token (Megatron-LM's default)",
+                  file=sys.stderr)
+        bar = Progress.auto(args.log_interval, desc=os.path.basename(args.output_prefix),
+                            force_lines=args.log_interval is not None)
+        try:
+            stats = run_encode(job, progress=bar)
+        finally:
+            bar.close()
     except ValueError as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         print("\ninterrupted: temporary files removed, no output written", file=sys.stderr)
         sys.exit(130)
-    for key, prefix in result.prefixes.items():
-        print(f"{prefix}.bin/.idx: {result.num_documents[key]:,} documents, "
-              f"{result.num_tokens[key]:,} tokens")
-    total = sum(result.num_tokens.values())
-    print(f"{result.seconds:.1f}s, {total / max(result.seconds, 1e-9):,.0f} tokens/s, "
-          f"{args.workers} workers; skipped: {result.num_empty_skipped} empty documents, "
-          f"{result.num_malformed_skipped} malformed lines")
+    for key, prefix in job.prefixes.items():
+        print(f"{prefix}.bin/.idx: {stats.num_documents[key]:,} documents, "
+              f"{stats.num_tokens[key]:,} tokens")
+    total = sum(stats.num_tokens.values())
+    print(f"{stats.seconds:.1f}s ({time.perf_counter() - _T0:.1f}s with start-up), "
+          f"{total / max(stats.seconds, 1e-9):,.0f} tokens/s, {job.workers} workers; "
+          f"{stats.num_empty} empty documents, {stats.num_malformed_skipped} malformed lines "
+          f"skipped" + (f" (first: {stats.first_malformed})" if stats.first_malformed else ""))
 
 
 if __name__ == "__main__":

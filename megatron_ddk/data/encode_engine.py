@@ -17,10 +17,12 @@ tokenizer and flags:
 Blank JSONL lines are ignored (Megatron-LM stops on them); a malformed line stops the run naming
 file:line, or is skipped and counted (skip_malformed).
 
-Memory bound: at most 2 x workers + 2 batches in flight (each BATCH_BYTES of text plus its ids,
-~3x the text size in Python lists while one batch is packed), one document larger than a batch is
-held whole, plus the tokenizer and the index writer's 1M-sequence chunk: about
-(2 x workers + 2) x 4 x BATCH_BYTES + 12 MiB + tokenizer, independent of the input size.
+Memory bound: the reader runs at most 2 x workers + 2 batches ahead of the writer (raw text in,
+packed ids out: ~1-2 x BATCH_BYTES each); a worker encoding a batch holds its texts and the
+Python id lists (~12 x BATCH_BYTES); the index writer streams 1M-sequence chunks (12 MiB). So
+about workers x 12 x BATCH_BYTES + (2 x workers + 2) x 2 x BATCH_BYTES + 12 MiB (~25 MiB for two
+workers) plus the tokenizer, independent of the input size; one document larger than a batch is
+held whole.
 
 Output is written under temporary names and renamed into place at the end (commit); on any error
 or interrupt the temporary files are removed and older outputs are left as they were.
