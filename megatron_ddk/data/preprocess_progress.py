@@ -58,6 +58,8 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(desc=self.desc, unit="doc", dynamic_ncols=True, file=sys.stderr)
+            # rates over the whole run, as the postfix (tqdm has its own clock)
+            self._bar.start_t = self._bar._time() - (now - self.start)
         self._bar.update(num_docs)
         if now - self.last > 0.5:
             self.last = now
