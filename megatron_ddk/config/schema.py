@@ -174,9 +174,6 @@ class DataConfig:
     """Folder for Megatron-Core dataset index caches (shared by all ranks). None puts them under
     logging.run_dir/cache."""
 
-    num_workers: int = 0
-    """DataLoader worker processes per rank for validation data."""
-
 
 @dataclass
 class DistillConfig:

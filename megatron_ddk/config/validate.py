@@ -11,6 +11,9 @@ import math
 from typing import List, Optional
 
 from megatron_ddk.config.loader import ConfigError
+from megatron_ddk.config.pipeline_split import pair_split_errors as pipeline_pair_errors
+from megatron_ddk.config.pipeline_split import pipeline_stage_layers, split_errors
+from megatron_ddk.config.ranges import range_errors
 from megatron_ddk.config.schema import ModelConfig, RunConfig
 
 
@@ -21,6 +24,8 @@ def _model_checks(m: ModelConfig, where: str, cfg: RunConfig,
     for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
         if getattr(m, name) < 1:
             errs.append(f"{where}.{name}={getattr(m, name)}: must be >= 1")
+    if tp < 1 or m.num_attention_heads < 1:  # reported already; nothing divides by zero
+        return errs
     if m.num_attention_heads % tp:
         errs.append(f"{where}.num_attention_heads={m.num_attention_heads} is not divisible by "
                     f"parallel.tensor_model_parallel_size={tp}; choose a TP size that divides it")
@@ -42,97 +47,16 @@ def _model_checks(m: ModelConfig, where: str, cfg: RunConfig,
     if m.padded_vocab_size is not None and m.vocab_size is not None and m.padded_vocab_size < m.vocab_size:
         errs.append(f"{where}.padded_vocab_size={m.padded_vocab_size} is smaller than "
                     f"vocab_size={m.vocab_size}")
-    if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
-        errs.append(f"{where}: dropout must be in [0, 1)")
     if check_split:  # with a teacher, pair_pipeline_split_errors checks both models together
         errs += pipeline_split_errors(m, where, cfg.parallel.pipeline_model_parallel_size)
     return errs
 
 
 def pipeline_split_errors(m: ModelConfig, where: str, pp: int) -> List[str]:
-    """Why the layers of `m` cannot be split over `pp` stages (empty when they can)."""
-    first, last = m.num_layers_in_first_pipeline_stage, m.num_layers_in_last_pipeline_stage
-    if pp == 1:
-        if first is not None or last is not None:
-            return [f"{where}: num_layers_in_first/last_pipeline_stage need "
-                    f"parallel.pipeline_model_parallel_size > 1"]
-        return []
-    rest, middle = m.num_layers, pp
-    for value in (first, last):
-        if value is not None:
-            rest -= value
-            middle -= 1
-    if rest < 0 or (middle > 0 and rest % middle) or (middle == 0 and rest != 0) or (middle > 0 and rest == 0):
-        return [f"{where}.num_layers={m.num_layers} cannot be split over "
-                f"parallel.pipeline_model_parallel_size={pp} stages (first stage: {first}, "
-                f"last stage: {last}); make the layers divide evenly or set "
-                f"num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"]
-    return []
-
-
-def pipeline_stage_layers(num_layers: int, pp: int, first: Optional[int] = None,
-                          last: Optional[int] = None) -> Optional[List[int]]:
-    """Transformer layers on each of `pp` stages, as Megatron-Core builds them; None when the
-    split cannot work. Megatron-Core floors num_layers / pp without a word when the layers do
-    not divide, so this is checked here, before building.
-
-    Args:
-        num_layers: the model's layer count.
-        pp: pipeline stages.
-        first / last: num_layers_in_first/last_pipeline_stage (None: an even share).
-    """
-    if num_layers < 1 or pp < 1 or any(v is not None and v < 1 for v in (first, last)):
-        return None
-    if pp == 1:
-        return [num_layers] if first is None and last is None else None
-    rest = num_layers - (first or 0) - (last or 0)
-    middle = pp - (first is not None) - (last is not None)
-    if rest < 0 or bool(rest) != bool(middle) or (middle and rest % middle):
-        return None
-    if first is None and last is None:
-        return [num_layers // pp] * pp
-    share = rest // middle if middle else 0
-    return ([first if first is not None else share] + [share] * (pp - 2)
-            + [last if last is not None else share])
-
-
-def _suggest_first_stage(num_layers: int, pp: int) -> Optional[int]:
-    """A num_layers_in_first_pipeline_stage that makes `num_layers` split over `pp` stages."""
-    fits = [f for f in range(1, num_layers) if pipeline_stage_layers(num_layers, pp, f)]
-    return min(fits, key=lambda f: abs(f - num_layers / pp)) if fits else None
-
-
-def pipeline_pair_errors(student: tuple, teacher: tuple, pp: int,
-                         names: tuple = ("model", "distill.teacher"),
-                         pp_field: str = "parallel.pipeline_model_parallel_size") -> List[str]:
-    """Why student and teacher cannot share `pp` pipeline stages (empty when they can).
-
-    Args:
-        student / teacher: (num_layers, num_layers_in_first_pipeline_stage,
-            num_layers_in_last_pipeline_stage) of each model.
-        pp: pipeline stages (both models are split over the same stages).
-        names: how the message names the two models' config sections.
-        pp_field: how the message names the stage count.
-    """
-    splits = [pipeline_stage_layers(n, pp, f, la) for (n, f, la) in (student, teacher)]
-    if all(s is not None for s in splits):
-        return []
-    parts = []
-    for name, (n, f, la), split in zip(names, (student, teacher), splits):
-        extra = (f", num_layers_in_first_pipeline_stage={f}" if f is not None else "") + \
-                (f", num_layers_in_last_pipeline_stage={la}" if la is not None else "")
-        verdict = f"splits as {split}" if split is not None else f"cannot be split over {pp}"
-        parts.append(f"{name}.num_layers={n}{extra} {verdict}")
-    hints = []
-    for name, (n, f, la), split in zip(names, (student, teacher), splits):
-        first = _suggest_first_stage(n, pp) if split is None and pp > 1 else None
-        if first is not None:
-            hints.append(f"{name}.num_layers_in_first_pipeline_stage={first}")
-    hint = f" (e.g. {', '.join(hints)})" if hints else ""
-    return [f"teacher and student share the {pp_field}={pp} pipeline stages: "
-            + "; ".join(parts) + f". Each model's layers must divide evenly over the {pp} "
-            f"stages, or set that model's num_layers_in_first_pipeline_stage / "
-            f"num_layers_in_last_pipeline_stage{hint}"]
+    """Why the layers of `m` cannot be split over `pp` stages (empty when they can); the rule
+    is config/pipeline_split.pipeline_stage_layers."""
+    return split_errors(m.num_layers, m.num_layers_in_first_pipeline_stage,
+                        m.num_layers_in_last_pipeline_stage, where, pp)
 
 
 def pair_pipeline_split_errors(student: ModelConfig, teacher: ModelConfig, pp: int) -> List[str]:
@@ -277,6 +201,7 @@ def static_errors(cfg: RunConfig, world_size: Optional[int] = None) -> List[str]
     errs += _train_checks(cfg)
     errs += _distill_checks(cfg)
     errs += _misc_checks(cfg)
+    errs += range_errors(cfg)  # the other numeric fields (config/ranges.py)
     return errs
 
 

@@ -15,7 +15,8 @@ only its inputs (held by the model anyway) and per-token statistics; the backwar
 softmaxes `chunk_tokens` tokens at a time, so the memory beyond the student gradient is two fp32
 buffers of chunk_tokens x v/tp. Logits may be bf16: every chunk is computed in fp32.
 
-Must not import: megatron_ddk.config, .models, .data, .ddk, .training (pure torch here).
+Must not import: megatron_ddk.models, .data, .ddk, .training, nor of config more than the
+schema's KL_CHUNK_TOKENS default (pure torch here).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from megatron_ddk.config.schema import KL_CHUNK_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +320,8 @@ def _check_labels(student: torch.Tensor, labels: torch.Tensor, caller: str) -> N
 
 def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tp_group,
                       temperature: float = 1.0, reverse: bool = False,
-                      vocab_size: Optional[int] = None, chunk_tokens: int = 1024) -> torch.Tensor:
+                      vocab_size: Optional[int] = None,
+                      chunk_tokens: int = KL_CHUNK_TOKENS) -> torch.Tensor:
     """Per-token KL between softmax(z / T) of teacher and student, vocabulary sharded over TP.
 
     Args:
@@ -344,7 +348,7 @@ def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, tp_group,
                                  vocab_size: Optional[int] = None,
-                                 chunk_tokens: int = 1024) -> torch.Tensor:
+                                 chunk_tokens: int = KL_CHUNK_TOKENS) -> torch.Tensor:
     """Per-token cross entropy of vocabulary-sharded logits against global label ids.
 
     Args:
@@ -368,7 +372,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
 def vocab_parallel_ce_and_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                              labels: torch.Tensor, *, tp_group, temperature: float = 1.0,
                              reverse: bool = False, vocab_size: Optional[int] = None,
-                             chunk_tokens: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
+                             chunk_tokens: int = KL_CHUNK_TOKENS
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(CE, KL) per token in one pass; see vocab_parallel_kl and vocab_parallel_cross_entropy.
 
     The CE is at temperature 1 on the raw student logits; at T == 1 it shares the student's

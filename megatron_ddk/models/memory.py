@@ -52,7 +52,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from megatron_ddk.config.schema import ModelConfig
+from megatron_ddk.config.pipeline_split import pipeline_stage_layers
+from megatron_ddk.config.schema import KL_CHUNK_TOKENS, ModelConfig
 from megatron_ddk.models.vocab import model_padded_size
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Layout:
     recompute_num_layers: int = 1
     """Layers per recompute chunk (uniform) or recomputed layers per stage (block)."""
 
-    kl_chunk_tokens: int = 1024
+    kl_chunk_tokens: int = KL_CHUNK_TOKENS
     """Tokens per fp32 chunk buffer of the KD loss."""
 
     overhead_bytes: int = 3 * GIB
@@ -167,25 +168,16 @@ def layer_params(m: ModelConfig, tp: int = 1) -> Dict[str, int]:
 
 
 def stage_layers(m: ModelConfig, pp: int) -> List[int]:
-    """Transformer layers on each pipeline stage (Megatron's first/last-stage overrides honoured)."""
-    if pp == 1:
-        return [m.num_layers]
-    first, last = m.num_layers_in_first_pipeline_stage, m.num_layers_in_last_pipeline_stage
-    rest, middle = m.num_layers, pp
-    for value in (first, last):
-        if value is not None:
-            rest -= value
-            middle -= 1
-    each = rest // middle if middle else 0
-    if rest < 0 or (middle and rest % middle) or (not middle and rest):
+    """Transformer layers on each pipeline stage (config/pipeline_split.py's rule, the one the
+    config checks and the pair use); ValueError when the split cannot work."""
+    split = pipeline_stage_layers(m.num_layers, pp, m.num_layers_in_first_pipeline_stage,
+                                  m.num_layers_in_last_pipeline_stage)
+    if split is None:
         raise ValueError(f"num_layers={m.num_layers} cannot be split over {pp} pipeline stages "
-                         f"(first: {first}, last: {last})")
-    counts = [each] * pp
-    if first is not None:
-        counts[0] = first
-    if last is not None:
-        counts[-1] = last
-    return counts
+                         f"(first: {m.num_layers_in_first_pipeline_stage}, last: "
+                         f"{m.num_layers_in_last_pipeline_stage}); every stage needs at least "
+                         f"one layer")
+    return split
 
 
 def stage_params(m: ModelConfig, padded_vocab: int, tp: int, pp: int, stage: int) -> Dict[str, int]:

@@ -21,16 +21,38 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_ddk.config.pipeline_split import pipeline_stage_layers
+
+
+def stage_layer_errors(model: torch.nn.Module, name: str) -> List[str]:
+    """Why the layers `model` holds on its pipeline stage are not what the split rule
+    (config/pipeline_split.pipeline_stage_layers, the one config/validate.py checks) says.
+
+    Megatron-Core builds some splits the rule refuses (an empty middle stage, a floored share),
+    so a model built from a config that skipped the static checks is caught here."""
+    cfg, decoder = model.config, getattr(model, "decoder", None)
+    pp = cfg.pipeline_model_parallel_size
+    groups = getattr(model, "pg_collection", None)
+    if decoder is None or groups is None or getattr(groups, "pp", None) is None:
+        return []
+    first, last = cfg.num_layers_in_first_pipeline_stage, cfg.num_layers_in_last_pipeline_stage
+    split = pipeline_stage_layers(cfg.num_layers, pp, first, last)
+    where = (f"{name}: num_layers={cfg.num_layers} over {pp} pipeline stages (first stage: "
+             f"{first}, last stage: {last})")
+    if split is None:
+        return [f"{where} cannot be split: every stage needs at least one layer"]
+    stage = dist.get_rank(groups.pp) if dist.is_initialized() else 0
+    if len(decoder.layers) != split[stage]:
+        return [f"{where} splits as {split}, but stage {stage} holds {len(decoder.layers)} layers"]
+    return []
 
 
 def check_pair(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
-    """Raise ValueError when the two stage modules cannot share one pipeline.
-
-    Layer splits are not re-checked here: config/validate.py refuses a split that cannot work
-    before anything is built (pair_pipeline_split_errors), and Megatron-Core asserts it again
-    when it builds each model's stage.
-    """
+    """Raise ValueError when the two stage modules cannot share one pipeline (same stage, same
+    stage count, same sequence sharding, each holding the layers the split rule gives it)."""
     s, t = student.config, teacher.config
     pp = s.pipeline_model_parallel_size
     problems = []
@@ -45,6 +67,7 @@ def check_pair(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
         problems.append(f"sequence_parallel differs (student {s.sequence_parallel}, teacher "
                         f"{t.sequence_parallel}): both hidden states share one [s, b, h] P2P "
                         f"tensor, so both models must shard the sequence the same way")
+    problems += stage_layer_errors(student, "student") + stage_layer_errors(teacher, "teacher")
     if problems:
         raise ValueError("DistillationPair: " + "; ".join(problems))
 
@@ -64,7 +87,11 @@ class DistillationPair(MegatronModule):
 
     def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module] = None):
         super().__init__(config=student.config)
-        if teacher is not None:
+        if teacher is None:
+            problems = stage_layer_errors(student, "student")
+            if problems:
+                raise ValueError("DistillationPair: " + "; ".join(problems))
+        else:
             check_pair(student, teacher)
             if any(p.requires_grad for p in teacher.parameters()):
                 raise ValueError("DistillationPair: the teacher has trainable parameters; freeze "

@@ -27,6 +27,16 @@ def _on_signal(signum, _frame):
     logging.getLogger(__name__).warning("received signal %d: checkpointing at the next step", signum)
 
 
+def _install_stop_signals(save_on_signal: bool) -> None:
+    """checkpoint.save_on_signal: SIGTERM / SIGUSR1 checkpoint at the next step and exit 0;
+    when false they keep their default action (SIGTERM ends the run at once, no checkpoint)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _on_signal if save_on_signal else signal.SIG_DFL)
+    if not save_on_signal:
+        logging.getLogger(__name__).info("checkpoint.save_on_signal is false: SIGTERM / SIGUSR1 "
+                                         "end the run without a checkpoint")
+
+
 def _setup_logging(cfg, rank: int) -> None:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -106,8 +116,7 @@ def train_main(config: str, overrides: List[str], load: Optional[str] = None) ->
     def run():
         cfg = _prepare(config, overrides, load, training=True)
         ctx = _start(cfg)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, _on_signal)
+        _install_stop_signals(cfg.checkpoint.save_on_signal)
         from megatron_ddk.training.trainer import Trainer
 
         try:

@@ -8,7 +8,8 @@ DistillationLoss (megatron_ddk.losses), and must match: loss and every student g
 renumbered per stage, TP shards sliced). Teacher A (4 layers, hidden 96) splits evenly; teacher B
 (5 layers, tied embeddings) needs num_layers_in_first_pipeline_stage=3. After an optimizer step
 the teacher must be bit-identical and gradient-free, and the student checkpoint teacher-free.
-Split checks are static and compared with Megatron-Core's own TransformerConfig.
+Split checks are static (tests/config/test_pipeline_split.py compares the rule with
+Megatron-Core's own TransformerConfig); the pair refuses a stage built for another split.
 """
 
 import os
@@ -239,6 +240,14 @@ def _check_refusals(ctx):
                                    post_process=not ctx.is_last_stage))
     with pytest.raises(ValueError, match="not the same pipeline stage"):
         DistillationPair(student, other)
+    # a teacher stage built for another split than its config says (Megatron-Core built 3 + 2
+    # layers; the rule, shared with config/validate.py and the planner, gives 5 no even split)
+    uneven = freeze(build_gpt_model(_teacher_cfg("b", pp=2), ctx, VOCAB))
+    uneven.config.num_layers_in_first_pipeline_stage = None
+    with pytest.raises(ValueError, match="teacher: num_layers=5 over 2 pipeline stages"):
+        DistillationPair(student, uneven)
+    uneven.config.num_layers_in_first_pipeline_stage = 3
+    DistillationPair(student, uneven)
 
 
 def pipeline_two_stages(rank, world, ck, ref):
@@ -333,40 +342,4 @@ def test_static_check_accepts_per_model_first_last_stage(student_layers, teacher
     from megatron_ddk.config import static_errors
 
     assert static_errors(_run_cfg(student_layers, teacher_layers, pp, student, teacher)) == []
-
-
-def _megatron_layers(num_layers, pp, first, last):
-    """Layers per stage as Megatron-Core's TransformerConfig and block builder decide; None
-    where either refuses (ValueError from the config, AssertionError from the builder)."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    try:
-        cfg = TransformerConfig(num_layers=num_layers, hidden_size=8, num_attention_heads=1,
-                                pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
-                                num_layers_in_first_pipeline_stage=first,
-                                num_layers_in_last_pipeline_stage=last)
-        return [get_num_layers_to_build(cfg, pp_rank=r) for r in range(pp)]
-    except (ValueError, AssertionError):
-        return None
-
-
-def test_stage_layers_agree_with_megatron_core():
-    from megatron_ddk.config.validate import pipeline_stage_layers
-
-    refused = 0
-    for n in range(1, 9):
-        for pp in (2, 3, 4):
-            for first in (None, 1, 2, 3):
-                for last in (None, 1, 2):
-                    ours = pipeline_stage_layers(n, pp, first, last)
-                    theirs = _megatron_layers(n, pp, first, last)
-                    case = ((n, pp, first, last), ours, theirs)
-                    if ours is not None:
-                        assert ours == theirs and sum(ours) == n and min(ours) >= 1, case
-                    else:  # Megatron-Core refuses too, or builds nonsense, e.g. [-1, 2] for
-                        # 1 layer with 2 on the last of 2 stages: refusing first protects it
-                        assert theirs is None or min(theirs) < 1 or sum(theirs) != n, case
-                        refused += 1
-    assert 0 < refused < 8 * 3 * 4 * 3
 

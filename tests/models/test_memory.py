@@ -128,7 +128,7 @@ def test_qwen_14b_to_18b_preset_bytes_by_hand():
     teacher = {
         "weights": 2 * n_t,
         "activations": layer_act(5120, 40, 13696) + 2 * 2 * s * b * 5120 // tp,
-        "logits": logits, "kd_workspace": 2 * 4 * 1024 * (v // tp),
+        "logits": logits, "kd_workspace": 2 * 4 * 256 * (v // tp),  # 256-token KL chunks
     }
     lay = Layout(tp=tp, pp=1, dp=dp, micro_batch_size=b, seq_length=s, num_microbatches=4,
                  sequence_parallel=True, attention="flash")
