@@ -7,7 +7,8 @@ interval's r (Eq. 2 with alpha and the previous r) are re-derived by the formula
 below in plain float math, to 1e-9. The training signal's teacher CE is checked against a dense
 float64 recomputation over interval 0's batches, its student CE against the logged step losses,
 and it must cost no forward pass over KD (one teacher and one student forward per training
-micro-batch, as KD does; ddk_eval = 0). A TP = 2 run of the
+micro-batch, as KD does; ddk_eval = 0); stopped inside an interval and resumed, it records the
+same intervals. A TP = 2 run of the
 training signal reports the same per-domain teacher CE as TP = 1.
 """
 
@@ -26,9 +27,9 @@ RUNS = {"validation": {"policy": "ddk", "signal": "validation"},
         "training": {"policy": "ddk", "signal": "training"}}
 
 
-def _config(tiny, run_dir, ddk, steps=STEPS, parallel=None):
+def _config(tiny, run_dir, ddk, steps=STEPS, parallel=None, checkpoint=None, train=None):
     extra = {"ddk": {k: v for k, v in ddk.items() if k != "policy"},
-             "checkpoint": {"save": None}}
+             "checkpoint": checkpoint or {"save": None}, "train": train or {}}
     if parallel:
         extra["parallel"] = parallel
     cfg = tiny_run.run_config(tiny["manifest"], run_dir, teacher_load=tiny["teacher"],
@@ -66,6 +67,7 @@ def _dense_teacher_ce(trainer, weights0):
 def _three_runs(rank, world, tiny, root):
     from megatron_ddk.config import load_config, static_checks
     from megatron_ddk.parallel import destroy, initialize
+    from megatron_ddk.parallel.state import seed_everything
     from megatron_ddk.training.trainer import Trainer
 
     ctx = initialize(1, 1, seed=1234)
@@ -74,6 +76,7 @@ def _three_runs(rank, world, tiny, root):
         for name, ddk in RUNS.items():
             run_dir = os.path.join(root, name)
             cfg = static_checks(load_config(_config(tiny, run_dir, ddk)), 1)
+            seed_everything(cfg.train.seed, 0, 0)  # as a fresh process would start
             trainer = Trainer(cfg, ctx)
             calls = {"teacher": 0, "student": 0}
             for key in calls:
@@ -84,6 +87,15 @@ def _three_runs(rank, world, tiny, root):
             if name == "training":
                 out["dense_teacher"] = _dense_teacher_ce(trainer,
                                                          trainer.controller.history[0]["weights"])
+        # the training signal stopped mid-interval (step 4 of [3, 6)) and resumed
+        run_dir = os.path.join(root, "training_resumed")
+        ckpt = os.path.join(run_dir, "ckpt")
+        for part in ({"checkpoint": {"save": ckpt}, "train": {"exit_interval": K + 1}},
+                     {"checkpoint": {"save": ckpt, "load": ckpt}}):
+            cfg = static_checks(load_config(_config(tiny, run_dir, RUNS["training"], **part)), 1)
+            seed_everything(cfg.train.seed, 0, 0)
+            assert Trainer(cfg, ctx).run() == 0
+        out["training_resumed"] = {"run_dir": run_dir}
     finally:
         destroy()
     return out
@@ -214,3 +226,13 @@ def test_training_signal_teacher_ce_same_at_tp2(runs, tiny, tmp_path):
     assert tp2["signal_tokens"] == tp1["signal_tokens"]
     for a, b in zip(tp2["loss_teacher"], tp1["loss_teacher"]):
         assert (a is None and b is None) or abs(a - b) < 1e-5
+
+
+def test_training_signal_resumes_exactly_mid_interval(runs):
+    """The interval's CE sums (student and teacher) are in the checkpoint: a run stopped inside an
+    interval and resumed records the same ratios, r and weights as the uninterrupted one."""
+    keys = ("interval", "step", "ratio", "ratio_source", "r", "weights", "loss_student",
+            "loss_teacher", "signal_tokens", "train_lm_loss")
+    whole = _records(runs["training"]["run_dir"], "interval")
+    resumed = _records(runs["training_resumed"]["run_dir"], "interval")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in whole]
