@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.api
 
 from megatron_ddk.models.checkpoint_layout import (  # noqa: F401  (re-exported names)
     CONFIG_FILE, DIST_CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, META_FILE, CheckpointError,
@@ -34,6 +35,8 @@ from megatron_ddk.models.checkpoint_layout import (  # noqa: F401  (re-exported 
 logger = logging.getLogger(__name__)
 
 _NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# torch.distributed.checkpoint's CheckpointException derives from BaseException
+_FAILURES = (Exception, torch.distributed.checkpoint.api.CheckpointException)
 
 
 def _barrier():
@@ -63,21 +66,30 @@ def _os_cause(exc: BaseException) -> Optional[OSError]:
     return None
 
 
+def _last_line(exc: BaseException) -> str:
+    """The innermost message of a (possibly multi-rank, multi-line) checkpoint exception."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def save_error(folder: str, iteration: int, exc: BaseException) -> CheckpointError:
     """A CheckpointError that says what a failed save was doing and why it failed."""
     cause = _os_cause(exc)
     parent = os.path.dirname(os.path.normpath(folder)) or "."
+    free = _free_space(parent)
     if cause is not None and cause.errno in _NO_SPACE:
         why = f"no space left for the checkpoint ({cause.strerror})"
     elif cause is not None:
         why = f"{cause.strerror or type(cause).__name__} ({cause.filename or folder})"
+    elif "unexpected pos" in str(exc):  # torch's zip writer: fewer bytes written than asked
+        why = (f"a file could not be written completely (torch: {_last_line(exc)!r}): the disk "
+               f"is full or a quota or file-size limit was hit")
     else:
-        why = f"{type(exc).__name__}: {exc}"
+        why = f"{type(exc).__name__}: {_last_line(exc)}"
     return CheckpointError(
-        f"saving checkpoint iteration {iteration} to {folder} failed: {why}. {_free_space(parent)} "
-        f"free on that device (a full disk or quota also shows up as torch's 'unexpected pos' "
-        f"error). The previous checkpoint, if any, is untouched; free space or choose another "
-        f"checkpoint.save and resume with --load")
+        f"saving checkpoint iteration {iteration} to {folder} failed: {why}. {free} free on "
+        f"that device. The previous checkpoint, if any, is untouched: free space (or choose "
+        f"another checkpoint.save) and resume with --load")
 
 
 def save_sharded(root: str, iteration: int, sharded_state_dict: Dict[str, Any],
@@ -104,7 +116,7 @@ def save_sharded(root: str, iteration: int, sharded_state_dict: Dict[str, Any],
             _publish(root, tmp, final, iteration, metadata, config_yaml)
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001  (every failure becomes one clear message)
+    except _FAILURES as exc:  # every failure becomes one clear message
         raise save_error(tmp, iteration, exc) from exc
     if _rank() == 0 and keep_last:
         deleted = prune_checkpoints(root, keep_last, metadata.get("run_id"))
@@ -196,8 +208,8 @@ def load_sharded(folder: str, sharded_state_dict: Dict[str, Any], strict: bool =
             return dist_checkpointing.load(sharded_state_dict, folder, strict=handling)
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001  (every failure becomes one clear message)
-        reason = diagnose_folder(folder) or f"{type(exc).__name__}: {exc}"
+    except _FAILURES as exc:  # every failure becomes one clear message
+        reason = diagnose_folder(folder) or f"{type(exc).__name__}: {_last_line(exc)}"
         raise CheckpointError(f"loading checkpoint {folder} failed: {reason}") from exc
 
 
