@@ -107,9 +107,7 @@ def _weight_files(hf_dir: str) -> Dict[str, str]:
 
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(hf_dir, fname) for name, fname in weight_map.items()}
+        return _indexed_weight_files(hf_dir, index)
     single = os.path.join(hf_dir, "model.safetensors")
     if not os.path.isfile(single):
         raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json; only "
@@ -117,6 +115,28 @@ def _weight_files(hf_dir: str) -> Dict[str, str]:
                          f"save_pretrained(safe_serialization=True))")
     with safe_open(single, framework="pt") as f:
         return {name: single for name in f.keys()}
+
+
+def _indexed_weight_files(hf_dir: str, index: str) -> Dict[str, str]:
+    """The index's weight_map, every file a .safetensors file inside hf_dir (ValueError for a
+    name that leaves the folder, e.g. ../../x.safetensors or an absolute path or symlink)."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a safetensors index with a weight_map ({err})") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names")
+    root = os.path.realpath(hf_dir)
+    files = {}
+    for name, fname in weight_map.items():
+        path = os.path.realpath(os.path.join(root, str(fname)))
+        inside = os.path.commonpath([root, path]) == root and path != root
+        if not (isinstance(fname, str) and inside and fname.endswith(".safetensors")):
+            raise ValueError(f"{index}: weight_map[{name!r}] = {fname!r} is not a .safetensors "
+                             f"file inside {hf_dir}; refusing to read it")
+        files[name] = path
+    return files
 
 
 def _header_shapes(files: Dict[str, str]) -> tuple:
