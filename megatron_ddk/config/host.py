@@ -7,6 +7,7 @@ and the one optional-dependency probe (megatron_ddk.config.optional).
 
 from __future__ import annotations
 
+import logging
 from typing import List
 
 import torch
@@ -15,7 +16,10 @@ from megatron_ddk.config.loader import ConfigError
 from megatron_ddk.config.optional import have_cuda, have_transformer_engine
 from megatron_ddk.config.schema import ModelConfig, RunConfig
 
+logger = logging.getLogger(__name__)
+
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores; V100 / T4 have none
 
 
 def _model_host_errors(m: ModelConfig, where: str) -> List[str]:
@@ -48,15 +52,28 @@ def host_errors(cfg: RunConfig) -> List[str]:
     if backend == "nccl" and not (have_cuda() and torch.distributed.is_nccl_available()):
         errs.append("parallel.distributed_backend='nccl' but NCCL/CUDA is not available on this "
                     "host; use 'auto' or 'gloo'")
-    if cfg.train.bf16 and not have_cuda():
-        errs.append("train.bf16=true on a host without CUDA: the CPU path trains in fp32; set "
-                    "train.bf16 to null or false")
+    cap = torch.cuda.get_device_capability() if cfg.train.bf16 and have_cuda() else None
+    if cap is not None and tuple(cap) < BF16_MIN_CAPABILITY:
+        errs.append(f"train.bf16=true but this GPU (compute capability {cap[0]}.{cap[1]}) has no "
+                    f"bf16 support (needs >= 8.0, Ampere or newer); set train.bf16=false")
     return errs
 
 
+def host_warnings(cfg: RunConfig) -> List[str]:
+    """What this host can run but not the way production does (empty when nothing to say)."""
+    warns = []
+    if cfg.train.bf16 and not have_cuda():
+        warns.append("train.bf16=true on a CPU host: bf16 mixed precision runs for real here "
+                     "(Float16Module, fp32 main parameters) but is for testing only and slower "
+                     "than fp32 on CPUs; leave train.bf16 null for fp32 on CPU, bf16 on GPU")
+    return warns
+
+
 def host_checks(cfg: RunConfig) -> RunConfig:
-    """Raise ConfigError listing what this host lacks; return cfg when it can run it."""
+    """Raise ConfigError listing what this host lacks; log host_warnings; return cfg."""
     errs = host_errors(cfg)
     if errs:
         raise ConfigError("this host cannot run the configuration:\n  - " + "\n  - ".join(errs))
+    for warning in host_warnings(cfg):
+        logger.warning(warning)
     return cfg

@@ -14,6 +14,13 @@ CPU generator (so tensor-parallel ranks get different dropout streams and activa
 replays the same numbers). It is called only by :func:`megatron_ddk.parallel.initialize` and only
 when CUDA is absent; nothing else in the code base special-cases the CPU.
 
+Every attribute it replaces (on ``torch.cuda``, ``torch.cuda.nvtx`` and Megatron-Core's
+``tensor_parallel.random``, including its global tracker) is saved first; :func:`deactivate`
+(called by :func:`megatron_ddk.parallel.destroy`) leaves the function mode and puts every original
+back, so a process can activate and deactivate the backend any number of times.
+bench/cpu_mode_overhead.py measures what the function mode costs per torch call
+(docs/cpu_backend.md).
+
 This module must not import anything from megatron_ddk.
 """
 
@@ -29,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 _ACTIVE = False
 _MODE = None
+_SAVED: list = []
+"""(object, attribute name, original value) of every attribute activate() replaced."""
 
 # Megatron-Core internals this module replaces or relies on. tests/parallel/test_cpu_backend.py
 # checks that each still exists, so an upgrade that moves one fails loudly and names it.
@@ -127,26 +136,36 @@ class _CpuEvent:
         return True
 
 
+def _replace(obj, name: str, value) -> None:
+    """Set obj.name = value, remembering the original for deactivate()."""
+    _SAVED.append((obj, name, getattr(obj, name)))
+    setattr(obj, name, value)
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     stream = _CpuStream()
-    cuda.current_device = lambda: 0
-    cuda.synchronize = lambda *a, **k: None
-    cuda.empty_cache = lambda: None
-    cuda.current_stream = lambda *a, **k: stream
-    cuda.default_stream = lambda *a, **k: stream
-    cuda.Stream = lambda *a, **k: _CpuStream()
-    cuda.Event = _CpuEvent
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.set_device = lambda *a, **k: None
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.memory_reserved = lambda *a, **k: 0
-    cuda.nvtx.range_push = lambda *a, **k: None
-    cuda.nvtx.range_pop = lambda *a, **k: None
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    cuda.manual_seed = lambda seed: None
+    stand_ins = {
+        "current_device": lambda: 0,
+        "synchronize": lambda *a, **k: None,
+        "empty_cache": lambda: None,
+        "current_stream": lambda *a, **k: stream,
+        "default_stream": lambda *a, **k: stream,
+        "Stream": lambda *a, **k: _CpuStream(),
+        "Event": _CpuEvent,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "set_device": lambda *a, **k: None,
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+        "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state),
+        "manual_seed": lambda seed: None,
+    }
+    for name, value in stand_ins.items():
+        _replace(cuda, name, value)
+    _replace(cuda.nvtx, "range_push", lambda *a, **k: None)
+    _replace(cuda.nvtx, "range_pop", lambda *a, **k: None)
 
 
 def _cpu_rng_tracker_class():
@@ -190,9 +209,12 @@ def _cpu_rng_tracker_class():
 def _patch_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
-    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _replace(mrandom, "CudaRNGStatesTracker", _cpu_rng_tracker_class())
+    _replace(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    _replace(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    # the global tracker and its flag: initialize_rng_tracker(force_reset=True) replaces both
+    for name in ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"):
+        _SAVED.append((mrandom, name, getattr(mrandom, name)))
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
@@ -207,9 +229,46 @@ def activate() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("megatron_ddk.parallel.cpu.activate() called on a host with CUDA")
-    _patch_torch_cuda()
-    _patch_rng_tracker()
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()
+    try:
+        _patch_torch_cuda()
+        _patch_rng_tracker()
+        _MODE = _CudaToCpuMode()
+        _MODE.__enter__()
+    except BaseException:
+        _restore()
+        raise
     _ACTIVE = True
     logger.info("CPU backend active: Megatron-Core runs on the CPU with gloo")
+
+
+def _restore() -> None:
+    while _SAVED:
+        obj, name, value = _SAVED.pop()
+        setattr(obj, name, value)
+
+
+def deactivate() -> None:
+    """Undo :func:`activate`: leave the function mode, restore every replaced attribute.
+
+    A no-op when the backend is not active. Megatron-Core objects built while it was active
+    (models, optimizers, the RNG tracker's streams) must not be used afterwards on this host.
+
+    Raises:
+        RuntimeError: another torch function mode was entered after activate() and is still
+            active; leave it first (modes form a stack).
+    """
+    global _ACTIVE, _MODE
+    if not _ACTIVE:
+        return
+    from torch.overrides import _get_current_function_mode_stack
+
+    stack = _get_current_function_mode_stack()
+    if not stack or stack[-1] is not _MODE:
+        raise RuntimeError("megatron_ddk.parallel.cpu.deactivate(): another torch function mode "
+                           f"was entered after the CPU backend ({stack[-1] if stack else None!r}) "
+                           "and is still active; exit it first")
+    _MODE.__exit__(None, None, None)
+    _MODE = None
+    _restore()
+    _ACTIVE = False
+    logger.info("CPU backend deactivated: torch.cuda and Megatron-Core's RNG module restored")

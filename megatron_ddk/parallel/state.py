@@ -112,7 +112,7 @@ def _start_process_group(backend: str, timeout_minutes: int) -> None:
         if world_size > 1:
             raise RuntimeError("MASTER_PORT is not set: launch with torchrun or "
                                "scripts/slurm_distill.sbatch, which set it")
-        from megatron_ddk.testing.multiproc import free_port
+        from megatron_ddk.parallel.ports import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
@@ -186,9 +186,13 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
 
 
 def destroy() -> None:
-    """Tear down Megatron-Core's groups and the default process group."""
+    """Tear down Megatron-Core's groups and the default process group; deactivate the CPU
+    backend if initialize() activated it (torch.cuda and Megatron's RNG module restored)."""
     from megatron.core import parallel_state
+
+    from megatron_ddk.parallel import cpu
 
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    cpu.deactivate()

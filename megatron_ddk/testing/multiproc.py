@@ -9,7 +9,7 @@ port), so code under test starts torch.distributed exactly as it would under tor
 ranks outnumber the cores, OMP_NUM_THREADS=1 keeps them from thrashing. A rank that raises has
 its traceback re-raised in the caller (naming the rank); a hard timeout kills all ranks. Several
 checks should share one launch: start-up (imports) costs seconds per launch.
-This module imports nothing from megatron_ddk.
+This module imports nothing from megatron_ddk but the port helper (megatron_ddk.parallel.ports).
 """
 
 from __future__ import annotations
@@ -17,17 +17,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, List, Optional
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_ddk.parallel.ports import free_port
 
 
 def _worker(fn, rank, world_size, port, args, results, threads):

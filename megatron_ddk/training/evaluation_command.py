@@ -27,8 +27,11 @@ def evaluate_checkpoint(cfg: RunConfig, ctx: ParallelContext, load: str) -> dict
     padded = meta.get("padded_vocab_size") or common_padded_vocab_size(
         cfg.model, None, data.vocab_size, ctx.tp_size)
     check_compatible(meta, to_dict(cfg.model), padded, data.tokenizer_hash, load)
-    model = build_gpt_model(cfg.model, ctx, padded, bf16=builder.use_bf16(cfg))
+    bf16 = builder.use_bf16(cfg)
+    model = build_gpt_model(cfg.model, ctx, padded, bf16=bf16)
     load_model(folder, model)
+    if bf16:  # as Float16Module does in training: torch's norms are built fp32, cast them too
+        model.bfloat16()
     losses, _, tokens = evaluate_domains(
         DistillationPair(model, None), ctx, data.datasets.valid,
         micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length,
