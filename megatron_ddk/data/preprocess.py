@@ -1,46 +1,33 @@
 """Preprocessing: raw documents -> Megatron-Core indexed datasets (.bin/.idx), and the per-domain
 train/validation hold-out.
 
-- tokenize_to_datasets: JSONL/.txt files -> one dataset per json key, tokenized by worker
-  processes through the Megatron-Core tokenizer (tokenizer.build_tokenizer) and written with
-  megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder. Results are consumed in input
-  order, so the bytes written do not depend on the worker count. Everything is written under a
-  temporary name and renamed at the end (.bin first, .idx last, an older .idx removed first), so
-  a failed or interrupted run leaves nothing that looks complete.
+- tokenize_to_datasets: JSONL/.txt files -> one dataset per json key, through the streaming
+  engine (encode_engine.py: worker processes, batches in input order, so the bytes written do
+  not depend on the worker count). Everything is written under a temporary name and renamed at
+  the end (.bin first, .idx last, an older .idx removed first), so a failed or interrupted run
+  leaves nothing that looks complete.
 - select_validation_documents / build_domain: the DDK hold-out. Whole documents, drawn in a
   seeded random order, go to validation until they hold valid_samples x (valid_seq_length + 1)
   tokens; the rest is the training set, disjoint by construction.
 
-Imports megatron.core lazily (the fork of the worker pool inherits it); imports corpus, tokenizer
-and manifest from megatron_ddk.data, nothing from other layers.
+Imports megatron.core lazily (only to read datasets back); imports encode_engine and manifest
+from megatron_ddk.data, nothing from other layers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import multiprocessing
 import os
-import threading
-import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_ddk.atomic import remove_stale_tmp
-from megatron_ddk.data.corpus import (
-    MalformedLineError, ReadCounts, check_input_files, input_format, iter_raw_lines, parse_line,
-)
 from megatron_ddk.data.manifest import DomainEntry
-from megatron_ddk.data.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
-
-_BATCH_LINES = 256
-_BATCH_BYTES = 1 << 17
-_WORKER: dict = {}  # per-process tokenizer state, set by _init_worker
 
 
 @dataclass
@@ -66,97 +53,6 @@ class PreprocessResult:
     """Wall time of the run (after the one-off imports and tokenizer load)."""
 
 
-def _init_worker(model_path: str, json_keys: Sequence[str], append_eod: bool,
-                 eos_token: Optional[str] = None) -> None:
-    tok = build_tokenizer(model_path, eos_token)
-    _WORKER.update(tok=tok, eod=tok.eod, json_keys=tuple(json_keys), append_eod=append_eod)
-
-
-def _encode_batch(batch: Tuple[str, int, List[bytes]]):
-    """Tokenize one batch of raw lines of one file: [(line_no, kind, payload)], kind 'ok' with a
-    tuple of int arrays (None for an empty document), 'blank', or 'bad' with the reason."""
-    path, first_line, raws = batch
-    fmt = input_format(path)
-    tok, eod, keys = _WORKER["tok"], _WORKER["eod"], _WORKER["json_keys"]
-    out = []
-    for offset, raw in enumerate(raws):
-        try:
-            docs = parse_line(raw, fmt, keys)
-        except MalformedLineError as err:
-            out.append((first_line + offset, "bad", str(err)))
-            continue
-        if docs is None:
-            out.append((first_line + offset, "blank", None))
-            continue
-        arrays = []
-        for text in docs:
-            if not text:
-                arrays.append(None)
-                continue
-            ids = tok.tokenize(text)
-            if _WORKER["append_eod"]:
-                ids.append(eod)
-            arrays.append(np.asarray(ids, dtype=np.int32))
-        out.append((first_line + offset, "ok", tuple(arrays)))
-    return path, out
-
-
-def _batches(paths: Sequence[str]) -> Iterator[Tuple[str, int, List[bytes]]]:
-    """Raw lines grouped per file into batches of <= _BATCH_LINES lines / ~_BATCH_BYTES."""
-    current, first, size, cur_path = [], 1, 0, None
-    for path, line_no, raw in iter_raw_lines(paths):
-        if current and (path != cur_path or len(current) >= _BATCH_LINES or size >= _BATCH_BYTES):
-            yield cur_path, first, current
-            current, size = [], 0
-        if not current:
-            first, cur_path = line_no, path
-        current.append(raw)
-        size += len(raw)
-    if current:
-        yield cur_path, first, current
-
-
-class _Bounded:
-    """Feeds a Pool at most `limit` batches ahead of the consumer (bounded memory)."""
-
-    def __init__(self, items, limit: int) -> None:
-        self.items, self.slots, self.stopped = items, threading.Semaphore(limit), False
-
-    def __iter__(self):
-        for item in self.items:
-            while not self.slots.acquire(timeout=0.1):
-                if self.stopped:
-                    return
-            if self.stopped:
-                return
-            yield item
-
-    def done_one(self) -> None:
-        self.slots.release()
-
-
-def _encoded(paths, model_path, json_keys, append_eod, workers, eos_token=None) -> Iterator:
-    """(path, [(line_no, kind, payload)]) per batch, in input order."""
-    init_args = (model_path, json_keys, append_eod, eos_token)
-    if workers <= 1:
-        _init_worker(*init_args)
-        yield from map(_encode_batch, _batches(paths))
-        return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    feed = _Bounded(_batches(paths), limit=4 * workers)
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
-    try:
-        for item in pool.imap(_encode_batch, feed, chunksize=1):
-            feed.done_one()
-            yield item
-        pool.close()
-    finally:
-        feed.stopped = True
-        pool.terminate()
-        pool.join()
-
-
 def _remove_quietly(*paths: str) -> None:
     for path in paths:
         try:
@@ -175,63 +71,6 @@ def commit_dataset(tmp_prefix: str, prefix: str) -> None:
     os.replace(tmp_prefix + ".idx", prefix + ".idx")
 
 
-class _Progress:
-    """tqdm bar in documents/s with tokens/s in the postfix (no-op when disabled).
-
-    The bar is created at the first update, i.e. after the worker pool has forked: tqdm's
-    monitor thread must not exist when the process forks."""
-
-    def __init__(self, enabled: bool, desc: str) -> None:
-        self.enabled, self.desc, self.bar = enabled, desc, None
-        self.tokens, self.start, self.last = 0, time.perf_counter(), 0.0
-
-    def update(self, num_docs: int, num_tokens: int) -> None:
-        self.tokens += num_tokens
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc=self.desc, unit="doc", dynamic_ncols=True)
-        self.bar.update(num_docs)
-        now = time.perf_counter()
-        if now - self.last > 0.5:
-            self.last = now
-            self.bar.set_postfix_str(f"{self.tokens / (now - self.start):,.0f} tok/s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(
-                f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s")
-            self.bar.close()
-
-
-def _write_batch(path, lines, keys, builders, result, counts, skip_malformed, bar) -> None:
-    """Append one encoded batch to the builders, in line order."""
-    num_docs = num_tokens = 0
-    for line_no, kind, payload in lines:
-        if kind == "bad":
-            where = f"{path}:{line_no}: {payload}"
-            if not skip_malformed:
-                raise MalformedLineError(
-                    f"{where}; fix the line or pass --skip-malformed to skip such lines")
-            counts.num_malformed_skipped += 1
-            counts.first_malformed = counts.first_malformed or where
-            continue
-        if kind == "blank":
-            continue
-        for key, ids in zip(keys, payload):
-            if ids is None:
-                result.num_empty_skipped += 1
-                continue
-            builders[key].add_document(ids, [ids.size])
-            result.num_documents[key] += 1
-            result.num_tokens[key] += int(ids.size)
-            num_tokens += int(ids.size)
-        num_docs += 1
-    bar.update(num_docs, num_tokens)
-
-
 def tokenize_to_datasets(
     paths: Sequence[str],
     prefixes: Dict[str, str],
@@ -246,45 +85,31 @@ def tokenize_to_datasets(
 
     prefixes maps each json key to its output prefix. Empty documents are skipped and counted;
     a malformed line raises ValueError naming file:line unless skip_malformed. eos_token is for
-    a Hugging Face tokenizer that names no end-of-document token.
+    a Hugging Face tokenizer that names no end-of-document token. Runs the streaming engine
+    (encode_engine.py) with the tokenizer picked from the model file.
     """
-    check_input_files(paths)  # before the slow import, so a typo fails fast
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron_ddk.data.encode_engine import EncodeJob, run_encode
+    from megatron_ddk.data.megatron_tokenizers import TokenizerSpec
+    from megatron_ddk.data.preprocess_progress import Progress
 
-    keys = list(prefixes)
-    dtype = DType.optimal_dtype(build_tokenizer(tokenizer_model, eos_token).vocab_size)
-    start = time.perf_counter()  # after the one-off imports of megatron.core and transformers
-    result = PreprocessResult(prefixes=dict(prefixes), num_documents=dict.fromkeys(keys, 0),
-                              num_tokens=dict.fromkeys(keys, 0))
-    counts = ReadCounts()
-    tmp = {k: f"{p}.tmp{os.getpid()}" for k, p in prefixes.items()}
-    for prefix in prefixes.values():
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    builders = {k: IndexedDatasetBuilder(tmp[k] + ".bin", dtype=dtype) for k in keys}
-    bar = _Progress(progress, desc=os.path.basename(prefixes[keys[0]]))
-    stream = contextlib.closing(
-        _encoded(paths, tokenizer_model, keys, append_eod, workers, eos_token))
+    job = EncodeJob(paths=list(paths), prefixes=dict(prefixes),
+                    tokenizer=TokenizerSpec("auto", tokenizer_model, eos_token=eos_token),
+                    append_eod=append_eod, workers=workers, keep_empty=False,
+                    skip_malformed=skip_malformed)
+    bar = Progress(bar=True, desc=os.path.basename(next(iter(prefixes.values()), ""))) \
+        if progress else None
     try:
-        with stream as batches:
-            for path, lines in batches:
-                _write_batch(path, lines, keys, builders, result, counts, skip_malformed, bar)
-        for key in keys:
-            builders[key].finalize(tmp[key] + ".idx")
-        for key in keys:
-            commit_dataset(tmp[key], prefixes[key])
-    except BaseException:
-        for key in keys:
-            builders[key].data_file.close()
-            _remove_quietly(tmp[key] + ".bin", tmp[key] + ".idx")
-        raise
+        stats = run_encode(job, progress=bar, commit=commit_dataset)
     finally:
-        bar.close()
-    result.num_malformed_skipped = counts.num_malformed_skipped
-    if counts.num_malformed_skipped:
-        logger.warning("skipped %d malformed lines (first: %s)", counts.num_malformed_skipped,
-                       counts.first_malformed)
-    result.seconds = time.perf_counter() - start
-    return result
+        if bar is not None:
+            bar.close()
+    if stats.num_malformed_skipped:
+        logger.warning("skipped %d malformed lines (first: %s)", stats.num_malformed_skipped,
+                       stats.first_malformed)
+    return PreprocessResult(
+        prefixes=dict(prefixes), num_documents=stats.num_documents, num_tokens=stats.num_tokens,
+        num_empty_skipped=stats.num_empty, num_malformed_skipped=stats.num_malformed_skipped,
+        seconds=stats.seconds)
 
 
 def select_validation_documents(lengths: np.ndarray, target_tokens: int, seed: int,

@@ -105,10 +105,10 @@ def test_interrupt_mid_run_leaves_nothing(tmp_path, tiny_tokenizer, make_jsonl, 
     """Ctrl-C (KeyboardInterrupt) after two batches: no output, no temp files, no workers."""
     import multiprocessing
 
-    from megatron_ddk.data import preprocess
+    from megatron_ddk.data import encode_engine
 
     src = make_jsonl(tmp_path / "in.jsonl", make_texts(1000, seed=2))
-    real, calls = preprocess._write_batch, []
+    real, calls = encode_engine.IndexedWriter.append, []
 
     def interrupted(*args):
         calls.append(1)
@@ -116,7 +116,8 @@ def test_interrupt_mid_run_leaves_nothing(tmp_path, tiny_tokenizer, make_jsonl, 
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(preprocess, "_write_batch", interrupted)
+    monkeypatch.setattr(encode_engine.IndexedWriter, "append", interrupted)
+    monkeypatch.setattr(encode_engine, "BATCH_LINES", 256)  # several batches
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         tokenize_to_datasets([src], {"text": str(out / "ds")}, tiny_tokenizer, workers=2)
