@@ -217,6 +217,23 @@ def simulate(args) -> None:
         c = int(mix.samples_consumed[i])
         print(f"  {name:<{width}} {c:>12} {c * args.seq_length:>15} {mix.epochs[i]:>8.3f} "
               f"{100 * c / total:>6.2f}%")
+    print_store_coverage(args, names, sizes, natural, np.minimum(mix.samples_consumed, sizes))
+
+
+def print_store_coverage(args, names, sizes, natural, drawn) -> None:
+    """What an offline teacher store must cover (tools/cache_teacher_logits.py)."""
+    from megatron_ddk.data.teacher_store import max_samples_per_domain
+
+    policy = args.policy if args.synthetic else "ddk"
+    first = natural  # interval 0 of ddk (initial_sampling natural) and the default static mix
+    if policy == "static" and args.static_weights:
+        first = _floats(args.static_weights, len(names), "--static-weights")
+    bound = max_samples_per_domain(sizes, args.global_batch_size, args.interval, args.steps,
+                                   policy, weights=first, alpha=args.alpha, seed=args.seed)
+    print(f"\noffline teacher store (tools/cache_teacher_logits.py): this simulation draws "
+          f"--max-samples-per-domain {int(np.max(drawn))}; any weights policy {policy} may "
+          f"choose (alpha {args.alpha}): --max-samples-per-domain {int(np.max(bound))} "
+          f"(per domain: " + ", ".join(f"{n}={int(b)}" for n, b in zip(names, bound)) + ")")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

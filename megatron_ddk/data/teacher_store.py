@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_ddk.data.mixture import domain_sample_order
+from megatron_ddk.data.mixture import IntervalMixture, domain_sample_order
 
 FORMAT_VERSION = 1
 HEADER_FILE = "header.json"
@@ -72,6 +72,35 @@ def id_dtype(vocab_size: int) -> np.dtype:
 def bytes_per_token(top_k: int, vocab_size: int, logprob_dtype: str = "float16") -> int:
     """Store bytes per token: K ids + K log-probabilities + the rest's log-mass (fp32)."""
     return top_k * (id_dtype(vocab_size).itemsize + np.dtype(logprob_dtype).itemsize) + 4
+
+
+def max_samples_per_domain(sizes: Sequence[int], global_batch_size: int, interval: int,
+                           steps: int, policy: str, weights: Optional[Sequence[float]] = None,
+                           alpha: float = 0.5, seed: int = 0) -> np.ndarray:
+    """The most samples of each domain a run can draw: what --max-samples-per-domain must cover.
+
+    static / equal (fixed weights, `weights` for static): exact, by running the interval mixture.
+    ddk / ddk_no_smoothing: interval 0 draws with `weights` (its initial sampling), exactly;
+    every later interval at most ceil(w_max x interval x global_batch_size) per domain, with
+    w_max = alpha + (1 - alpha) / N under Eq. 2's smoothing and 1 without it (any weights the
+    run may choose). Capped at the domain's size: a second epoch re-draws the same ids.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = sizes.size
+    fixed = np.full(n, 1.0 / n) if policy == "equal" or weights is None else np.asarray(weights)
+    mix = IntervalMixture(sizes, global_batch_size, interval, seed)
+    first = steps if policy in ("static", "equal") else min(steps, interval)
+    for t in range(-(-first // interval)):
+        k = min(interval, first - t * interval)
+        mix.start_interval(fixed, num_steps=k)
+        mix.advance(k)
+    need = mix.samples_consumed.astype(np.float64)
+    if policy not in ("static", "equal"):
+        w_max = min(1.0, alpha + (1.0 - alpha) / n) if policy == "ddk" else 1.0
+        for t in range(1, -(-steps // interval)):
+            k = min(interval, steps - t * interval)
+            need += np.ceil(w_max * k * global_batch_size)
+    return np.minimum(need, sizes).astype(np.int64)
 
 
 def sample_checksum(tokens) -> int:
