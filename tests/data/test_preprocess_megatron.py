@@ -227,3 +227,18 @@ def test_refused_with_a_message(tmp_path, corpus, tiny_tokenizer, monkeypatch, e
     assert re.search(message, msg), msg
     assert "unrecognized" not in msg
     assert not [p for p in os.listdir(tmp_path) if p.startswith("o")]  # nothing written
+
+
+def test_sentencepiece_path_imports_no_torch(tmp_path, corpus, tiny_tokenizer):
+    """Fast start-up: tokenizing with a SentencePiece model never imports torch/megatron.core."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['preprocess_data.py', '--input', {corpus!r}, '--output-prefix', "
+            f"{str(tmp_path / 'o')!r}, '--tokenizer-type', 'Llama2Tokenizer', "
+            f"'--tokenizer-model', {tiny_tokenizer!r}, '--append-eod', '--workers', '2']\n"
+            "runpy.run_path('tools/preprocess_data.py', run_name='__main__')\n"
+            "print('heavy:', sorted(m for m in ('torch', 'megatron.core', 'transformers') "
+            "if m in sys.modules))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "heavy: []" in res.stdout
