@@ -8,9 +8,10 @@ No downloads. Candidate sources, in priority order (the first --num-domains that
   c_headers      C headers under /usr/include
   licenses       /usr/share/common-licenses and /usr/share/doc/*/copyright, every paragraph
                  kept once (package copyright files repeat the same licence texts)
-  unicode_names  the Unicode character table of Python's unicodedata ("U+00C0 À LATIN CAPITAL
+  unicode_names  the Unicode character table of Python's unicodedata ("U+00C0 LATIN CAPITAL
                  LETTER A WITH GRAVE Lu", one block per document; algorithmically named ranges
-                 left out): memorisation-heavy, where a larger model's capacity shows
+                 left out; ASCII only, so small tokenizers need no extra characters):
+                 memorisation-heavy (code point -> name), where a larger model's capacity shows
   man_pages      roff man pages (/usr/share/man/man1/*.gz)        -- fallback
 
 The domains share no text: prose holds no docstrings of the code domain, and the licence domain
@@ -132,7 +133,7 @@ _ALGORITHMIC_NAMES = ("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH", "H
 
 
 def unicode_names() -> Iterator[Doc]:
-    """One document per 256-code-point block: 'U+XXXX <char> <NAME> <category>' lines."""
+    """One document per 256-code-point block: 'U+XXXX <NAME> <category>' lines."""
     import unicodedata
 
     for block in range(0, 0x110000, 256):
@@ -141,9 +142,7 @@ def unicode_names() -> Iterator[Doc]:
             name = unicodedata.name(chr(cp), "")
             if not name or name.startswith(_ALGORITHMIC_NAMES):
                 continue
-            cat = unicodedata.category(chr(cp))
-            shown = chr(cp) if cat[0] not in "CZM" else " "
-            lines.append(f"U+{cp:04X} {shown} {name} {cat}\n")
+            lines.append(f"U+{cp:04X} {name} {unicodedata.category(chr(cp))}\n")
         if lines:
             yield f"unicodedata:{block:06X}", "".join(lines)
 
