@@ -12,8 +12,9 @@ exit (start-up and imports included), with the same flags:
                   IndexedDatasetBuilder.add_document (the reference for the ratios)
   ours W          tools/preprocess_data.py --workers W
   Megatron-LM W   <checkout>/tools/preprocess_data.py --workers W (optional)
-Each repeat runs all methods back to back; the table gives the median and the best of --repeats,
-the ratio against the plain loop and against Megatron-LM with the same workers, and the encode
+Each repeat runs all methods back to back; the table gives the median and the best wall time of
+--repeats, the median CPU seconds of each process tree (less sensitive to a busy machine), the
+ratios against the plain loop and against Megatron-LM with the same workers, and the encode
 floor measured in this process: SentencePiece on all documents as one batch with 1 and 2
 threads, and the JSON parsing. All outputs must be byte-identical (checked). The load average is
 printed: on a shared machine the numbers are only comparable within one run.
@@ -41,7 +42,7 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List, Optional  # noqa: E402
+from typing import Dict, List, Optional, Tuple  # noqa: E402
 
 _MLM_RUNNER = (
     "import runpy, sys, types\n"
@@ -150,26 +151,37 @@ def _commands(args, corpus: str, model: str, out: str) -> Dict[str, tuple]:
     return cmds
 
 
-def _run(argv, env) -> float:
-    start = time.perf_counter()
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(argv, env) -> Tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and the workers it reaped)."""
+    start, start_cpu = time.perf_counter(), _children_cpu()
     res = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     seconds = time.perf_counter() - start
     if res.returncode != 0:
         sys.exit(f"error: {argv[:3]} failed:\n{res.stderr[-3000:]}")
-    return seconds
+    return seconds, _children_cpu() - start_cpu
 
 
-def _table(times: Dict[str, List[float]], tokens: int, floor: Dict[str, float]) -> None:
+def _table(times: Dict[str, List[float]], cpu: Dict[str, List[float]], tokens: int,
+           floor: Dict[str, float]) -> None:
     med = {n: statistics.median(t) for n, t in times.items()}
     base = med["plain loop (1 process)"]
-    print("| method | median s | best s | tokens/s (median) | vs plain loop | vs Megatron-LM |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | median s | best s | CPU s (median) | tokens/s (median) | vs plain loop | "
+          "vs Megatron-LM |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, t in times.items():
         workers = name.rsplit(" ", 1)[-1] if "--workers" in name else None
         mlm = med.get(f"Megatron-LM, --workers {workers}")
         vs_mlm = f"{mlm / med[name]:.2f}x" if mlm and not name.startswith("Megatron") else ""
-        print(f"| {name} | {med[name]:.2f} | {min(t):.2f} | {tokens / med[name]:,.0f} | "
+        print(f"| {name} | {med[name]:.2f} | {min(t):.2f} | {statistics.median(cpu[name]):.2f} | "
+              f"{tokens / med[name]:,.0f} | "
               f"{base / med[name]:.2f}x | {vs_mlm} |")
     print(f"\nfloor (this process): SentencePiece encode of all documents as one batch "
           f"{floor['encode1']:.2f}s on 1 thread, {floor['encode2']:.2f}s on 2 threads; JSON "
@@ -198,10 +210,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     load_before = os.getloadavg()
     cmds = _commands(args, corpus, model, out)
     times: Dict[str, List[float]] = {name: [] for name in cmds}
+    cpu: Dict[str, List[float]] = {name: [] for name in cmds}
     floor = measure_floor(corpus, model)
     for _ in range(args.repeats):
         for name, (cmd, env, _prefix) in cmds.items():
-            times[name].append(_run(cmd, env))
+            wall, cpu_seconds = _run(cmd, env)
+            times[name].append(wall)
+            cpu[name].append(cpu_seconds)
     prefixes = [c[2] for c in cmds.values()]
     identical = all(filecmp.cmp(prefixes[0] + s, q + s, shallow=False)
                     for q in prefixes[1:] for s in (".bin", ".idx"))
@@ -210,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"corpus: {corpus} ({mb:.1f} MB, {floor['tokens']:,} tokens); cpus: {os.cpu_count()}; "
           f"repeats: {args.repeats}; load average (1/5/15 min) before, after: {load}; outputs "
           f"byte-identical: {identical}\n")
-    _table(times, floor["tokens"], floor)
+    _table(times, cpu, floor["tokens"], floor)
     if not identical:
         sys.exit("error: outputs differ between methods")
 
