@@ -8,8 +8,10 @@ there); --input may be a glob with any --partitions (sorted; Megatron-LM globs u
 with --partitions > 1) and may be .txt (one document per line) or .gz; blank JSONL lines are
 skipped (Megatron-LM stops); every json key gets its .idx (Megatron-LM finalizes only the last
 key's); no partition files or per-partition datasets are left beside the input/output; nothing
-is downloaded (nltk punkt must be installed for --split-sentences). Extra flags:
---skip-malformed, --eos-token (auto Hugging Face only), --no-append-eod.
+is downloaded (nltk punkt must be installed for --split-sentences), and splitting runs in one
+pass (Megatron-LM with --partitions 1 writes the split file and stops); --workers need not be a
+multiple of --partitions. Extra flags: --skip-malformed, --eos-token (auto Hugging Face only),
+--no-append-eod.
 
 Imports argparse, glob, json and the engine modules; nothing heavy at import time.
 """
