@@ -1,4 +1,5 @@
-"""Shared pytest set-up: repo root importable, Megatron-Core's install-time warnings silenced."""
+"""Shared pytest set-up: repo root importable, Megatron-Core's install-time warnings silenced,
+and no process left behind (megatron_ddk.testing.leftovers fails the session otherwise)."""
 
 import os
 import sys
@@ -9,3 +10,5 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+
+pytest_plugins = ["megatron_ddk.testing.leftovers"]

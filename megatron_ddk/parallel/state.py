@@ -1,7 +1,7 @@
 """Start torch.distributed and Megatron-Core's process groups; return one explicit object.
 
 `initialize()` reads torchrun / SLURM variables (a single process without a launcher works too),
-makes a launched rank exit when its launcher dies (parallel/lifeline.py),
+makes a launched rank exit when its launcher dies and its helpers die with it (lifeline.py),
 picks NCCL on GPU and gloo on CPU (activating the CPU backend, parallel/cpu.py, only when CUDA is
 absent), creates Megatron-Core's groups, seeds every RNG per rank, and returns a ParallelContext
 holding Megatron-Core's ProcessGroupCollection. The student, the teacher and the loss all receive
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ddk.config.optional import have_cuda
-from megatron_ddk.parallel.lifeline import exit_with_launcher
+from megatron_ddk.lifeline import children_die_with_this_process, exit_with_launcher
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     exit_with_launcher()  # a rank must not outlive a SIGKILLed torchrun / srun (lifeline.py)
+    children_die_with_this_process()  # nor its checkpoint writers outlive the rank
     use_cuda = have_cuda()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
