@@ -88,3 +88,20 @@ def write_atomic(path: str, data: Union[str, bytes]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def check_writable_folder(path: str, field: str) -> None:
+    """Create folder `path` if needed and prove a file can be written in it; ValueError in one
+    line naming the config field and the path otherwise (a file in the way, a read-only or
+    permission-denied location, a full disk)."""
+    probe = os.path.join(path, f".write_probe{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        where = f" ({err.filename})" if err.filename and err.filename not in (path, probe) else ""
+        raise ValueError(f"{field}={path}: cannot write there: {reason}{where}; choose a "
+                         f"writable folder") from None

@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from megatron_ddk.atomic import write_atomic
+from megatron_ddk.atomic import check_writable_folder, write_atomic
 
 logger = logging.getLogger("megatron_ddk")
 
@@ -80,11 +80,19 @@ def _prepare(config: str, overrides: List[str], load: Optional[str], training: b
     cfg = resolve_load(resolve_teacher(load_config(config, overrides)))
     rank, world, _ = _launcher_env()
     static_checks(cfg, world)
+    _check_output_folders(cfg, training)
     if training:
         check_save_folder(cfg)
     host_checks(cfg)
     _setup_logging(cfg, rank)
     return cfg
+
+
+def _check_output_folders(cfg, training: bool) -> None:
+    """Before anything is built: the run folder (and, to train, checkpoint.save) can be written."""
+    check_writable_folder(cfg.logging.run_dir, "logging.run_dir")
+    if training and cfg.checkpoint.save:
+        check_writable_folder(cfg.checkpoint.save, "checkpoint.save")
 
 
 def _start(cfg):
