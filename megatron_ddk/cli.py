@@ -50,14 +50,16 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from megatron_ddk.training.entry import eval_main
 
-    return eval_main(args.config, args.overrides, load=args.load, output=args.output)
+    return eval_main(args.config, args.overrides, load=args.load, output=args.output,
+                     split=args.split, samples=args.samples)
 
 
 def _lm_eval(args) -> int:
     from megatron_ddk.evaluation.lm_eval import lm_eval_main
 
     return lm_eval_main(args.load, args.tasks, args.output, args.limit, args.batch_size,
-                        args.manifest, args.include_path, args.device)
+                        args.manifest, args.include_path, args.device,
+                        args.allow_code_execution)
 
 
 def _pipeline(args) -> int:
@@ -77,10 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="per-domain validation loss and perplexity of a checkpoint")
+    p = sub.add_parser("eval", help="per-domain held-out loss and perplexity of a checkpoint")
     p.add_argument("--config", required=True, help="run YAML (model, parallel, data sections)")
-    p.add_argument("--load", required=True, help="checkpoint folder (student or teacher)")
+    p.add_argument("--load", required=True, help="checkpoint folder (student or teacher; its "
+                   "recorded model is built when the config's model differs)")
     p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument("--split", choices=["valid", "test"], default="test",
+                   help="held-out split: test (reports, default) or valid (DDK's steering set)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per domain (default: all test samples; "
+                   "ddk.valid_samples_per_domain for valid)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.set_defaults(func=_eval)
 
@@ -96,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", action="append", default=[],
                    help="extra lm-eval task folder (tools/build_lm_eval_tasks.py); repeatable")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="let code tasks (humaneval, mbpp) run generated code")
     p.set_defaults(func=_lm_eval)
 
     p = sub.add_parser("pipeline", help="the whole job from one config: data -> teacher -> "

@@ -1,17 +1,22 @@
-"""One command: a folder of per-domain JSONL -> train + validation datasets + manifest.yaml.
+"""One command: a folder of per-domain JSONL -> train + valid + test datasets + manifest.yaml.
 
 Each <name>.jsonl (or <name>.txt, or <name>/ folder of them) in --input is a domain. Every domain
 is tokenized (multi-process, output independent of --workers), then whole documents drawn in a
-seeded random order are held out for validation until they hold
---valid-samples x (--valid-seq-length + 1) tokens (paper defaults 500 x 4097); the rest is the
-training set. It is an error when validation would take the whole domain. Writes
+seeded random order are held out: into valid (DDK's steering set) until they hold
+--valid-samples x (--valid-seq-length + 1) tokens (paper defaults 500 x 4097), then into test
+(reports only) until they hold --test-samples x (--test-seq-length + 1) tokens (defaults: the
+valid ones); the rest is the training set. Writes
 
-    <output-dir>/<name>/train_text_document.bin/.idx
-    <output-dir>/<name>/valid_text_document.bin/.idx
+    <output-dir>/<name>/{train,valid,test}_text_document.bin/.idx
     <output-dir>/manifest.yaml        (last, only when every domain succeeded)
 
     python tools/build_domains.py --input corpus/ --output-dir datasets/ \\
         --tokenizer-model tokenizer/ddk.model [--train-tokenizer --vocab-size 8000]
+
+Preflight: before the tokenizer is trained, the files' sizes bound each domain's tokens; after
+tokenization every domain is measured; either check lists every domain too small for the
+held-out sets at once (tokens needed vs available, the largest --valid-samples that fits) and
+writes nothing. --dry-run stops after measuring and prints that table.
 
 With --train-tokenizer, a SentencePiece model is first trained on the domains (equal shares by
 default) and written to --tokenizer-model (see tools/train_tokenizer.py for its flags).
@@ -52,6 +57,16 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="validation samples per domain (paper: 500)")
     p.add_argument("--valid-seq-length", type=int, default=4096,
                    help="tokens per validation sample; each needs seq_length + 1 tokens")
+    p.add_argument("--test-samples", type=int, default=None,
+                   help="test samples per domain (reports only; default: --valid-samples; "
+                   "0: no test set)")
+    p.add_argument("--test-seq-length", type=int, default=None,
+                   help="tokens per test sample (default: --valid-seq-length)")
+    p.add_argument("--max-heldout-share", type=float, default=0.5,
+                   help="largest share of a domain's tokens valid + test may take (default 0.5)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="measure every domain, print what the split needs and the largest "
+                   "--valid-samples that fits, write no datasets")
     p.add_argument("--initial-weights", default=None,
                    help="name=weight,... stored as initial_weight in the manifest")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -87,35 +102,96 @@ def _initial_weights(spec: Optional[str], names: List[str]) -> dict:
     return out
 
 
-def build(args: argparse.Namespace) -> str:
-    """Run the whole pipeline; return the manifest path."""
+def heldout_spec(args: argparse.Namespace):
+    """The HeldOutSpec of the flags (test defaults to the valid settings)."""
+    from megatron_ddk.data.heldout import HeldOutSpec
+
+    return HeldOutSpec(
+        args.valid_samples, args.valid_seq_length,
+        args.valid_samples if args.test_samples is None else args.test_samples,
+        args.valid_seq_length if args.test_seq_length is None else args.test_seq_length,
+        test_follows_valid=args.test_samples is None, max_heldout_share=args.max_heldout_share)
+
+
+def _tokenize_all(domains, args) -> list:
+    """Every domain tokenized to its temporary dataset (all removed again on failure)."""
+    from megatron_ddk.data.preprocess import tokenize_domain
+
+    done = []
+    try:
+        for domain in domains:
+            start = time.perf_counter()
+            done.append(tokenize_domain(domain.name, domain.paths, args.output_dir,
+                                        args.tokenizer_model, workers=args.workers,
+                                        skip_malformed=args.skip_malformed, progress=True))
+            print(f"{domain.name}: tokenized in {time.perf_counter() - start:.1f}s", flush=True)
+    except BaseException:
+        for t in done:
+            t.discard()
+        raise
+    return done
+
+
+def _print_preflight(tokenized, spec, seed: int) -> None:
+    from megatron_ddk.data.heldout import split_summary
+
+    fits = split_summary({t.name: t.lengths for t in tokenized}, spec, seed)
+    print(f"\npreflight: each domain's held-out sets need {spec.describe()}")
+    print(f"{'domain':<16} {'documents':>10} {'tokens':>12} {'held-out share':>14} "
+          f"{'max --valid-samples':>19}")
+    for t in tokenized:
+        total = int(t.lengths.sum())
+        share = (spec.valid_tokens + spec.test_tokens) / max(total, 1)
+        print(f"{t.name:<16} {t.lengths.size:>10,} {total:>12,} {share:>13.1%} "
+              f"{fits[t.name]:>19,}")
+
+
+def build(args: argparse.Namespace) -> Optional[str]:
+    """Run the whole pipeline; return the manifest path (None for --dry-run)."""
     from megatron_ddk.data.corpus import discover_domains
+    from megatron_ddk.data.heldout import byte_bound_problems, check_byte_bounds, check_domains
     from megatron_ddk.data.manifest import DomainManifest, load_manifest, save_manifest
-    from megatron_ddk.data.preprocess import build_domain
+    from megatron_ddk.data.preprocess import split_domain
     from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
 
+    spec = heldout_spec(args)
     domains = _select(discover_domains(args.input), args.domains)
     weights = _initial_weights(args.initial_weights, [d.name for d in domains])
+    if args.dry_run:  # measure exactly below instead of stopping at the bound
+        for line in byte_bound_problems({d.name: d.paths for d in domains}, spec):
+            print(f"note: {line}")
+    else:
+        check_byte_bounds({d.name: d.paths for d in domains}, spec)  # before any slow step
     manifest_path = os.path.abspath(args.manifest or os.path.join(args.output_dir,
                                                                   "manifest.yaml"))
-    if os.path.exists(manifest_path):
+    if os.path.exists(manifest_path) and not args.dry_run:
         os.remove(manifest_path)  # a failed run must not leave an old manifest looking current
     if args.train_tokenizer:
         prefix = args.tokenizer_model
         prefix = prefix[:-len(".model")] if prefix.endswith(".model") else prefix
         args.tokenizer_model = train_from_args(args, domains, prefix, args.skip_malformed)
     tok = build_tokenizer(args.tokenizer_model)
+    tokenized = _tokenize_all(domains, args)
+    try:
+        _print_preflight(tokenized, spec, args.seed)
+        check_domains({t.name: t.lengths for t in tokenized}, spec, args.seed)
+    except BaseException:
+        for t in tokenized:
+            t.discard()
+        raise
+    if args.dry_run:
+        for t in tokenized:
+            t.discard()
+        return None
     entries = []
-    for domain in domains:
-        start = time.perf_counter()
-        entry = build_domain(
-            domain.name, domain.paths, args.output_dir, args.tokenizer_model,
-            valid_samples=args.valid_samples, valid_seq_length=args.valid_seq_length,
-            seed=args.seed, workers=args.workers, skip_malformed=args.skip_malformed,
-            progress=True)
-        entry.initial_weight = weights.get(domain.name)
-        entries.append(entry)
-        print(f"{domain.name}: {time.perf_counter() - start:.1f}s", flush=True)
+    try:
+        for t in tokenized:
+            entry = split_domain(t, spec, args.seed)
+            entry.initial_weight = weights.get(t.name)
+            entries.append(entry)
+    finally:
+        for t in tokenized:
+            t.discard()
     manifest = DomainManifest(path="", tokenizer_model=os.path.abspath(args.tokenizer_model),
                               tokenizer_hash=tokenizer_hash(args.tokenizer_model),
                               vocab_size=int(tok.vocab_size), domains=entries)
@@ -129,10 +205,11 @@ def _print_table(manifest_path: str) -> None:
 
     m = load_manifest(manifest_path)
     print(f"\n{'domain':<16} {'train docs':>10} {'train tokens':>13} {'valid docs':>10} "
-          f"{'valid tokens':>13} {'natural w':>9}")
+          f"{'valid tokens':>13} {'test docs':>9} {'test tokens':>12} {'natural w':>9}")
     for d, w in zip(m.domains, m.natural_weights()):
         print(f"{d.name:<16} {d.num_train_documents:>10,} {d.num_train_tokens:>13,} "
-              f"{d.num_valid_documents:>10,} {d.num_valid_tokens:>13,} {w:>9.3f}")
+              f"{d.num_valid_documents:>10,} {d.num_valid_tokens:>13,} "
+              f"{d.num_test_documents or 0:>9,} {d.num_test_tokens or 0:>12,} {w:>9.3f}")
     print(f"\ntokenizer {m.tokenizer_model} ({m.tokenizer_hash}, vocab {m.vocab_size})")
     print(f"manifest  {m.path}")
 
@@ -149,6 +226,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("\ninterrupted: finished domains keep their datasets; no manifest was written",
               file=sys.stderr)
         sys.exit(130)
+    if manifest_path is None:
+        print(f"dry run: nothing written ({time.perf_counter() - start:.1f}s)")
+        return
     _print_table(manifest_path)
     print(f"done in {time.perf_counter() - start:.1f}s")
 

@@ -42,8 +42,38 @@ def field_docs(cls) -> dict:
 
 
 def _type(tp) -> str:
-    text = str(tp).replace("typing.", "")
-    return text.replace("NoneType", "None")
+    """A type as a YAML user reads it: int, float or null, 'a' or 'b', list of float, a mapping
+    of model fields. No '|' (it would split the Markdown table cell)."""
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        section = next((name for name, cls in SECTIONS if cls is tp), tp.__name__)
+        return f"mapping of {section} fields"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin is typing.Union:
+        members = [a for a in args if a is not type(None)] + [a for a in args
+                                                                if a is type(None)]
+        return " or ".join(_type(a) for a in members)
+    if origin in (list, tuple, set, frozenset):
+        inner = [a for a in args if a is not Ellipsis]
+        return f"list of {_type(inner[0])}" if inner else "list"
+    if origin is dict:
+        return f"mapping of {_type(args[0])} to {_type(args[1])}" if args else "mapping"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _default(f: dataclasses.Field) -> str:
+    """The default as it is written in YAML (null, true, 0.5, 'ddk'); (section) for nested."""
+    if f.default is dataclasses.MISSING:
+        return "(section)" if f.default_factory is dataclasses.MISSING else repr(
+            f.default_factory())
+    if f.default is None:
+        return "null"
+    if isinstance(f.default, bool):
+        return "true" if f.default else "false"
+    return repr(f.default)
 
 
 def render() -> str:
@@ -59,8 +89,7 @@ def render() -> str:
         lines += [f"## `{section}` — {cls.__doc__.strip().splitlines()[0]}", "",
                   "| field | type | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else "(section)"
-            lines.append(f"| `{f.name}` | `{_type(hints[f.name])}` | `{default!r}` | "
+            lines.append(f"| `{f.name}` | `{_type(hints[f.name])}` | `{_default(f)}` | "
                          f"{docs.get(f.name, '')} |")
         lines.append("")
     return "\n".join(lines)

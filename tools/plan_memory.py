@@ -10,8 +10,10 @@ logits) and the total, and flags stages above --gpu-memory-gb. All figures are G
 The formulas are in megatron_ddk/models/memory.py and docs/launch.md ("Reading plan_memory").
 
 The layout comes from the config's parallel section; DP from --dp, else --world-size / (TP x PP),
-else the preset's "# world_size: N" header comment, else 1. Exit status: 0 when every stage fits,
-1 when one does not, 2 on a config error.
+else the preset's "# world_size: N" header comment, else 1. The vocabulary comes from --manifest
+(a domain manifest: its tokenizer's size), else the config's data.manifest when that file
+exists, else --vocab-size, else the model section (vocab_size / padded_vocab_size). Exit status:
+0 when every stage fits, 1 when one does not, 2 on a config error.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import re  # noqa: E402
-from typing import List, Optional  # noqa: E402
+from typing import List, Optional, Tuple  # noqa: E402
 
 from megatron_ddk.config.loader import ConfigError, load_config  # noqa: E402
 from megatron_ddk.config.schema import RunConfig  # noqa: E402
@@ -74,6 +76,28 @@ def build_layout(cfg: RunConfig, args, world_size: Optional[int]) -> Layout:
         kl_chunk_tokens=cfg.distill.kl_chunk_tokens, overhead_bytes=int(args.overhead_gb * GIB))
 
 
+def plan_vocabulary(cfg: RunConfig, manifest: Optional[str],
+                    vocab_size: Optional[int]) -> Tuple[Optional[int], str]:
+    """(tokenizer vocabulary or None, where it came from): --manifest, else the config's
+    data.manifest when it exists, else --vocab-size, else None (the model section decides)."""
+    path = manifest or (cfg.data.manifest if cfg.data.manifest and
+                        os.path.isfile(cfg.data.manifest) else None)
+    if path is None:
+        if vocab_size is not None:
+            return vocab_size, "--vocab-size"
+        return None, "the model section (no manifest found)"
+    if vocab_size is not None:
+        raise ConfigError(f"--vocab-size {vocab_size} and the manifest {path} both give the "
+                          "vocabulary; pass one")
+    from megatron_ddk.data.manifest import load_manifest
+
+    vocab = load_manifest(path).vocab_size
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the manifest {path} has a "
+                          f"{vocab}-entry tokenizer; remove model.vocab_size or fix the manifest")
+    return vocab, f"manifest {path}"
+
+
 def _gib(value: Optional[int]) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
@@ -98,7 +122,7 @@ def stage_table(mem: StageMemory, num_stages: int, limit_gib: float) -> List[str
 
 
 def report(cfg: RunConfig, lay: Layout, padded_vocab: int, stages: List[StageMemory],
-           limit_gib: float) -> List[str]:
+           limit_gib: float, vocab: Tuple[Optional[int], str] = (None, "")) -> List[str]:
     """The whole printed report."""
     teacher = cfg.distill.teacher
     s_params = model_params(cfg.model, padded_vocab)
@@ -109,6 +133,7 @@ def report(cfg: RunConfig, lay: Layout, padded_vocab: int, stages: List[StageMem
             f"{lay.attention}, student recompute {lay.recompute or 'none'}"
             + (f" ({lay.recompute_method}, {lay.recompute_num_layers})" if lay.recompute == "full"
                else "") + f", padded vocabulary {padded_vocab:,}",
+            _vocab_line(vocab, padded_vocab),
             f"student {s_params / 1e9:.3f} B parameters"
             + (f", teacher {model_params(teacher, padded_vocab) / 1e9:.3f} B parameters"
                + (f" (fp8 {teacher.fp8})" if teacher.fp8 else "") if teacher else ", no teacher"),
@@ -120,6 +145,15 @@ def report(cfg: RunConfig, lay: Layout, padded_vocab: int, stages: List[StageMem
     head.append(f"peak: stage {worst.stage}, {worst.total / GIB:.2f} GiB of {limit_gib:g} GiB "
                 f"-> {'fits' if worst.total / GIB <= limit_gib else 'DOES NOT FIT'}")
     return head
+
+
+def _vocab_line(vocab: Tuple[Optional[int], str], padded: int) -> str:
+    size, source = vocab
+    if size is None:
+        return f"vocabulary from {source}"
+    note = (f"; padded_vocab_size pins {padded:,} rows, {padded / size:.1f}x the tokenizer"
+            if padded >= 2 * size else "")
+    return f"vocabulary {size:,} entries from {source}{note}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,8 +171,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: flash with transformer_engine, materialized with local")
     p.add_argument("--sequence-parallel", choices=["on", "off"], default=None,
                    help="default: parallel.sequence_parallel")
+    p.add_argument("--manifest", default=None,
+                   help="domain manifest whose tokenizer size is the vocabulary (default: the "
+                   "config's data.manifest when that file exists)")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer size, when the config sets no padded_vocab_size")
+                   help="tokenizer size, without a manifest")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory, GiB")
     p.add_argument("--overhead-gb", type=float, default=3.0,
                    help="allowance for CUDA context, NCCL buffers, fragmentation (GiB)")
@@ -152,13 +189,14 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         world = args.world_size or declared_world_size(args.config)
         lay = build_layout(cfg, args, world)
-        padded = planning_padded_vocab(cfg.model, cfg.distill.teacher, lay.tp, args.vocab_size)
+        vocab = plan_vocabulary(cfg, args.manifest, args.vocab_size)
+        padded = planning_padded_vocab(cfg.model, cfg.distill.teacher, lay.tp, vocab[0])
         stages = plan_stages(cfg.model, cfg.distill.teacher, padded, lay)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.config}")
-    print("\n".join(report(cfg, lay, padded, stages, args.gpu_memory_gb)))
+    print("\n".join(report(cfg, lay, padded, stages, args.gpu_memory_gb, vocab)))
     return 0 if all(s.total / GIB <= args.gpu_memory_gb for s in stages) else 1
 
 

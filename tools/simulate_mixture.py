@@ -4,10 +4,11 @@ Runs the real IntervalMixture (and, for --synthetic, the real DDKController) wit
 the numbers are exactly those a training run with the same weights would see. Two sources of
 weights:
 
-  --weights FILE   a recorded history: a run's metrics.jsonl (every JSON line with a "weights"
-                   field, a list in manifest order or a {domain: weight} mapping, is one interval,
-                   in file order), or a YAML/JSON list of weight vectors. When the run needs more
-                   intervals than the file holds, the last vector is repeated.
+  --weights FILE   a recorded history: a run's metrics.jsonl (its {"kind": "interval"} records,
+                   one per interval, in interval order; step records are skipped), or a
+                   YAML/JSON list of weight vectors (a list in domain order or a {domain: weight}
+                   mapping each). When the run needs more intervals than the file holds, the
+                   last vector is repeated.
   --synthetic      student losses that decay toward the teacher's at a different rate per domain:
                    loss_S[i] = loss_T[i] + gap[i] * exp(-rate[i] * samples_seen[i] / interval_size)
                    and the policy (--policy) picks each interval's weights from them.
@@ -111,31 +112,54 @@ def load_domains(args):
             [d.initial_weight for d in manifest.domains])
 
 
+def _interval_records(path: str, text: str) -> List:
+    """Weight entries of a metrics.jsonl: its interval records only ({"kind": "interval"};
+    step and end records carry weights too, but are not intervals), in interval order, the
+    last record of an interval kept (a resumed run logs its boundary interval again)."""
+    by_interval = {}
+    for num, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if num == len(text.splitlines()):
+                continue  # a last line still being written
+            raise SystemExit(f"{path}:{num}: not a valid JSON line") from None
+        if rec.get("kind", rec.get("type")) != "interval" or "weights" not in rec:
+            continue
+        key = rec.get("interval", len(by_interval))
+        w = rec["weights"]
+        if rec.get("domains") and isinstance(w, list):
+            w = dict(zip(rec["domains"], w))  # named: checked against the domains below
+        by_interval[key] = w
+    if not by_interval:
+        raise SystemExit(f"{path}: no interval records ({{\"kind\": \"interval\"}}); pass a "
+                         "run's metrics.jsonl, or a YAML/JSON list of weight vectors")
+    return [by_interval[k] for k in sorted(by_interval)]
+
+
 def load_history(path: str, names: List[str]) -> List[np.ndarray]:
-    """Weight vectors from metrics.jsonl lines or a YAML/JSON list."""
+    """Weight vectors from a metrics.jsonl's interval records or a YAML/JSON list."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    records = []
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError:
         doc = None
-    if isinstance(doc, dict) and "weights" in doc:
+    if isinstance(doc, dict) and "weights" in doc and "kind" not in doc and "type" not in doc:
         doc = doc["weights"]
-    if isinstance(doc, list):
-        records = doc
-    else:  # JSON lines
-        for line in text.splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                rec = json.loads(line)
-                if "weights" in rec:
-                    records.append(rec["weights"])
+    records = doc if isinstance(doc, list) else _interval_records(path, text)
     out = []
     for i, w in enumerate(records):
         if isinstance(w, dict) and "weights" in w:
             w = w["weights"]
         if isinstance(w, dict):
+            missing = [n for n in names if n not in w]
+            if missing:
+                raise SystemExit(f"{path}: record {i} has no weight for domain(s) {missing} "
+                                 f"(it names {sorted(w)})")
             w = [w[n] for n in names]
         w = np.asarray(w, dtype=np.float64)
         if w.shape != (len(names),):

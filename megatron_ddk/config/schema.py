@@ -171,8 +171,8 @@ class DataConfig:
     """Tokens per training sample."""
 
     cache_dir: Optional[str] = None
-    """Folder for Megatron-Core dataset index caches (shared by all ranks). None puts them under
-    logging.run_dir/cache."""
+    """Folder for Megatron-Core dataset index caches (shared by all ranks, and by every run of
+    the manifest: builds are locked). None: <manifest folder>/cache, one cache per manifest."""
 
 
 @dataclass
@@ -218,7 +218,7 @@ class DistillConfig:
 
 @dataclass
 class DDKConfig:
-    """Domain re-weighting every `interval` steps (ddk-algorithm.md)."""
+    """Domain re-weighting every `interval` steps (docs/ddk.md; the paper's Algorithm 1)."""
 
     policy: Literal["ddk", "ddk_no_smoothing", "equal", "static"] = "ddk"
     """ddk = Eq. 2 smoothing; ddk_no_smoothing = Eq. 1 recomputed each interval; equal = uniform

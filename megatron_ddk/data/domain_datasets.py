@@ -7,22 +7,36 @@ For every domain of the manifest:
 - valid: the first valid_samples_per_domain samples of its valid prefix in sample order (no
   sample shuffle; the documents are in GPTDataset's order, fixed by valid_seed, so every run of
   any seed evaluates on the same samples).
+- test (build_heldout_samples, only when asked: `megatron-ddk eval`): the same construction over
+  the test prefix. build_domain_datasets, which training uses, never builds or reads it.
 
 GPTDatasetConfig: create_attention_mask=False (no [s, s] masks are materialised; the model builds
-its causal mask), reset_position_ids / reset_attention_mask / eod_mask_loss False. The index
-caches (.npy) go to one shared cache folder: the rank of `group` that is global rank 0 builds them
-(GPTDataset writes caches only on global rank 0) while the others wait on a barrier, then the
-others load them. group=None means the default group when torch.distributed is initialised, and
-a plain single-process build otherwise.
+its causal mask), reset_position_ids / reset_attention_mask / eod_mask_loss False.
+
+The index caches (.npy) go to one cache folder, by default <manifest folder>/cache, shared by
+every run of that manifest (the file names hash the dataset, seed and sequence length). Within a
+run, the rank of `group` that is global rank 0 builds them (GPTDataset writes caches only on
+global rank 0) while the others wait on a barrier, then the others load them; group=None means
+the default group when torch.distributed is initialised, and a plain single-process build
+otherwise. Across runs, the builder holds an exclusive flock on <cache>/.lock while it builds:
+GPTDataset writes its four files in place, and a second run reading (or rewriting) them half-way
+would load a truncated index. A builder killed mid-write leaves a marker naming the files that
+existed before it started; the next builder removes the files that are not on that list.
 
 Imports megatron.core datasets; nothing from megatron_ddk beyond the manifest types.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -36,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 
 class ValidationSamples(torch.utils.data.Dataset):
-    """The first `num_samples` samples of a GPTDataset in sample-index order (its shuffle undone).
+    """The first `num_samples` samples of a GPTDataset in sample-index order (its shuffle undone);
+    the held-out samples of one domain (valid or test).
 
     GPTDataset[i] reads sample shuffle_index[i]; reading at the inverse permutation gives samples
     0, 1, 2, ... of the sample index: consecutive windows of the document stream.
@@ -54,6 +69,20 @@ class ValidationSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int):
         return self.dataset[int(self._positions[idx])]
+
+    def fingerprint(self) -> str:
+        """'sha256:<hex>' of every sample's seq_length + 1 token window, in order: equal exactly
+        when two evaluations read the same tokens in the same samples."""
+        digest = hashlib.sha256()
+        for i in range(len(self)):
+            sample = self[i]
+            window = torch.cat([sample["tokens"], sample["labels"][-1:]]).to(torch.int64)
+            digest.update(window.numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
+
+
+HeldOutSamples = ValidationSamples
+"""The same class serves the test split."""
 
 
 @dataclass
@@ -114,6 +143,23 @@ def _gpt_dataset(prefix: str, split: Split, config: GPTDatasetConfig, where: str
     return GPTDataset(low, prefix, docs, None, split, config)
 
 
+def _heldout(entry, split: str, cfg: GPTDatasetConfig, num_samples: Optional[int],
+             src: str, what: str) -> ValidationSamples:
+    """The first num_samples (None: all) samples of one domain's held-out split."""
+    prefix = entry.heldout_prefix(split)
+    ds = _gpt_dataset(prefix, Split.valid if split == "valid" else Split.test, cfg,
+                      f"{src}: {entry.name}.{split}_prefix")
+    if ds is None:
+        raise ValueError(f"{src}: domain {entry.name}'s {split} set has no sample of "
+                         f"{cfg.sequence_length} tokens; lower data.seq_length or rebuild the "
+                         f"domains with more {split} samples")
+    samples = ValidationSamples(ds, len(ds) if num_samples is None else num_samples)
+    if num_samples is not None and len(samples) < num_samples:
+        logger.warning("domain %s: %s set has %d samples, fewer than %s=%d; using all",
+                       entry.name, split, len(samples), what, num_samples)
+    return samples
+
+
 def _build_all(manifest: DomainManifest, train_cfg: GPTDatasetConfig,
                valid_cfg: GPTDatasetConfig, valid_samples: int) -> DomainDatasets:
     out = DomainDatasets(names=manifest.names())
@@ -133,28 +179,83 @@ def _build_all(manifest: DomainManifest, train_cfg: GPTDatasetConfig,
                              f"{train_cfg.sequence_length} tokens; lower data.seq_length or add "
                              f"data")
         out.train.append(parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts))
-        vds = _gpt_dataset(d.valid_prefix, Split.valid, valid_cfg, f"{src}: {d.name}.valid_prefix")
-        if vds is None:
-            raise ValueError(f"{src}: domain {d.name}'s validation set has no sample of "
-                             f"{valid_cfg.sequence_length} tokens; lower data.seq_length or add "
-                             f"validation documents")
-        valid = ValidationSamples(vds, valid_samples)
-        if len(valid) < valid_samples:
-            logger.warning("domain %s: validation set has %d samples, fewer than "
-                           "ddk.valid_samples_per_domain=%d; using all", d.name, len(valid),
-                           valid_samples)
-        out.valid.append(valid)
+        out.valid.append(_heldout(d, "valid", valid_cfg, valid_samples, src,
+                                  "ddk.valid_samples_per_domain"))
     return out
 
 
-def _on_builder_first(build: Callable[[], DomainDatasets], group) -> DomainDatasets:
-    """Run `build` on the group's member that is global rank 0, barrier, then on the rest."""
+_LOCK_FILE = ".lock"
+_BUILDING_FILE = ".building"
+
+
+def default_cache_dir(manifest: DomainManifest) -> str:
+    """<manifest folder>/cache: one index cache per manifest, shared by its runs."""
+    if not manifest.path:
+        raise ValueError("the manifest was never saved, so it has no folder for the dataset "
+                         "cache; set data.cache_dir")
+    return os.path.join(os.path.dirname(os.path.abspath(manifest.path)), "cache")
+
+
+def _recover_interrupted_build(cache_dir: str) -> None:
+    """Remove what a builder killed mid-write left (files not named by its marker)."""
+    marker = os.path.join(cache_dir, _BUILDING_FILE)
+    if not os.path.exists(marker):
+        return
+    try:
+        with open(marker) as f:
+            before = set(json.load(f))
+    except (OSError, ValueError):
+        before = None  # unreadable marker: keep everything rather than guess
+    if before is not None:
+        stale = [n for n in os.listdir(cache_dir)
+                 if n not in before and n not in (_LOCK_FILE, _BUILDING_FILE)]
+        for name in stale:
+            os.remove(os.path.join(cache_dir, name))
+        logger.warning("dataset cache %s: a build was interrupted; removed %d file(s) it had "
+                       "started: %s", cache_dir, len(stale), ", ".join(sorted(stale)) or "-")
+    os.remove(marker)
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: str) -> Iterator[None]:
+    """Hold <cache_dir>/.lock exclusively (waiting for another run's build), clean up after an
+    interrupted build, and mark this build until it finishes."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd = os.open(os.path.join(cache_dir, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise ValueError(f"dataset cache folder {cache_dir} is not writable ({err.strerror}); "
+                         "set data.cache_dir to a folder every rank can write") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("dataset cache %s: another run is building it; waiting", cache_dir)
+            start = time.perf_counter()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            logger.info("dataset cache %s: waited %.1fs", cache_dir, time.perf_counter() - start)
+        _recover_interrupted_build(cache_dir)
+        marker = os.path.join(cache_dir, _BUILDING_FILE)
+        with open(marker + ".tmp", "w") as f:
+            json.dump(sorted(os.listdir(cache_dir)), f)
+        os.replace(marker + ".tmp", marker)
+        yield
+        os.remove(marker)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _on_builder_first(build: Callable[[], Any], group, cache_dir: str) -> Any:
+    """Run `build` under the cache lock on the group's member that is global rank 0, barrier,
+    then on the rest."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("build_domain_datasets: a process group was given but "
                              "torch.distributed is not initialised")
-        return build()
+        with cache_lock(cache_dir):
+            return build()
     group = group if group is not None else dist.group.WORLD
     try:
         builder = dist.get_group_rank(group, 0)
@@ -162,39 +263,64 @@ def _on_builder_first(build: Callable[[], DomainDatasets], group) -> DomainDatas
         raise ValueError("build_domain_datasets: the process group must contain global rank 0 "
                          "(Megatron-Core writes dataset index caches only there)") from None
     me = dist.get_rank(group)
-    result = build() if me == builder else None
+    result = None
+    if me == builder:
+        with cache_lock(cache_dir):
+            result = build()
     dist.barrier(group=group)
     if me != builder:
         result = build()
     return result
 
 
+def _check_args(seq_length: int, num_samples: Optional[int], what: str) -> None:
+    if seq_length < 1 or (num_samples is not None and num_samples < 1):
+        raise ValueError(f"seq_length={seq_length}, {what}={num_samples}: both must be >= 1")
+
+
 def build_domain_datasets(manifest: DomainManifest, tokenizer: Any, seq_length: int, seed: int,
-                          cache_dir: str, valid_samples_per_domain: int, group=None,
+                          cache_dir: Optional[str], valid_samples_per_domain: int, group=None,
                           valid_seed: int = 0) -> DomainDatasets:
-    """Build every domain's train and validation datasets (see the module docstring).
+    """Build every domain's train and validation datasets (see the module docstring). Never
+    builds or reads the test split.
 
     Args:
         manifest: the loaded domain manifest (paths absolute).
         tokenizer: a Megatron-Core tokenizer (eod, pad, vocab_size, unique_identifiers).
         seq_length: tokens per sample (data.seq_length).
         seed: run seed; fixes which tokens form each training sample.
-        cache_dir: shared folder for the .npy index caches (all ranks must see it).
+        cache_dir: shared folder for the .npy index caches (all ranks must see it); None:
+            default_cache_dir(manifest).
         valid_samples_per_domain: ddk.valid_samples_per_domain.
         group: ranks that build together (None: the default group, or single process).
         valid_seed: fixes the validation document order, independent of the run seed.
     """
-    if seq_length < 1 or valid_samples_per_domain < 1:
-        raise ValueError(f"seq_length={seq_length}, valid_samples_per_domain="
-                         f"{valid_samples_per_domain}: both must be >= 1")
-    if not cache_dir:
-        raise ValueError("build_domain_datasets: cache_dir (data.cache_dir) is required: a "
-                         "folder every rank can read")
+    _check_args(seq_length, valid_samples_per_domain, "valid_samples_per_domain")
+    cache_dir = cache_dir or default_cache_dir(manifest)
     train_cfg = dataset_config(tokenizer, seq_length, seed, cache_dir, manifest)
     valid_cfg = dataset_config(tokenizer, seq_length, valid_seed, cache_dir, manifest)
     datasets = _on_builder_first(
-        lambda: _build_all(manifest, train_cfg, valid_cfg, valid_samples_per_domain), group)
+        lambda: _build_all(manifest, train_cfg, valid_cfg, valid_samples_per_domain), group,
+        cache_dir)
     logger.info("domain datasets: %s", ", ".join(
         f"{n}: {t} train / {len(v)} valid samples" for n, t, v in
         zip(datasets.names, datasets.num_train_samples, datasets.valid)))
     return datasets
+
+
+def build_heldout_samples(manifest: DomainManifest, tokenizer: Any, seq_length: int,
+                          cache_dir: Optional[str], split: str,
+                          num_samples: Optional[int] = None, group=None,
+                          valid_seed: int = 0) -> List[ValidationSamples]:
+    """Every domain's held-out samples of `split` ('valid' or 'test'), manifest order: the
+    first num_samples of each (None: all its samples), in the same fixed order as training's
+    validation samples (valid_seed, independent of any run seed). Builds no training data.
+    ValueError when the manifest has no such split."""
+    manifest.require_split(split)
+    _check_args(seq_length, num_samples, "num_samples")
+    cache_dir = cache_dir or default_cache_dir(manifest)
+    cfg = dataset_config(tokenizer, seq_length, valid_seed, cache_dir, manifest)
+    src = manifest.path or "<manifest>"
+    return _on_builder_first(
+        lambda: [_heldout(d, split, cfg, num_samples, src, "the requested samples")
+                 for d in manifest.domains], group, cache_dir)

@@ -2,23 +2,31 @@
 
 One YAML file (written by tools/build_domains.py, documented in docs/data.md):
 
-    version: 1
+    version: 2
     tokenizer: {model: tokenizer/ddk.model, hash: "sha256:...", vocab_size: 8000}
     domains:
       - name: python_code
         train_prefixes: [python_code/train_text_document]
         valid_prefix: python_code/valid_text_document
+        test_prefix: python_code/test_text_document
         num_train_tokens: 412345
         num_train_documents: 120
         num_valid_tokens: 16640
         num_valid_documents: 5
+        num_test_tokens: 16702
+        num_test_documents: 6
         initial_weight: null
 
-Relative paths resolve against the manifest's folder. load_manifest checks everything a training
-run would otherwise trip over much later (shape, unknown keys, duplicates, missing or empty
-datasets, counts that disagree with the .idx files, the tokenizer hash) and raises ValueError
-naming the manifest and the field. megatron.core is imported lazily (only to read .idx counts);
-of megatron_ddk only the atomic-write helper (megatron_ddk/atomic.py) is imported.
+Three disjoint sets per domain, three roles: train (the mixture draws from it), valid (DDK's
+steering signal), test (reports only; nothing that trains or steers reads it). The test keys
+are optional (all three or none); version 1 manifests (written before the test split existed)
+are still read, without a test split, and asking one for its test split is an error saying how
+to get one. Relative paths resolve against the manifest's folder. load_manifest checks
+everything a training run would otherwise trip over much later (shape, unknown keys,
+duplicates, missing or empty datasets, counts that disagree with the .idx files, the tokenizer
+hash) and raises ValueError naming the manifest and the field. megatron.core is imported
+lazily (only to read .idx counts); of megatron_ddk only the atomic-write helper
+(megatron_ddk/atomic.py) is imported.
 """
 
 from __future__ import annotations
@@ -35,12 +43,17 @@ from megatron_ddk.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 1: train + valid only. Version 2 adds the optional test split."""
 _TOP_KEYS = {"version", "tokenizer", "domains"}
 _TOKENIZER_KEYS = {"model", "hash", "vocab_size"}
 _COUNT_KEYS = ("num_train_tokens", "num_train_documents", "num_valid_tokens",
                "num_valid_documents")
+_TEST_KEYS = ("test_prefix", "num_test_tokens", "num_test_documents")
 _DOMAIN_KEYS = {"name", "train_prefixes", "valid_prefix", "initial_weight", *_COUNT_KEYS}
+SPLITS = ("valid", "test")
+"""The held-out splits a domain can be evaluated on."""
 
 
 @dataclass
@@ -71,6 +84,27 @@ class DomainEntry:
     initial_weight: Optional[float] = None
     """Optional starting mixture weight (used by ddk.initial_weights: manifest)."""
 
+    test_prefix: Optional[str] = None
+    """Megatron dataset prefix of the held-out test documents (reports only); None when the
+    manifest has no test split (version 1)."""
+
+    num_test_tokens: Optional[int] = None
+    """Tokens in the test dataset, EOD tokens included (None without a test split)."""
+
+    num_test_documents: Optional[int] = None
+    """Documents in the test dataset (None without a test split)."""
+
+    def heldout_prefix(self, split: str) -> str:
+        """The dataset prefix of a held-out split ('valid' or 'test'); ValueError when this
+        domain has no such split."""
+        if split == "valid":
+            return self.valid_prefix
+        if split == "test":
+            if self.test_prefix is None:
+                raise ValueError(f"domain {self.name} has no test split")
+            return self.test_prefix
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+
 
 @dataclass
 class DomainManifest:
@@ -90,6 +124,23 @@ class DomainManifest:
 
     domains: List[DomainEntry] = field(default_factory=list)
     """The domains, in the order every per-domain vector (weights, losses) uses."""
+
+    version: int = MANIFEST_VERSION
+    """The file's format version (1: no test split; 2: optional test split)."""
+
+    def has_test_split(self) -> bool:
+        """Whether every domain has a test set."""
+        return bool(self.domains) and all(d.test_prefix is not None for d in self.domains)
+
+    def require_split(self, split: str) -> None:
+        """ValueError, saying what to do, when the manifest cannot serve `split`."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        if split == "test" and not self.has_test_split():
+            raise ValueError(
+                f"manifest {self.path or '<unsaved>'} (version {self.version}) has no test "
+                "split: rebuild it with tools/build_domains.py (it writes train, valid and test "
+                "sets per domain), or evaluate on the validation set with --split valid")
 
     def names(self) -> List[str]:
         """Domain names in manifest order."""
@@ -143,9 +194,31 @@ def _dataset_counts(path: str, where: str, prefix: str) -> tuple:
     return len(ds.document_indices) - 1, int(np.sum(ds.sequence_lengths, dtype=np.int64))
 
 
-def _parse_domain(path: str, folder: str, i: int, raw: Any) -> DomainEntry:
+def _parse_test(path: str, folder: str, where: str, raw: dict, version: int) -> dict:
+    """The optional test keys of a domain: all three or none, version 2 only."""
+    present = [k for k in _TEST_KEYS if k in raw]
+    if not present:
+        return {}
+    if version < 2:
+        raise _fail(path, where, f"{present} need manifest version 2 (the file says version "
+                    f"{version}); set version: 2")
+    missing = [k for k in _TEST_KEYS if k not in raw]
+    if missing:
+        raise _fail(path, where, f"has {present} but not {missing}: a test split needs all of "
+                    f"{list(_TEST_KEYS)}")
+    out = {"test_prefix": _resolve(folder, raw["test_prefix"], path, f"{where}.test_prefix")}
+    for key in _TEST_KEYS[1:]:
+        out[key] = _check_int(path, f"{where}.{key}", raw[key])
+        if out[key] == 0:
+            raise _fail(path, f"{where}.{key}", "is 0: the test set is empty; rebuild the "
+                        "domains with a larger --test-samples or add data")
+    return out
+
+
+def _parse_domain(path: str, folder: str, i: int, raw: Any, version: int) -> DomainEntry:
     where = f"domains[{i}]"
-    _check_keys(path, where, raw, _DOMAIN_KEYS, _DOMAIN_KEYS - {"initial_weight"})
+    _check_keys(path, where, raw, _DOMAIN_KEYS | set(_TEST_KEYS),
+                _DOMAIN_KEYS - {"initial_weight"})
     name = raw["name"]
     if not isinstance(name, str) or not name:
         raise _fail(path, f"{where}.name", f"expected a non-empty string, got {name!r}")
@@ -165,6 +238,7 @@ def _parse_domain(path: str, folder: str, i: int, raw: Any) -> DomainEntry:
         valid_prefix=_resolve(folder, raw["valid_prefix"], path, f"{where}.valid_prefix"),
         initial_weight=None if weight is None else float(weight),
         **{k: _check_int(path, f"{where}.{k}", raw[k]) for k in _COUNT_KEYS},
+        **_parse_test(path, folder, where, raw, version),
     )
     for key in _COUNT_KEYS:
         if getattr(entry, key) == 0:
@@ -182,6 +256,9 @@ def _check_counts(path: str, entry: DomainEntry) -> None:
     vdocs, vtokens = _dataset_counts(path, f"{where}.valid_prefix", entry.valid_prefix)
     found = {"num_train_documents": docs, "num_train_tokens": tokens,
              "num_valid_documents": vdocs, "num_valid_tokens": vtokens}
+    if entry.test_prefix is not None:
+        tdocs, ttokens = _dataset_counts(path, f"{where}.test_prefix", entry.test_prefix)
+        found.update(num_test_documents=tdocs, num_test_tokens=ttokens)
     for key, value in found.items():
         if getattr(entry, key) != value:
             raise _fail(path, f"{where}.{key}", f"says {getattr(entry, key)} but the datasets "
@@ -200,9 +277,10 @@ def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> D
     except yaml.YAMLError as err:
         raise ValueError(f"manifest {path}: not valid YAML ({err})") from None
     _check_keys(path, "top level", raw, _TOP_KEYS, _TOP_KEYS)
-    if raw["version"] != MANIFEST_VERSION:
-        raise _fail(path, "version", f"is {raw['version']!r}; this code reads version "
-                    f"{MANIFEST_VERSION}")
+    version = raw["version"]
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise _fail(path, "version", f"is {version!r}; this code reads versions "
+                    f"{list(READABLE_VERSIONS)}")
     tok = raw["tokenizer"]
     _check_keys(path, "tokenizer", tok, _TOKENIZER_KEYS, _TOKENIZER_KEYS)
     if not isinstance(tok["hash"], str) or not tok["hash"].startswith("sha256:"):
@@ -215,7 +293,11 @@ def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> D
     domains_raw = raw["domains"]
     if not isinstance(domains_raw, list) or not domains_raw:
         raise _fail(path, "domains", "expected a non-empty list of domains")
-    domains = [_parse_domain(path, folder, i, d) for i, d in enumerate(domains_raw)]
+    domains = [_parse_domain(path, folder, i, d, version) for i, d in enumerate(domains_raw)]
+    with_test = [d.name for d in domains if d.test_prefix is not None]
+    if with_test and len(with_test) != len(domains):
+        raise _fail(path, "domains", f"only {with_test} have a test split; every domain needs "
+                    "one or none does (rebuild with tools/build_domains.py)")
     names = [d.name for d in domains]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -224,7 +306,7 @@ def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> D
         _check_counts(path, entry)
     return DomainManifest(
         path=path, tokenizer_model=_resolve(folder, tok["model"], path, "tokenizer.model"),
-        tokenizer_hash=tok["hash"], vocab_size=vocab_size, domains=domains,
+        tokenizer_hash=tok["hash"], vocab_size=vocab_size, domains=domains, version=version,
     )
 
 
@@ -244,19 +326,30 @@ def _to_yaml_dict(manifest: DomainManifest, folder: str) -> Dict[str, Any]:
     if dupes:
         raise ValueError(f"manifest {manifest.path or '<unsaved>'}: duplicate domain name(s) "
                          f"{dupes}")
+    with_test = [d.name for d in manifest.domains if d.test_prefix is not None]
+    if with_test and len(with_test) != len(manifest.domains):
+        raise ValueError(f"manifest {manifest.path or '<unsaved>'}: only {with_test} have a "
+                         "test split; every domain needs one or none does")
     return {
         "version": MANIFEST_VERSION,
         "tokenizer": {"model": _relative(folder, manifest.tokenizer_model),
                       "hash": manifest.tokenizer_hash, "vocab_size": int(manifest.vocab_size)},
-        "domains": [
-            {"name": d.name,
-             "train_prefixes": [_relative(folder, p) for p in d.train_prefixes],
-             "valid_prefix": _relative(folder, d.valid_prefix),
-             **{k: int(getattr(d, k)) for k in _COUNT_KEYS},
-             "initial_weight": None if d.initial_weight is None else float(d.initial_weight)}
-            for d in manifest.domains
-        ],
+        "domains": [_domain_dict(d, folder) for d in manifest.domains],
     }
+
+
+def _domain_dict(d: DomainEntry, folder: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"name": d.name,
+                           "train_prefixes": [_relative(folder, p) for p in d.train_prefixes],
+                           "valid_prefix": _relative(folder, d.valid_prefix)}
+    if d.test_prefix is not None:
+        out["test_prefix"] = _relative(folder, d.test_prefix)
+    out.update({k: int(getattr(d, k)) for k in _COUNT_KEYS})
+    if d.test_prefix is not None:
+        out.update(num_test_tokens=int(d.num_test_tokens),
+                   num_test_documents=int(d.num_test_documents))
+    out["initial_weight"] = None if d.initial_weight is None else float(d.initial_weight)
+    return out
 
 
 def save_manifest(manifest: DomainManifest, path: str) -> None:
@@ -269,4 +362,5 @@ def save_manifest(manifest: DomainManifest, path: str) -> None:
                           allow_unicode=True, default_flow_style=False)
     write_atomic(path, text)  # also removes temporary files a killed writer left
     manifest.path = path
+    manifest.version = MANIFEST_VERSION
     logger.info("wrote manifest %s (%d domains)", path, len(manifest.domains))

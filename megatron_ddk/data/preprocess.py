@@ -6,25 +6,26 @@ train/validation hold-out.
   not depend on the worker count). Everything is written under a temporary name and renamed at
   the end (.bin first, .idx last, an older .idx removed first), so a failed or interrupted run
   leaves nothing that looks complete.
-- select_validation_documents / build_domain: the DDK hold-out. Whole documents, drawn in a
-  seeded random order, go to validation until they hold valid_samples x (valid_seq_length + 1)
-  tokens; the rest is the training set, disjoint by construction.
+- tokenize_domain / split_domain / build_domain: the per-domain hold-out (heldout.py decides
+  it). Whole documents, drawn in a seeded random order, go to validation until they hold
+  valid_samples x (valid_seq_length + 1) tokens, then to test until they hold
+  test_samples x (test_seq_length + 1); the rest is the training set, disjoint by construction.
 
-Imports megatron.core lazily (only to read datasets back); imports encode_engine and manifest
-from megatron_ddk.data, nothing from other layers.
+Imports megatron.core lazily (only to read datasets back); imports encode_engine, heldout and
+manifest from megatron_ddk.data, nothing from other layers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_ddk.atomic import remove_stale_tmp
+from megatron_ddk.data.heldout import HeldOutSpec, advice, domain_seed, plan_split, shortfall
 from megatron_ddk.data.manifest import DomainEntry
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ def tokenize_to_datasets(
 def select_validation_documents(lengths: np.ndarray, target_tokens: int, seed: int,
                                 where: str = "domain") -> np.ndarray:
     """Sorted ids of whole documents, taken in a seeded random order until their lengths sum to
-    >= target_tokens. ValueError when that needs every document (nothing left to train on)."""
+    >= target_tokens. ValueError when that needs every document (nothing left to train on).
+    (The valid half of heldout.plan_split, which also draws the test set.)"""
     lengths = np.asarray(lengths, dtype=np.int64)
     total = int(lengths.sum())
     if lengths.size == 0 or total == 0:
@@ -125,11 +127,9 @@ def select_validation_documents(lengths: np.ndarray, target_tokens: int, seed: i
     num_valid = int(np.searchsorted(cumulative, target_tokens)) + 1
     if num_valid >= lengths.size:
         raise ValueError(
-            f"{where}: validation needs {target_tokens} tokens (valid_samples x (valid_seq_length"
-            f" + 1)) but the domain has only {total} tokens in {lengths.size} documents, so "
-            "nothing would be left for training; lower --valid-samples / --valid-seq-length "
-            "or add data"
-        )
+            f"{where}: validation needs {target_tokens} tokens but the domain has only {total} "
+            f"tokens in {lengths.size} documents, so nothing would be left for training; lower "
+            "--valid-samples / --valid-seq-length or add data")
     return np.sort(order[:num_valid])
 
 
@@ -153,7 +153,95 @@ def write_subset(src_prefix: str, doc_ids: np.ndarray, prefix: str) -> Tuple[int
         builder.data_file.close()
         _remove_quietly(tmp + ".bin", tmp + ".idx")
         raise
-    return len(doc_ids), num_tokens
+    return len(doc_ids), int(num_tokens)
+
+
+@dataclass
+class TokenizedDomain:
+    """A domain tokenized to one temporary dataset, waiting to be split (tokenize_domain)."""
+
+    name: str
+    """Domain name."""
+
+    folder: str
+    """<out_dir>/<name>: where its train/valid/test datasets go."""
+
+    all_prefix: str
+    """The temporary dataset holding every document (removed by split_domain / discard)."""
+
+    lengths: np.ndarray
+    """Tokens per document (EOD included), corpus order."""
+
+    def discard(self) -> None:
+        """Remove the temporary dataset."""
+        _remove_quietly(self.all_prefix + ".bin", self.all_prefix + ".idx")
+
+
+def tokenize_domain(name: str, paths: Sequence[str], out_dir: str, tokenizer_model: str,
+                    workers: int = 1, skip_malformed: bool = False,
+                    progress: bool = False) -> TokenizedDomain:
+    """Tokenize one domain into <out_dir>/<name>/.all_text_document.tmp<pid> (first phase of
+    build_domain); ValueError for a domain with no non-empty document."""
+    folder = os.path.join(os.path.abspath(out_dir), name)
+    all_prefix = os.path.join(folder, f".all_text_document.tmp{os.getpid()}")
+    remove_stale_tmp(os.path.join(folder, ".all_text_document"))  # a killed build's leftovers
+    res = tokenize_to_datasets(paths, {"text": all_prefix}, tokenizer_model, workers=workers,
+                               skip_malformed=skip_malformed, progress=progress)
+    tokenized = TokenizedDomain(name, folder, all_prefix, np.zeros(0, dtype=np.int64))
+    try:
+        if res.num_documents["text"] == 0:
+            raise ValueError(f"domain {name} is empty: {list(paths)} hold no non-empty "
+                             "documents; remove the domain or fix its files")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        # Keep `full` alive while reading: its index is a view of an mmap closed in __del__.
+        full = IndexedDataset(all_prefix, mmap=True)
+        tokenized.lengths = np.array(full.sequence_lengths, dtype=np.int64)
+        del full
+    except BaseException:
+        tokenized.discard()
+        raise
+    return tokenized
+
+
+def split_domain(tokenized: TokenizedDomain, spec: HeldOutSpec, seed: int) -> DomainEntry:
+    """Write the train / valid (/ test) datasets of a tokenized domain (second phase of
+    build_domain) and remove its temporary dataset. ValueError (with the numbers and what to
+    change) when the held-out sets would leave nothing for training."""
+    name, folder = tokenized.name, tokenized.folder
+    try:
+        split = plan_split(tokenized.lengths, spec, domain_seed(seed, name))
+        if split is None:
+            raise ValueError(shortfall(name, tokenized.lengths, spec, domain_seed(seed, name))
+                             + "; " + advice(spec))
+        valid_ids, test_ids = split
+        prefix = {s: os.path.join(folder, f"{s}_text_document") for s in ("train", "valid",
+                                                                         "test")}
+        train_mask = np.ones(tokenized.lengths.size, dtype=bool)
+        train_mask[valid_ids] = False
+        train_mask[test_ids] = False
+        num_train_docs, num_train_tokens = write_subset(
+            tokenized.all_prefix, np.flatnonzero(train_mask), prefix["train"])
+        num_valid_docs, num_valid_tokens = write_subset(tokenized.all_prefix, valid_ids,
+                                                        prefix["valid"])
+        test = {}
+        if spec.test_samples:
+            docs, tokens = write_subset(tokenized.all_prefix, test_ids, prefix["test"])
+            test = dict(test_prefix=prefix["test"], num_test_tokens=tokens,
+                        num_test_documents=docs)
+        else:
+            _remove_quietly(prefix["test"] + ".idx", prefix["test"] + ".bin")  # a stale one
+    finally:
+        tokenized.discard()
+    logger.info("domain %s: train %d docs / %d tokens, valid %d docs / %d tokens, test %s",
+                name, num_train_docs, num_train_tokens, num_valid_docs, num_valid_tokens,
+                f"{test['num_test_documents']} docs / {test['num_test_tokens']} tokens"
+                if test else "none")
+    return DomainEntry(
+        name=name, train_prefixes=[prefix["train"]], valid_prefix=prefix["valid"],
+        num_train_tokens=num_train_tokens, num_train_documents=num_train_docs,
+        num_valid_tokens=num_valid_tokens, num_valid_documents=num_valid_docs, **test,
+    )
 
 
 def build_domain(
@@ -167,44 +255,17 @@ def build_domain(
     workers: int = 1,
     skip_malformed: bool = False,
     progress: bool = False,
+    test_samples: Optional[int] = None,
+    test_seq_length: Optional[int] = None,
 ) -> DomainEntry:
-    """Tokenize one domain and split it into <out_dir>/<name>/train_text_document and
-    valid_text_document. The validation set holds whole documents with at least
-    valid_samples x (valid_seq_length + 1) tokens; the seed is mixed with the domain name, so
-    adding a domain does not change the others' split."""
-    if valid_samples < 1 or valid_seq_length < 1:
-        raise ValueError(f"domain {name}: valid_samples ({valid_samples}) and valid_seq_length "
-                         f"({valid_seq_length}) must be >= 1")
-    folder = os.path.join(os.path.abspath(out_dir), name)
-    all_prefix = os.path.join(folder, f".all_text_document.tmp{os.getpid()}")
-    remove_stale_tmp(os.path.join(folder, ".all_text_document"))  # a killed build's leftovers
-    train, valid = (os.path.join(folder, f"{s}_text_document") for s in ("train", "valid"))
-    res = tokenize_to_datasets(paths, {"text": all_prefix}, tokenizer_model, workers=workers,
-                               skip_malformed=skip_malformed, progress=progress)
-    try:
-        if res.num_documents["text"] == 0:
-            raise ValueError(f"domain {name} is empty: {list(paths)} hold no non-empty "
-                             "documents; remove the domain or fix its files")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        # Keep `full` alive while reading: its index is a view of an mmap closed in __del__.
-        full = IndexedDataset(all_prefix, mmap=True)
-        lengths = np.array(full.sequence_lengths, dtype=np.int64)
-        del full
-        domain_seed = (seed + zlib.crc32(name.encode("utf-8"))) % (2**32)
-        target = valid_samples * (valid_seq_length + 1)
-        valid_ids = select_validation_documents(lengths, target, domain_seed, f"domain {name}")
-        train_mask = np.ones(lengths.size, dtype=bool)
-        train_mask[valid_ids] = False
-        num_train_docs, num_train_tokens = write_subset(
-            all_prefix, np.flatnonzero(train_mask), train)
-        num_valid_docs, num_valid_tokens = write_subset(all_prefix, valid_ids, valid)
-    finally:
-        _remove_quietly(all_prefix + ".bin", all_prefix + ".idx")
-    logger.info("domain %s: train %d docs / %d tokens, valid %d docs / %d tokens", name,
-                num_train_docs, num_train_tokens, num_valid_docs, num_valid_tokens)
-    return DomainEntry(
-        name=name, train_prefixes=[train], valid_prefix=valid,
-        num_train_tokens=num_train_tokens, num_train_documents=num_train_docs,
-        num_valid_tokens=num_valid_tokens, num_valid_documents=num_valid_docs,
-    )
+    """Tokenize one domain and split it into <out_dir>/<name>/train_text_document,
+    valid_text_document and test_text_document (heldout.py: whole documents, seeded by seed
+    and the domain name). test_samples / test_seq_length default to the valid ones;
+    test_samples=0 writes no test set."""
+    spec = HeldOutSpec(valid_samples, valid_seq_length,
+                       valid_samples if test_samples is None else test_samples,
+                       valid_seq_length if test_seq_length is None else test_seq_length,
+                       test_follows_valid=test_samples is None)
+    tokenized = tokenize_domain(name, paths, out_dir, tokenizer_model, workers=workers,
+                                skip_malformed=skip_malformed, progress=progress)
+    return split_domain(tokenized, spec, seed)

@@ -3,9 +3,12 @@ perplexity table, improvement / comparison / weight-direction facts, and the Mar
 
 Inputs are the files the trainer and `megatron-ddk eval` write (docs/report.md lists them):
 a run folder's metrics.jsonl (step / interval / end records) and run_config.yaml, and eval
-result JSONs {"checkpoint", "iteration", "domains": {name: {"loss", "ppl", "tokens"}}}.
-Everything here reports what was measured; nothing asserts an outcome. Bad input raises
-ValueError naming the file (and line) and what to do.
+result JSONs {"split", "seq_length", "fingerprint", "domains": {name: {"loss", "ppl", "tokens",
+"samples", "fingerprint"}}, ...}. Evaluations are compared only when they were made on the same
+samples: same split, seq_length, per-domain sample counts and sample fingerprints (else a
+ValueError naming the eval file and the field that differs). Everything here reports what was
+measured; nothing asserts an outcome. Bad input raises ValueError naming the file (and line)
+and what to do.
 
 Must not import torch, matplotlib or megatron_ddk.training (plots live in plots.py).
 """
@@ -20,6 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
+
+from megatron_ddk.reporting.evals import (  # noqa: F401  (re-exported)
+    COMPARED_FIELDS, EvalResult, _number, check_same_samples, load_eval,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,24 +74,6 @@ class RunRecords:
     def has_interval_ppl(self) -> bool:
         """Whether any interval recorded a student perplexity (adaptive policies do)."""
         return any(rec.get("ppl_student") is not None for rec in self.intervals)
-
-
-@dataclass
-class EvalResult:
-    """One `megatron-ddk eval` result file."""
-
-    name: str
-    """Column name in the report (teacher, student_before, CPT, KD, DDK, ...)."""
-    path: str
-    """The JSON file it was read from."""
-    domains: List[str]
-    """Domain names in file order."""
-    loss: Dict[str, float]
-    """Mean validation CE (nats) per domain."""
-    ppl: Dict[str, float]
-    """Perplexity per domain (exp of loss when the file has no ppl)."""
-    tokens: Dict[str, int]
-    """Validation tokens per domain (the weights of the token-weighted mean)."""
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
@@ -143,40 +132,6 @@ def load_run(run_dir: str, name: Optional[str] = None) -> RunRecords:
     return run
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def load_eval(path: str, name: str) -> EvalResult:
-    """Read one eval result JSON ({"domains": {name: {"loss", "ppl", "tokens"}}})."""
-    if not os.path.isfile(path):
-        raise ValueError(f"eval result {path} (for {name!r}) does not exist; write it with "
-                         f"`megatron-ddk eval --config RUN.yaml --load CKPT --output {path}`")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    domains = data.get("domains") if isinstance(data, dict) else None
-    if not isinstance(domains, dict) or not domains:
-        raise ValueError(f"{path}: expected an object with a non-empty 'domains' mapping "
-                         f"(the output of `megatron-ddk eval`)")
-    res = EvalResult(name=name, path=path, domains=[str(d) for d in domains], loss={}, ppl={},
-                     tokens={})
-    for dom, vals in domains.items():
-        where = f"{path}: domains.{dom}"
-        if not isinstance(vals, dict) or ("ppl" not in vals and "loss" not in vals):
-            raise ValueError(f"{where}: expected {{'loss', 'ppl', 'tokens'}}, got {vals!r}")
-        loss = _number(vals["loss"], where + ".loss") if "loss" in vals else None
-        ppl = _number(vals["ppl"], where + ".ppl") if "ppl" in vals else math.exp(loss)
-        res.ppl[dom] = ppl
-        res.loss[dom] = loss if loss is not None else math.log(ppl)
-        res.tokens[dom] = int(_number(vals.get("tokens", 1), where + ".tokens"))
-    return res
-
-
 def load_timing(path: str) -> Dict[str, float]:
     """A {stage name: seconds} JSON object (written by scripts/quickstart.sh)."""
     if not os.path.exists(path):
@@ -196,7 +151,7 @@ def ppl_table(evals: Sequence[EvalResult]) -> Dict[str, Any]:
     """Per-domain perplexity of every eval, plus two summaries per column.
 
     mean_ppl: the token-weighted mean of the domain perplexities, sum(t_i ppl_i) / sum(t_i).
-    pooled_ppl: the perplexity over all validation tokens, exp(sum(t_i loss_i) / sum(t_i)).
+    pooled_ppl: the perplexity over all evaluated tokens, exp(sum(t_i loss_i) / sum(t_i)).
     """
     if not evals:
         raise ValueError("no eval results given; pass --eval NAME=result.json at least once")
@@ -208,12 +163,13 @@ def ppl_table(evals: Sequence[EvalResult]) -> Dict[str, Any]:
         if sorted(e.domains) != sorted(domains):
             raise ValueError(f"{e.path} has domains {e.domains} but {evals[0].path} has "
                              f"{domains}; evaluate every checkpoint on the same manifest")
+    check_same_samples(evals)
     table: Dict[str, Any] = {"domains": list(domains), "columns": names, "ppl": {}, "loss": {},
                              "tokens": {}, "mean_ppl": {}, "pooled_ppl": {}}
     for e in evals:
         total = sum(e.tokens[d] for d in domains)
         if total <= 0:
-            raise ValueError(f"{e.path}: the domains hold no validation tokens")
+            raise ValueError(f"{e.path}: the domains hold no evaluated tokens")
         table["ppl"][e.name] = {d: e.ppl[d] for d in domains}
         table["loss"][e.name] = {d: e.loss[d] for d in domains}
         table["tokens"][e.name] = {d: e.tokens[d] for d in domains}
@@ -322,8 +278,11 @@ def assemble(evals: Sequence[EvalResult], runs: Sequence[RunRecords],
     table = ppl_table(evals)
     ddk_run = next((r for r in runs if r.name.lower() == ddk.lower()), None)
     col = {c.lower(): c for c in table["columns"]}
+    first = evals[0]
     return {
         "title": title,
+        "evaluation": {"split": first.split, "seq_length": first.seq_length,
+                       "samples": dict(first.samples), "fingerprints": dict(first.fingerprints)},
         "inputs": {"eval": {e.name: e.path for e in evals},
                    "run": {r.name: r.run_dir for r in runs}},
         "table": table,
@@ -362,7 +321,14 @@ def _md_table(rep: Dict[str, Any]) -> List[str]:
     rows = [[d] + [_ppl(t["ppl"][c][d]) for c in t["columns"]] for d in t["domains"]]
     rows.append(["**mean (token-weighted)**"] + [_ppl(t["mean_ppl"][c]) for c in t["columns"]])
     rows.append(["pooled ppl (all tokens)"] + [_ppl(t["pooled_ppl"][c]) for c in t["columns"]])
-    out = ["## Per-domain validation perplexity (lower is better)", ""]
+    ev = rep["evaluation"]
+    role = ("held out: never read by training or DDK" if ev["split"] == "test" else
+            "DDK's steering set: the DDK runs chose their weights on it")
+    counts = sorted(set(ev["samples"].values()))
+    out = [f"## Per-domain {ev['split']} perplexity (lower is better)", "",
+           f"Every column is evaluated on the same **{ev['split']}** split ({role}): "
+           f"{'/'.join(map(str, counts))} samples x {ev['seq_length']} tokens per domain, the "
+           "same samples in every evaluation (checked by their fingerprints).", ""]
     out += _rows(["domain"] + t["columns"], rows)
     out += ["", "mean (token-weighted) = sum(tokens x ppl) / sum(tokens); pooled ppl = "
             "exp(sum(tokens x loss) / sum(tokens)).", ""]

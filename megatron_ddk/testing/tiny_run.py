@@ -36,8 +36,10 @@ def run_tool(args: List[str], env: Optional[Dict[str, str]] = None, timeout: int
 
 
 def build_tiny_domains(folder: str, max_mb: float = 0.12, vocab_size: int = 512,
-                       valid_samples: int = 8, seq_length: int = 32) -> str:
-    """Corpus (4 real-text domains) -> tokenizer -> datasets -> manifest; returns its path."""
+                       valid_samples: int = 8, seq_length: int = 32,
+                       test_samples: Optional[int] = None) -> str:
+    """Corpus (4 real-text domains) -> tokenizer -> train/valid/test datasets -> manifest;
+    returns its path. test_samples defaults to valid_samples (0: no test split)."""
     corpus = os.path.join(folder, "corpus")
     run_tool(["tools/build_demo_corpus.py", "--output-dir", corpus, "--max-mb", str(max_mb),
               "--min-mb", str(max_mb / 2), "--max-doc-kb", "8"])
@@ -45,7 +47,8 @@ def build_tiny_domains(folder: str, max_mb: float = 0.12, vocab_size: int = 512,
               os.path.join(folder, "datasets"), "--tokenizer-model",
               os.path.join(folder, "tokenizer", "tiny.model"), "--train-tokenizer",
               "--vocab-size", str(vocab_size), "--valid-samples", str(valid_samples),
-              "--valid-seq-length", str(seq_length), "--workers", "1"])
+              "--valid-seq-length", str(seq_length), "--workers", "1"]
+             + ([] if test_samples is None else ["--test-samples", str(test_samples)]))
     return os.path.join(folder, "datasets", "manifest.yaml")
 
 
@@ -55,8 +58,7 @@ def run_config(manifest: str, run_dir: str, *, teacher_load: Optional[str] = Non
     """A tiny run config (as plain data); `extra` is merged section by section."""
     cfg = {
         "model": dict(STUDENT),
-        "data": {"manifest": manifest, "seq_length": seq_length,
-                 "cache_dir": os.path.join(run_dir, "cache")},
+        "data": {"manifest": manifest, "seq_length": seq_length},  # cache: the manifest's
         "ddk": {"policy": policy, "interval": interval, "valid_samples_per_domain": 8},
         "train": {"micro_batch_size": 2, "global_batch_size": 8, "train_iters": train_iters,
                   "lr": 2.0e-3, "min_lr": 2.0e-4, "lr_warmup_iters": 2, "seed": 1234},

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -72,8 +71,8 @@ class DataParts:
     datasets: DomainDatasets
 
 
-def build_data(cfg: RunConfig, ctx: ParallelContext, valid_samples: int) -> DataParts:
-    """Load the manifest (tokenizer hash checked) and build every domain's datasets once."""
+def load_data_manifest(cfg: RunConfig):
+    """(manifest, tokenizer): the manifest loaded with its tokenizer's hash checked."""
     if not cfg.data.manifest:
         raise ValueError("data.manifest is not set: give the domain manifest YAML written by "
                          "tools/build_domains.py")
@@ -83,10 +82,15 @@ def build_data(cfg: RunConfig, ctx: ParallelContext, valid_samples: int) -> Data
         raise ValueError(f"{cfg.data.manifest}: tokenizer {manifest.tokenizer_model} has hash "
                          f"{found} but the manifest records {manifest.tokenizer_hash}; the data "
                          f"were preprocessed with another tokenizer: rebuild the domains")
-    tokenizer = build_tokenizer(manifest.tokenizer_model)
-    cache = cfg.data.cache_dir or os.path.join(cfg.logging.run_dir, "cache")
+    return manifest, build_tokenizer(manifest.tokenizer_model)
+
+
+def build_data(cfg: RunConfig, ctx: ParallelContext, valid_samples: int) -> DataParts:
+    """Load the manifest (tokenizer hash checked) and build every domain's train and valid
+    datasets once (never the test split). data.cache_dir None: the manifest's own cache."""
+    manifest, tokenizer = load_data_manifest(cfg)
     datasets = build_domain_datasets(manifest, tokenizer, cfg.data.seq_length, cfg.train.seed,
-                                     cache, valid_samples, group=None)
+                                     cfg.data.cache_dir, valid_samples, group=None)
     return DataParts(manifest, tokenizer, manifest.tokenizer_hash, manifest.vocab_size, datasets)
 
 

@@ -137,15 +137,17 @@ def train_main(config: str, overrides: List[str], load: Optional[str] = None) ->
     return _guard(run)
 
 
-def eval_main(config: str, overrides: List[str], load: str, output: Optional[str] = None) -> int:
-    """Per-domain validation CE / perplexity of a checkpoint; prints a table, writes JSON."""
+def eval_main(config: str, overrides: List[str], load: str, output: Optional[str] = None,
+              split: str = "test", samples: Optional[int] = None) -> int:
+    """Per-domain CE / perplexity of a checkpoint on a held-out split (test by default; valid
+    is DDK's steering set); prints a table, writes JSON (training/evaluation_command.py)."""
     def run():
         cfg = _prepare(config, list(overrides) + ["distill.teacher=null", "ddk.policy=static"], None)
         ctx = _start(cfg)
         try:
             from megatron_ddk.training.evaluation_command import evaluate_checkpoint
 
-            result = evaluate_checkpoint(cfg, ctx, load)
+            result = evaluate_checkpoint(cfg, ctx, load, split=split, num_samples=samples)
         finally:
             from megatron_ddk.parallel import destroy
 
@@ -162,8 +164,12 @@ def eval_main(config: str, overrides: List[str], load: str, output: Optional[str
 
 
 def format_table(result: dict) -> str:
-    """The eval result as a fixed-width table."""
-    lines = [f"{'domain':<24} {'loss':>8} {'ppl':>10} {'tokens':>10}"]
+    """The eval result as a fixed-width table (split and seq_length in its first line)."""
+    head = f"split {result.get('split')}, seq_length {result.get('seq_length')}"
+    if result.get("fingerprint"):
+        head += f", samples {result['fingerprint'][:19]}"
+    lines = [head, f"{'domain':<24} {'loss':>8} {'ppl':>10} {'samples':>8} {'tokens':>10}"]
     for name, r in result["domains"].items():
-        lines.append(f"{name:<24} {r['loss']:>8.4f} {r['ppl']:>10.3f} {int(r['tokens']):>10d}")
+        lines.append(f"{name:<24} {r['loss']:>8.4f} {r['ppl']:>10.3f} "
+                     f"{int(r.get('samples', 0)):>8d} {int(r['tokens']):>10d}")
     return "\n".join(lines)

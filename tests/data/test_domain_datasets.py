@@ -1,8 +1,11 @@
-"""Per-domain GPTDatasets: sample contents against the raw document stream, validation order,
-the shared index cache (reused, built on one rank while the other waits), and collation of a
+"""Per-domain GPTDatasets: sample contents against the raw document stream, validation and test
+order, the shared index cache (reused, built on one rank while the other waits, one per manifest
+by default, locked against concurrent runs, recovered after a killed build), and collation of a
 mixture batch into tensors."""
 
 import glob
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -10,7 +13,9 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_ddk.data.domain_datasets import build_domain_datasets
+from megatron_ddk.data.domain_datasets import (
+    build_domain_datasets, build_heldout_samples, cache_lock, default_cache_dir,
+)
 from megatron_ddk.data.manifest import DomainEntry, DomainManifest
 from megatron_ddk.data.mixture import IntervalMixture, collate, micro_batches_for_rank
 from megatron_ddk.testing import run_distributed
@@ -56,11 +61,15 @@ def make_manifest(folder, seed=0):
         valid = os.path.join(folder, f"{name}_valid")
         raw[valid] = _docs(rng, lo, hi, 10, 15)
         _write(valid, raw[valid])
+        test = os.path.join(folder, f"{name}_test")
+        raw[test] = _docs(rng, lo, hi, 9, 15)
+        _write(test, raw[test])
         domains.append(DomainEntry(
             name=name, train_prefixes=train, valid_prefix=valid,
             num_train_tokens=sum(len(d) for p in train for d in raw[p]),
             num_train_documents=12 * n_prefixes, num_valid_tokens=sum(map(len, raw[valid])),
-            num_valid_documents=10, initial_weight=None))
+            num_valid_documents=10, initial_weight=None, test_prefix=test,
+            num_test_tokens=sum(map(len, raw[test])), num_test_documents=9))
     manifest = DomainManifest(path="", tokenizer_model="", tokenizer_hash="sha256:0",
                               vocab_size=VOCAB, domains=domains)
     return manifest, raw
@@ -134,6 +143,139 @@ def test_two_ranks_share_one_cache(tmp_path):
     single = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, str(tmp_path / "c1"), 4)
     assert per_rank[0] == [[_window(t[i]) for i in range(len(t))] for t in single.train] + \
         [[_window(v[i]) for i in range(len(v))] for v in single.valid]
+
+
+def _windows(samples):
+    return [_window(samples[i]) for i in range(len(samples))]
+
+
+def test_test_split_follows_the_stream_and_training_never_reads_it(tmp_path):
+    manifest, raw = make_manifest(str(tmp_path))
+    cache = str(tmp_path / "cache")
+    for d in manifest.domains:  # training must not need the test files at all
+        for suffix in (".bin", ".idx"):
+            os.rename(d.test_prefix + suffix, d.test_prefix + suffix + ".away")
+    trained = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 6)
+    assert not glob.glob(os.path.join(cache, "*-test-*"))
+    for d in manifest.domains:
+        for suffix in (".bin", ".idx"):
+            os.rename(d.test_prefix + suffix + ".away", d.test_prefix + suffix)
+    test = build_heldout_samples(manifest, TinyTokenizer(), SEQ, cache, "test")
+    three = build_heldout_samples(manifest, TinyTokenizer(), SEQ, cache, "test", 3)
+    valid = build_heldout_samples(manifest, TinyTokenizer(), SEQ, cache, "valid", 6)
+    for d, entry in enumerate(manifest.domains):
+        n_all = (sum(map(len, raw[entry.test_prefix])) - 1) // SEQ  # all samples by default
+        want = _stream_windows(raw[entry.test_prefix], test[d].dataset.document_index, n_all)
+        assert _windows(test[d]) == want and _windows(three[d]) == want[:3]
+        ref = hashlib.sha256(b"".join(np.array(w, dtype=np.int64).tobytes() for w in want))
+        assert test[d].fingerprint() == "sha256:" + ref.hexdigest()
+        assert three[d].fingerprint() != test[d].fingerprint()
+        # valid for eval = the samples training evaluates on (fixed order, any run seed)
+        assert _windows(valid[d]) == _windows(trained.valid[d])
+        assert valid[d].fingerprint() != test[d].fingerprint()
+    assert glob.glob(os.path.join(cache, "*-GPTDataset-test-description.txt"))
+
+
+def test_test_split_of_a_manifest_without_one(tmp_path):
+    manifest, _ = make_manifest(str(tmp_path))
+    for d in manifest.domains:
+        d.test_prefix = d.num_test_tokens = d.num_test_documents = None
+    manifest.version, manifest.path = 1, str(tmp_path / "old.yaml")
+    with pytest.raises(ValueError, match=r"old\.yaml \(version 1\) has no test split: rebuild "
+                       r"it with tools/build_domains.py"):
+        build_heldout_samples(manifest, TinyTokenizer(), SEQ, str(tmp_path / "c"), "test")
+    assert len(build_heldout_samples(manifest, TinyTokenizer(), SEQ, str(tmp_path / "c"),
+                                     "valid", 2)[0]) == 2
+
+
+def test_default_cache_is_one_per_manifest(tmp_path):
+    manifest, _ = make_manifest(str(tmp_path))
+    with pytest.raises(ValueError, match="never saved.*set data.cache_dir"):
+        build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, None, 4)
+    manifest.path = str(tmp_path / "manifest.yaml")  # only its folder matters
+    assert default_cache_dir(manifest) == str(tmp_path / "cache")
+    build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, None, 4)
+    build_heldout_samples(manifest, TinyTokenizer(), SEQ, None, "test")
+    assert len(glob.glob(str(tmp_path / "cache" / "*description.txt"))) == 5 + 2
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check then
+        return
+    with pytest.raises(ValueError, match="cache folder .*ro/cache is not writable"):
+        build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, str(locked / "cache"), 4)
+
+
+def _wait_for(path):
+    import time
+
+    while not os.path.exists(path):
+        time.sleep(0.05)
+
+
+def _separate_runs(rank, world_size, manifest, root):
+    """Two separate runs (no process group) on one cache, in two phases.
+
+    A: rank 0 holds the cache lock for 3 s (a run building); rank 1 starts building the same
+    cache meanwhile. B: both start building a fresh cache at the same moment."""
+    import time
+
+    out = {}
+    cache = os.path.join(root, "a", "cache")
+    if rank == 0:
+        with cache_lock(cache):
+            open(os.path.join(root, "held"), "w").close()
+            time.sleep(3.0)
+            out["during"] = sorted(glob.glob(os.path.join(cache, "*.npy")))
+            out["released"] = time.time()
+    else:
+        _wait_for(os.path.join(root, "held"))
+        ds = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
+        out["finished"] = time.time()
+        out["a"] = [_windows(t) for t in ds.train] + [_windows(v) for v in ds.valid]
+    open(os.path.join(root, f"ready{rank}"), "w").close()
+    _wait_for(os.path.join(root, f"ready{1 - rank}"))
+    ds = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, os.path.join(root, "b"), 4)
+    out["b"] = [_windows(t) for t in ds.train] + [_windows(v) for v in ds.valid]
+    return out
+
+
+def test_separate_runs_share_a_cache_safely(tmp_path):
+    manifest, _ = make_manifest(str(tmp_path))
+    single = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, str(tmp_path / "c1"), 4)
+    reference = [_windows(t) for t in single.train] + [_windows(v) for v in single.valid]
+    first, second = run_distributed(_separate_runs, 2, manifest, str(tmp_path), timeout=300)
+    # A: the waiting run wrote nothing while the lock was held, then built the right indexes
+    assert first["during"] == [] and second["finished"] > first["released"]
+    assert second["a"] == reference
+    # B: two runs building at once both read complete, identical indexes
+    assert first["b"] == second["b"] == reference
+    assert len(glob.glob(str(tmp_path / "b" / "*description.txt"))) == 5
+    assert not os.path.exists(tmp_path / "b" / ".building")
+
+
+def test_build_killed_mid_write_is_cleaned_up(tmp_path):
+    """A builder killed while writing leaves a truncated index that looks like a cache hit;
+    the marker lets the next builder remove it and rebuild."""
+    manifest, _ = make_manifest(str(tmp_path))
+    cache = str(tmp_path / "cache")
+    build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
+    before = sorted(os.listdir(cache))
+    other = str(tmp_path / "other")
+    reference = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 6, other, 4)
+    with open(os.path.join(cache, ".building"), "w") as f:
+        json.dump(before, f)  # what a seed-6 builder would have recorded, then died
+    for name in os.listdir(other):
+        if name.startswith(".") or "-valid-" in name:
+            continue
+        data = open(os.path.join(other, name), "rb").read()
+        if name.endswith("shuffle_index.npy"):
+            data = data[:len(data) // 2]  # cut mid-write
+        with open(os.path.join(cache, name), "wb") as f:
+            f.write(data)
+    rebuilt = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 6, cache, 4)
+    assert [_windows(t) for t in rebuilt.train] == [_windows(t) for t in reference.train]
+    assert not os.path.exists(os.path.join(cache, ".building"))
 
 
 def test_collate_rank_slices_of_a_mixture_batch(tmp_path):

@@ -31,18 +31,21 @@ def _dataset(prefix: str, docs) -> None:
 def built(tmp_path):
     """A saved two-domain manifest over real datasets; returns (path, manifest)."""
     root = tmp_path / "data"
-    sizes = {"code": ([[1, 2, 3], [4, 5]], [[6, 7]]),
-             "prose": ([[1] * 10, [2] * 5, [3] * 5], [[9, 9, 9]])}
+    sizes = {"code": ([[1, 2, 3], [4, 5]], [[6, 7]], [[8, 8], [8]]),
+             "prose": ([[1] * 10, [2] * 5, [3] * 5], [[9, 9, 9]], [[7] * 4])}
     domains = []
-    for name, (train_docs, valid_docs) in sizes.items():
+    for name, (train_docs, valid_docs, test_docs) in sizes.items():
         train, valid = str(root / name / "train"), str(root / name / "valid")
+        test = str(root / name / "test")
         _dataset(train, train_docs)
         _dataset(valid, valid_docs)
+        _dataset(test, test_docs)
         domains.append(DomainEntry(
             name=name, train_prefixes=[train], valid_prefix=valid,
             num_train_tokens=sum(map(len, train_docs)), num_train_documents=len(train_docs),
             num_valid_tokens=sum(map(len, valid_docs)), num_valid_documents=len(valid_docs),
-            initial_weight=0.25 if name == "code" else None))
+            initial_weight=0.25 if name == "code" else None, test_prefix=test,
+            num_test_tokens=sum(map(len, test_docs)), num_test_documents=len(test_docs)))
     tok = tmp_path / "tok" / "t.model"
     tok.parent.mkdir()
     tok.write_bytes(b"x")
@@ -56,8 +59,10 @@ def built(tmp_path):
 def test_round_trip_and_relative_paths(built):
     path, manifest = built
     raw = yaml.safe_load(open(path))
-    assert raw["version"] == 1
+    assert raw["version"] == 2
     assert raw["domains"][0]["train_prefixes"] == ["code/train"]  # inside: relative
+    assert raw["domains"][0]["test_prefix"] == "code/test"
+    assert (raw["domains"][0]["num_test_tokens"], raw["domains"][0]["num_test_documents"]) == (3, 2)
     assert raw["tokenizer"]["model"] == "../tok/t.model"  # sibling folder: still relative
     assert raw["domains"][1]["initial_weight"] is None
     loaded = load_manifest(path, expected_tokenizer_hash=HASH)
@@ -101,7 +106,20 @@ def _edit(path, fn):
 @pytest.mark.parametrize("edit, pattern", [
     (lambda r: r.update(extra=1), r"top level: unknown key\(s\) \['extra'\]"),
     (lambda r: r.pop("tokenizer"), r"top level: missing key\(s\) \['tokenizer'\]"),
-    (lambda r: r.update(version=2), r"version: is 2"),
+    (lambda r: r.update(version=3), r"version: is 3; this code reads versions \[1, 2\]"),
+    (lambda r: r.update(version=1), r"domains\[0\] \(code\): \['test_prefix', "
+     r"'num_test_tokens', 'num_test_documents'\] need manifest version 2"),
+    (lambda r: r["domains"][1].pop("num_test_documents"),
+     r"domains\[1\] \(prose\): has \['test_prefix', 'num_test_tokens'\] but not "
+     r"\['num_test_documents'\]"),
+    (lambda r: [r["domains"][1].pop(k) for k in ("test_prefix", "num_test_tokens",
+                                                  "num_test_documents")],
+     r"domains: only \['code'\] have a test split; every domain needs one or none does"),
+    (lambda r: r["domains"][0].update(num_test_tokens=0),
+     r"domains\[0\] \(code\).num_test_tokens: is 0: the test set is empty"),
+    (lambda r: r["domains"][1].update(num_test_tokens=5),
+     r"domains \(prose\).num_test_tokens: says 5 but the datasets hold 4; the manifest is "
+     r"stale"),
     (lambda r: r["tokenizer"].update(merges="m"), r"tokenizer: unknown key\(s\) \['merges'\]"),
     (lambda r: r["tokenizer"].update(hash="md5:1"), r"tokenizer.hash: expected 'sha256:<hex>'"),
     (lambda r: r["domains"][0].update(wieght=1), r"domains\[0\]: unknown key\(s\) \['wieght'\]"),
@@ -131,6 +149,44 @@ def test_missing_dataset_file(built, suffix):
     with pytest.raises(ValueError, match=r"manifest .*: domains \(prose\).valid_prefix: file "
                        rf".*prose/valid\{suffix} does not exist"):
         load_manifest(path)
+
+
+def test_missing_test_dataset_file(built):
+    path, manifest = built
+    os.remove(manifest.domains[0].test_prefix + ".bin")
+    with pytest.raises(ValueError, match=r"domains \(code\).test_prefix: file .*code/test\.bin "
+                       "does not exist"):
+        load_manifest(path)
+
+
+def test_version_1_manifest_is_read_without_a_test_split(built):
+    """A manifest written before the test split existed still trains and evaluates on valid;
+    asking it for its test split is an error saying how to get one."""
+    path, _ = built
+
+    def to_v1(raw):
+        raw["version"] = 1
+        for d in raw["domains"]:
+            for key in ("test_prefix", "num_test_tokens", "num_test_documents"):
+                d.pop(key)
+
+    _edit(path, to_v1)
+    loaded = load_manifest(path)
+    assert loaded.version == 1 and not loaded.has_test_split()
+    assert all(d.test_prefix is None and d.num_test_tokens is None for d in loaded.domains)
+    loaded.require_split("valid")
+    assert loaded.domains[0].heldout_prefix("valid") == loaded.domains[0].valid_prefix
+    with pytest.raises(ValueError, match=r"manifest .*manifest\.yaml \(version 1\) has no test "
+                       r"split: rebuild it with tools/build_domains.py .* --split valid"):
+        loaded.require_split("test")
+    with pytest.raises(ValueError, match="domain code has no test split"):
+        loaded.domains[0].heldout_prefix("test")
+    with pytest.raises(ValueError, match=r"unknown split 'train'"):
+        loaded.require_split("train")
+    save_manifest(loaded, path)  # re-saved: version 2 without test keys, still loads
+    raw = yaml.safe_load(open(path))
+    assert raw["version"] == 2 and "test_prefix" not in raw["domains"][0]
+    assert not load_manifest(path).has_test_split()
 
 
 def test_tokenizer_hash_mismatch_names_both_hashes(built):

@@ -177,8 +177,8 @@ def _simulator():
 
 
 def _totals(text):
-    lines = text.split("totals:")[1].strip().splitlines()[1:]
-    return {ln.split()[0]: int(ln.split()[1]) for ln in lines}
+    block = text.split("totals:")[1].strip().split("\n\n")[0]  # up to the next blank line
+    return {ln.split()[0]: int(ln.split()[1]) for ln in block.splitlines()[1:]}
 
 
 def test_simulator_consumption(tmp_path, capsys):
@@ -195,3 +195,37 @@ def test_simulator_consumption(tmp_path, capsys):
     sim.main(["--domains", "x=7,y=50", "--weights", str(hist), "--steps", "6",
               "--interval", "2", "--global-batch-size", "5"])
     assert _totals(capsys.readouterr().out) == {"x": 10 + 5 + 5, "y": 5 + 5}
+
+
+def test_simulator_replays_interval_records_only(tmp_path, capsys):
+    """Step and end records carry weights too; only interval records are intervals, and a
+    resumed run's repeated interval counts once (its last record)."""
+    sim = _simulator()
+    recs = [{"kind": "interval", "interval": 0, "step": 0, "weights": [1.0, 0.0],
+             "domains": ["x", "y"]},
+            {"kind": "step", "step": 1, "weights": [0.5, 0.5]},
+            {"kind": "interval", "interval": 1, "step": 2, "weights": [0.2, 0.8],
+             "domains": ["x", "y"]},
+            {"kind": "step", "step": 3, "weights": [0.5, 0.5]},
+            {"kind": "interval", "interval": 1, "step": 2, "weights": [0.0, 1.0],
+             "domains": ["x", "y"]},  # resumed at the boundary: logged again
+            {"kind": "step", "step": 4, "weights": [0.5, 0.5]},
+            {"kind": "end", "step": 4, "weights": [0.5, 0.5]}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    sim.main(["--domains", "x=100,y=100", "--weights", str(path), "--steps", "4",
+              "--interval", "2", "--global-batch-size", "5"])
+    # interval 0: 2 steps x 5 samples all x; interval 1: all y
+    assert _totals(capsys.readouterr().out) == {"x": 10, "y": 10}
+    # the domains are matched by name, whatever order --domains lists them in
+    sim.main(["--domains", "y=100,x=100", "--weights", str(path), "--steps", "4",
+              "--interval", "2", "--global-batch-size", "5"])
+    assert _totals(capsys.readouterr().out) == {"y": 10, "x": 10}
+    steps_only = tmp_path / "steps.jsonl"
+    steps_only.write_text(json.dumps(recs[1]) + "\n" + json.dumps(recs[3]) + "\n")
+    with pytest.raises(SystemExit, match="no interval records"):
+        sim.main(["--domains", "x=100,y=100", "--weights", str(steps_only), "--steps", "4",
+                  "--interval", "2", "--global-batch-size", "5"])
+    with pytest.raises(SystemExit, match=r"no weight for domain\(s\) \['z'\]"):
+        sim.main(["--domains", "x=100,z=100", "--weights", str(path), "--steps", "4",
+                  "--interval", "2", "--global-batch-size", "5"])

@@ -158,6 +158,11 @@ def test_select_validation_documents(seed):
     assert lengths[got].sum() == total >= target
     with pytest.raises(ValueError, match="validation needs .* nothing would be left"):
         select_validation_documents(lengths, int(lengths.sum()), seed)
+    # the valid half of the train/valid/test split is this same selection
+    from megatron_ddk.data.heldout import HeldOutSpec, plan_split
+
+    spec = HeldOutSpec(1, target - 1, 0, 1, max_heldout_share=0.99)  # exactly target tokens
+    assert plan_split(lengths, spec, seed)[0].tolist() == ref
 
 
 def test_build_domain_split_is_disjoint_and_complete(tmp_path, tiny_tokenizer, make_jsonl,
@@ -165,17 +170,23 @@ def test_build_domain_split_is_disjoint_and_complete(tmp_path, tiny_tokenizer, m
     texts = [f"doc {i}: " + t for i, t in enumerate(make_texts(60, seed=3))]
     src = make_jsonl(tmp_path / "dom.jsonl", texts)
     entry = build_domain("dom", [src], str(tmp_path / "out"), tiny_tokenizer,
-                         valid_samples=4, valid_seq_length=31, workers=2)
+                         valid_samples=4, valid_seq_length=31, workers=2, test_samples=3,
+                         test_seq_length=15)
     sp = sentencepiece.SentencePieceProcessor(model_file=tiny_tokenizer)
     train = [sp.decode(d[:-1].tolist()) for d in _read(entry.train_prefixes[0])]
     valid = [sp.decode(d[:-1].tolist()) for d in _read(entry.valid_prefix)]
-    assert not set(train) & set(valid)
-    assert sorted(train + valid) == sorted(texts)
+    test = [sp.decode(d[:-1].tolist()) for d in _read(entry.test_prefix)]
+    assert not set(train) & set(valid) and not set(train) & set(test)
+    assert not set(valid) & set(test)
+    assert sorted(train + valid + test) == sorted(texts)
     assert train == [t for t in texts if t in set(train)]  # original order kept
-    assert entry.num_valid_tokens >= 4 * 32
+    assert entry.num_valid_tokens >= 4 * 32 and entry.num_test_tokens >= 3 * 16
     assert entry.num_valid_documents == len(valid) and entry.num_train_documents == len(train)
+    assert entry.num_test_documents == len(test)
     assert entry.num_train_tokens == sum(len(sp.encode(t)) + 1 for t in train)
+    assert entry.num_test_tokens == sum(len(sp.encode(t)) + 1 for t in test)
     assert sorted(os.listdir(tmp_path / "out" / "dom")) == [
+        "test_text_document.bin", "test_text_document.idx",
         "train_text_document.bin", "train_text_document.idx",
         "valid_text_document.bin", "valid_text_document.idx"]
 
@@ -185,7 +196,9 @@ def test_build_domain_errors(tmp_path, tiny_tokenizer, make_jsonl):
     with pytest.raises(ValueError, match="domain empty is empty"):
         build_domain("empty", [empty], str(tmp_path / "out"), tiny_tokenizer, 1, 8)
     small = make_jsonl(tmp_path / "small.jsonl", ["a few words"] * 3)
-    with pytest.raises(ValueError, match="domain small: validation needs 4097 tokens"):
+    with pytest.raises(ValueError, match=r"domain small: the held-out sets need valid 1 x 4097 "
+                       r"\+ test 1 x 4097 = 8194 tokens but the domain has \d+ tokens in 3 "
+                       r"documents.*no --valid-samples fits.*lower --valid-samples"):
         build_domain("small", [small], str(tmp_path / "out"), tiny_tokenizer, 1, 4096)
     assert not [f for f in os.listdir(tmp_path / "out" / "small") if f.endswith((".bin", ".idx"))]
 

@@ -47,7 +47,7 @@ def test_preprocess_data_cli(tmp_path, tiny_tokenizer, make_jsonl, make_texts):
 
 
 def _check_exact_decoding(manifest, corpus) -> None:
-    """Every document of every domain (train + valid) decodes to exactly one corpus text."""
+    """Every document of every domain (train + valid + test) decodes to exactly one corpus text."""
     import sentencepiece
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -56,7 +56,7 @@ def _check_exact_decoding(manifest, corpus) -> None:
         with open(corpus / f"{d.name}.jsonl", encoding="utf-8") as f:
             expected = sorted(json.loads(line)["text"] for line in f)
         decoded = []
-        for prefix in d.train_prefixes + [d.valid_prefix]:
+        for prefix in d.train_prefixes + [d.valid_prefix, d.test_prefix]:
             ds = IndexedDataset(prefix)
             for i in range(len(ds)):
                 ids = ds[i].tolist()
@@ -80,6 +80,7 @@ def test_demo_one_command_and_validation_too_large(tmp_path):
     model = str(demo / "tokenizer" / "ddk.model")
     assert manifest.tokenizer_hash == tokenizer_hash(model) and manifest.vocab_size == 1000
     assert all(d.num_valid_tokens >= 4 * 65 for d in manifest.domains)
+    assert all(d.num_test_tokens >= 4 * 65 for d in manifest.domains)  # test follows valid
     raw = yaml.safe_load(open(demo / "datasets" / "manifest.yaml"))  # relocatable: relative
     assert raw["tokenizer"]["model"] == "../tokenizer/ddk.model"
     assert raw["domains"][0]["valid_prefix"] == f"{raw['domains'][0]['name']}/valid_text_document"
@@ -89,5 +90,6 @@ def test_demo_one_command_and_validation_too_large(tmp_path):
                 "--output-dir", str(tmp_path / "big"), "--tokenizer-model", model,
                 "--domains", "licenses", "--valid-seq-length", "4096"])
     assert res.returncode != 0
-    assert "domain licenses: validation needs 2048500 tokens" in res.stderr
+    assert ("domain licenses: the held-out sets need valid 500 x 4097 + test 500 x 4097 = "
+            "4097000 tokens but its") in res.stderr  # from the file sizes, before tokenizing
     assert not os.path.exists(tmp_path / "big" / "manifest.yaml")

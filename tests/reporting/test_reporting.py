@@ -34,10 +34,23 @@ PPL = {  # the report's columns, in order
 }
 
 
-def write_eval(path, ppls, tokens=TOKENS, domains=DOMAINS):
-    doms = {d: {"loss": math.log(p), "ppl": p, "tokens": t}
-            for d, p, t in zip(domains, ppls, tokens)}
-    path.write_text(json.dumps({"checkpoint": "x", "iteration": 1, "domains": doms}))
+SEQ = 100
+
+
+def write_eval(path, ppls, tokens=TOKENS, domains=DOMAINS, changes=None):
+    """An eval result as `megatron-ddk eval` writes it (tokens = samples x seq_length); changes
+    edit top-level fields, or a domain's with keys 'domain.field' (None deletes)."""
+    doms = {d: {"loss": math.log(p), "ppl": p, "tokens": t, "samples": t // SEQ,
+                "fingerprint": f"sha256:{d * 8}"} for d, p, t in zip(domains, ppls, tokens)}
+    data = {"format": 2, "checkpoint": "x", "iteration": 1, "split": "test",
+            "seq_length": SEQ, "fingerprint": "sha256:all", "domains": doms}
+    for key, value in (changes or {}).items():
+        where, name = (doms[key.split(".")[0]], key.split(".")[1]) if "." in key else (data, key)
+        if value is None:
+            where.pop(name)
+        else:
+            where[name] = value
+    path.write_text(json.dumps(data))
     return str(path)
 
 
@@ -254,3 +267,50 @@ def test_resumed_run_repeats_an_interval(tmp_path):
     run = load_run(folder)
     assert [r["interval"] for r in run.intervals] == [0, 1]
     assert weight_direction(run)["weights_after"] == [0.4, 0.4, 0.2]
+
+
+@pytest.mark.parametrize("changes, field, mine, theirs", [
+    ({"split": "valid"}, "split", "'valid'", "'test'"),
+    ({"seq_length": 256}, "seq_length", "256", "100"),
+    ({"b.samples": 2}, "domains.b.samples", "2", "3"),
+    ({"c.fingerprint": "sha256:other"}, "domains.c.fingerprint", "'sha256:other'",
+     "'sha256:cccccccc'"),
+])
+def test_refuses_evaluations_on_other_samples(tmp_path, capsys, changes, field, mine, theirs):
+    ref = write_eval(tmp_path / "teacher.json", PPL["teacher"])
+    other = write_eval(tmp_path / "kd.json", PPL["KD"], changes=changes)
+    out = tmp_path / "o" / "report.md"
+    assert make_report.main(["--out", str(out), "--eval", f"teacher={ref}",
+                             "--eval", f"KD={other}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other} (KD) was evaluated on other samples than {ref} (teacher): {field}" in err
+    assert f"is {mine} there but {theirs} here" in err
+    assert "same --split, --samples and data.seq_length" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("missing", ["split", "seq_length", "a.samples", "b.fingerprint"])
+def test_refuses_an_eval_that_records_no_samples(tmp_path, capsys, missing):
+    ref = write_eval(tmp_path / "teacher.json", PPL["teacher"])
+    old = write_eval(tmp_path / "old.json", PPL["KD"], changes={missing: None})
+    assert make_report.main(["--out", str(tmp_path / "r.md"), "--eval", f"T={ref}",
+                             "--eval", f"O={old}"]) == 2
+    err = capsys.readouterr().err
+    name = missing if "." not in missing else "domains." + missing
+    assert f"{old}: records no {name}" in err and "re-run megatron-ddk eval" in err
+
+
+def test_report_states_its_split(report, tmp_path):
+    path, rep = report
+    assert rep["evaluation"]["split"] == "test" and rep["evaluation"]["seq_length"] == SEQ
+    assert rep["evaluation"]["samples"] == {"a": 1, "b": 3, "c": 6}
+    text = path.read_text()
+    assert "## Per-domain test perplexity (lower is better)" in text
+    assert "same **test** split (held out: never read by training or DDK): 1/3/6 samples x " \
+           "100 tokens per domain" in text
+    valid = [f"{n}={write_eval(tmp_path / f'{n}.json', p, changes={'split': 'valid'})}"
+             for n, p in PPL.items()]
+    out = tmp_path / "v" / "report.md"
+    assert make_report.main(["--out", str(out)] + sum((["--eval", e] for e in valid), [])) == 0
+    assert "## Per-domain valid perplexity" in out.read_text()
+    assert "DDK's steering set" in out.read_text()
