@@ -153,14 +153,21 @@ install_step() {
 megatron.core.__version__)"
 }
 
+# stop early: still leave a report saying how far it got (the writer needs only the standard library)
+stop() {
+  "$PYTHON" "$ROOT/bench/gpu_check_report.py" "$OUT" >/dev/null 2>&1 || true
+  echo "gpu_check: $2; report $OUT/report.md" >&2
+  exit "$1"
+}
+
 export -f host_step install_step
 export OUT PYTHON VENV VPY WHEELS ROOT
-run_step host 15 bash -c host_step || { echo "gpu_check: this host cannot run the check" >&2; exit 2; }
+run_step host 15 bash -c host_step || stop 2 "this host cannot run the check"
 TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
 PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 run_step wheels 30 "$PYTHON" "$ROOT/tools/check_wheels.py" check "$WHEELS" \
-  --python-version "$PY_VERSION" --torch-version "$TORCH_VERSION" || exit 1
-run_step install 80 bash -c install_step || exit 1
+  --python-version "$PY_VERSION" --torch-version "$TORCH_VERSION" || stop 1 "incomplete wheel folder"
+run_step install 80 bash -c install_step || stop 1 "the install failed"
 
 cd "$ROOT"
 run_step gpu_tests 170 "$VPY" -m pytest -q -p no:cacheprovider --timeout 160 \

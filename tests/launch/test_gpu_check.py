@@ -189,3 +189,14 @@ def test_precision_check_runs_on_cpu(tmp_path):
     # the logits differ by about one bf16 rounding of relative size u = 2^-8, not by more
     for model in ("student", "teacher"):
         assert 2.0 ** -12 < r["logits_rel_l2"][model] < 2.0 ** -5
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="would run the real check")
+def test_real_run_on_a_cpu_host_stops_at_once_with_a_report(tmp_path):
+    wheels = make_folder(str(tmp_path / "wheels"))
+    out = tmp_path / "out"
+    proc = _run(["bash", SCRIPT, "--wheels", wheels, "--out", str(out)], timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "this host cannot run the check" in proc.stderr
+    assert (out / "steps.tsv").read_text().startswith("host\t")
+    assert "Result: FAILED: host" in (out / "report.md").read_text()
