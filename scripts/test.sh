@@ -6,6 +6,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=scripts/setup_env.sh disable=SC1091
 source "$ROOT/scripts/setup_env.sh" test
+# Lint first: pyflakes + import order + no print() in the package (ruff, pyproject.toml) and
+# design.md's import layers (import-linter). Either failing fails the script.
+echo "[test] ruff check" >&2
+ruff check .
+echo "[test] lint-imports (design.md layers)" >&2
+lint-imports
 start=$(date +%s)
 python -m pytest tests "$@"
 echo "[test] pytest wall time: $(( $(date +%s) - start )) s"

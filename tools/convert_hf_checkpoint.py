@@ -28,8 +28,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ddk.console import run_or_exit  # noqa: E402
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -40,6 +38,8 @@ from dataclasses import dataclass, replace  # noqa: E402
 from typing import Dict, List, Optional  # noqa: E402
 
 import yaml  # noqa: E402
+
+from megatron_ddk.console import run_or_exit  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
 

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from megatron_ddk.config.loader import ConfigError
 from megatron_ddk.config.pipeline_split import pair_split_errors as pipeline_pair_errors
-from megatron_ddk.config.pipeline_split import pipeline_stage_layers, split_errors
+from megatron_ddk.config.pipeline_split import split_errors
 from megatron_ddk.config.ranges import range_errors
 from megatron_ddk.config.schema import ModelConfig, RunConfig
 

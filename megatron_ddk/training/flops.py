@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.config.optional import have_cuda
+from megatron_ddk.config.schema import ModelConfig
 
 # dense bf16 peak FLOP/s per device (NVIDIA data sheets)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}

@@ -11,8 +11,15 @@ import pytest
 
 from megatron_ddk.config import load_config
 from megatron_ddk.config.schema import ModelConfig
-from megatron_ddk.models.memory import (GIB, Layout, layer_activation_bytes, model_params,
-                                        plan_stages, stage_layers, student_activation_bytes)
+from megatron_ddk.models.memory import (
+    GIB,
+    Layout,
+    layer_activation_bytes,
+    model_params,
+    plan_stages,
+    stage_layers,
+    student_activation_bytes,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESETS = os.path.join(ROOT, "examples", "presets")

@@ -133,8 +133,8 @@ def _mean_loss(ctx, reports, nmb):
 def _build_pair(ctx, ck, which):
     from megatron_ddk.models.build import build_gpt_model
     from megatron_ddk.models.checkpoint import load_model
-    from megatron_ddk.models.pair import DistillationPair
     from megatron_ddk.models.memory import stage_params
+    from megatron_ddk.models.pair import DistillationPair
     from megatron_ddk.models.teacher import build_teacher
 
     student = build_gpt_model(_student_cfg(), ctx, VOCAB)
@@ -208,7 +208,6 @@ def _check_student_checkpoint(ctx, ck, pair):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron_ddk.models.checkpoint import load_model, save_model
-    from megatron_ddk.models.pair import DistillationPair
 
     sharded = pair.sharded_state_dict()
     assert set(sharded) == set(pair.student.sharded_state_dict())
