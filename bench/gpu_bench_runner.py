@@ -18,7 +18,6 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-
 from gpu_bench_models import SyntheticDomain, predicted_peak_bytes, train_batches
 
 

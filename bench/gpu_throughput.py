@@ -44,8 +44,7 @@ for _path in (ROOT, BENCH):  # the package, and the sibling bench modules
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from gpu_bench_models import (PAIRS, copy_weights, logit_error, model_configs,  # noqa: E402,F401
-                              num_params)
+from gpu_bench_models import PAIRS, copy_weights, logit_error, model_configs, num_params  # noqa: E402,F401
 from gpu_bench_runner import Row, free, stage  # noqa: E402
 
 NO_GPU = ("bench/gpu_throughput.py measures tokens/s and MFU on one CUDA GPU, and this host has "

@@ -15,7 +15,6 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
