@@ -131,7 +131,11 @@ def export_checkpoint(load: str, out: str, *, tokenizer: Optional[str] = None,
     ctx: an initialised world-1 ParallelContext (tests); None starts (and ends) one here.
     """
     from megatron_ddk.data.hf_tokenizer import (
-        sample_texts, tokenizer_size, verify_hf_tokenizer, write_hf_tokenizer)
+        sample_texts,
+        tokenizer_size,
+        verify_hf_tokenizer,
+        write_hf_tokenizer,
+    )
     from megatron_ddk.models import hf
     from megatron_ddk.models import hf_export as wx
     from megatron_ddk.models.checkpoint import read_metadata, resolve_checkpoint

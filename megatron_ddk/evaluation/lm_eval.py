@@ -38,8 +38,8 @@ def require_lm_eval():
     """The lm_eval module, or a ValueError naming the extra to install."""
     try:
         import lm_eval  # noqa: F401
-        from lm_eval.tasks import TaskManager  # noqa: F401
         import lm_eval.models.huggingface  # noqa: F401
+        from lm_eval.tasks import TaskManager  # noqa: F401
     except ImportError as err:
         raise ValueError(f"lm-evaluation-harness is not installed ({err}); {EXTRA_HINT}") from None
     return lm_eval

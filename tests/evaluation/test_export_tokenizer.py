@@ -41,8 +41,12 @@ def _test_texts(manifest, n=3):
 def test_autotokenizer_reproduces_the_sentencepiece_ids(student, tmp_path):
     from transformers import AutoTokenizer
 
-    from megatron_ddk.data.hf_tokenizer import (SAMPLE_TEXTS, resolve_tokenizer,
-                                                verify_hf_tokenizer, write_hf_tokenizer)
+    from megatron_ddk.data.hf_tokenizer import (
+        SAMPLE_TEXTS,
+        resolve_tokenizer,
+        verify_hf_tokenizer,
+        write_hf_tokenizer,
+    )
 
     sp = _sp(student["tokenizer"])
     tok = AutoTokenizer.from_pretrained(student["hf"])
