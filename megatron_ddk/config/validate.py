@@ -138,7 +138,8 @@ def train_iters(cfg: RunConfig) -> Optional[int]:
 def _distill_checks(cfg: RunConfig) -> List[str]:
     d, k, errs = cfg.distill, cfg.ddk, []
     if d.teacher is not None and not d.teacher_load:
-        errs.append("distill.teacher is set but distill.teacher_load is empty; give the teacher's "
+        errs.append(f"distill.teacher is {'set' if isinstance(d.teacher, ModelConfig) else d.teacher}"
+                    " but distill.teacher_load is empty; give the teacher's "
                     "checkpoint folder")
     if d.gamma < 0:
         errs.append(f"distill.gamma={d.gamma}: must be >= 0")
@@ -192,6 +193,8 @@ def _misc_checks(cfg: RunConfig) -> List[str]:
 def static_errors(cfg: RunConfig, world_size: Optional[int] = None) -> List[str]:
     """All static problems of a config (empty list when it is valid)."""
     teacher = cfg.distill.teacher
+    if not isinstance(teacher, ModelConfig):  # None, or from_checkpoint not yet resolved
+        teacher = None  # (models/teacher_config.resolve_teacher runs before these checks)
     errs = _model_checks(cfg.model, "model", cfg, check_split=teacher is None)
     if teacher is not None:
         errs += _model_checks(teacher, "distill.teacher", cfg, check_split=False)
