@@ -130,19 +130,24 @@ def _two_rank_build(rank, world_size, manifest, cache):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     ds = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4,
                                group=torch.distributed.group.WORLD)
+    test = build_heldout_samples(manifest, TinyTokenizer(), SEQ, cache, "test", 5,
+                                 group=torch.distributed.group.WORLD)  # eval's path at DP=2
     return [[_window(t[i]) for i in range(len(t))] for t in ds.train] + \
-        [[_window(v[i]) for i in range(len(v))] for v in ds.valid]
+        [[_window(v[i]) for i in range(len(v))] for v in ds.valid] + \
+        [[_window(t[i]) for i in range(len(t))] for t in test]
 
 
 def test_two_ranks_share_one_cache(tmp_path):
     manifest, _ = make_manifest(str(tmp_path))
     cache = str(tmp_path / "cache")
-    per_rank = run_distributed(_two_rank_build, 2, manifest, cache, timeout=120)
+    per_rank = run_distributed(_two_rank_build, 2, manifest, cache, timeout=300)
     assert per_rank[0] == per_rank[1]
-    assert len(glob.glob(os.path.join(cache, "*description.txt"))) == 5
+    assert len(glob.glob(os.path.join(cache, "*description.txt"))) == 5 + 2  # + 2 test
     single = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, str(tmp_path / "c1"), 4)
+    test = build_heldout_samples(manifest, TinyTokenizer(), SEQ, str(tmp_path / "c1"), "test", 5)
     assert per_rank[0] == [[_window(t[i]) for i in range(len(t))] for t in single.train] + \
-        [[_window(v[i]) for i in range(len(v))] for v in single.valid]
+        [[_window(v[i]) for i in range(len(v))] for v in single.valid] + \
+        [[_window(t[i]) for i in range(len(t))] for t in test]
 
 
 def _windows(samples):
