@@ -134,9 +134,15 @@ class PipelinePlan:
 
     def eval_config(self, model: str) -> Dict[str, Any]:
         """Run config that `megatron-ddk eval` reads for the teacher or the student."""
-        data = self._base(f"eval_{model}")
-        data["model"] = self._model_of(model)
+        if getattr(self.cfg, model).source == "pretrain":
+            data = self.pretrain_config(model)
+        else:  # eval trains nothing, but the static checks want a consistent budget
+            data = deep_merge(self._base(f"eval_{model}"),
+                              {"train": {"train_iters": 1, "lr_warmup_iters": 0}})
+            data["model"] = self._model_of(model)
+        data["logging"]["run_dir"] = os.path.join(self.out, "eval", "logs")
         data["checkpoint"] = {}
+        data["distill"] = {"teacher": None, "teacher_load": None}
         return data
 
     def write_config(self, name: str, data: Dict[str, Any]) -> str:
