@@ -3,8 +3,9 @@
     python tools/config_reference.py            # rewrite docs/configuration.md
     python tools/config_reference.py --check    # exit 1 if the page is out of date
 
-The docstrings under each field in megatron_ddk/config/schema.py are the reference; this page is
-generated from them so the two never disagree.
+The docstrings under each field in megatron_ddk/config/schema.py (run configs) and
+megatron_ddk/pipeline/config.py (pipeline configs) are the reference; this page is generated from
+them so the two never disagree.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import inspect
 import os
 import sys
 import typing
@@ -20,16 +22,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_ddk.config import schema  # noqa: E402
+from megatron_ddk.pipeline import config as pipeline  # noqa: E402
 
 SECTIONS = [("model", schema.ModelConfig), ("parallel", schema.ParallelConfig),
             ("data", schema.DataConfig), ("distill", schema.DistillConfig),
             ("ddk", schema.DDKConfig), ("train", schema.TrainConfig),
             ("checkpoint", schema.CheckpointConfig), ("logging", schema.LoggingConfig)]
+PIPELINE_SECTIONS = [("(top level)", pipeline.PipelineConfig), ("data", pipeline.DataSpec),
+                     ("tokenizer", pipeline.TokenizerSpec),
+                     ("teacher / student", pipeline.ModelStageSpec),
+                     ("arms[]", pipeline.ArmSpec), ("evaluation", pipeline.EvaluationSpec),
+                     ("export", pipeline.ExportSpec), ("lm_eval", pipeline.LmEvalSpec),
+                     ("launch", pipeline.LaunchSpec)]
 
 
 def field_docs(cls) -> dict:
     """{field name: docstring} read from the class source (the string after each field)."""
-    tree = ast.parse(open(schema.__file__).read())
+    tree = ast.parse(open(inspect.getsourcefile(cls)).read())
     node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
     docs, last = {}, None
     for stmt in node.body:
@@ -82,17 +91,28 @@ def render() -> str:
              "`megatron_ddk/config/schema.py`. A run is one YAML file with these sections; any",
              "field can be overridden on the command line as `section.field=value` (values are",
              "YAML). Unknown keys and ill-typed values are errors naming the field.", ""]
-    hints = {}
-    for section, cls in SECTIONS:
+    lines += _tables(SECTIONS, "##")
+    lines += ["# Pipeline config (`megatron-ddk pipeline`)", "",
+              "Generated from `megatron_ddk/pipeline/config.py`; see [pipeline.md](pipeline.md).",
+              "The `run`, `continuation` and `arms[].run` mappings hold run-config sections (the",
+              "tables above). Overrides: `key=value` for top-level fields, `section.key=value`.",
+              ""]
+    lines += _tables(PIPELINE_SECTIONS, "##")
+    return "\n".join(lines)
+
+
+def _tables(sections, level: str) -> list:
+    lines = []
+    for section, cls in sections:
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
-        lines += [f"## `{section}` — {cls.__doc__.strip().splitlines()[0]}", "",
+        lines += [f"{level} `{section}` — {cls.__doc__.strip().splitlines()[0]}", "",
                   "| field | type | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             lines.append(f"| `{f.name}` | `{_type(hints[f.name])}` | `{_default(f)}` | "
                          f"{docs.get(f.name, '')} |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:
