@@ -222,10 +222,17 @@ def cache_lock(cache_dir: str) -> Iterator[None]:
     interrupted build, and mark this build until it finishes."""
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        fd = os.open(os.path.join(cache_dir, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise ValueError(f"dataset cache folder {cache_dir} is not writable ({err.strerror}); "
+        raise ValueError(f"dataset cache folder {cache_dir} cannot be created ({err.strerror}); "
                          "set data.cache_dir to a folder every rank can write") from None
+    try:
+        fd = os.open(os.path.join(cache_dir, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:  # a read-only folder of prebuilt caches can still be read
+        logger.warning("dataset cache %s is not writable (%s): reading it without a lock; an "
+                       "index it lacks cannot be written there (set data.cache_dir)", cache_dir,
+                       err.strerror)
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -207,8 +207,29 @@ def test_default_cache_is_one_per_manifest(tmp_path):
     os.chmod(locked, 0o500)
     if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check then
         return
-    with pytest.raises(ValueError, match="cache folder .*ro/cache is not writable"):
+    with pytest.raises(ValueError, match="cache folder .*ro/cache cannot be created"):
         build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, str(locked / "cache"), 4)
+
+
+def test_read_only_prebuilt_cache_is_read_without_a_lock(tmp_path, monkeypatch, caplog):
+    manifest, _ = make_manifest(str(tmp_path))
+    cache = str(tmp_path / "cache")
+    first = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
+    os.remove(os.path.join(cache, ".lock"))
+    from megatron_ddk.data import domain_datasets
+
+    real_open = os.open
+
+    def refuse_lock(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(domain_datasets.os, "open", refuse_lock)
+    with caplog.at_level("WARNING"):
+        again = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
+    assert "is not writable (Permission denied): reading it without a lock" in caplog.text
+    assert [_windows(t) for t in again.train] == [_windows(t) for t in first.train]
 
 
 def _wait_for(path):
