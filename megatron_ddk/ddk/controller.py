@@ -1,6 +1,6 @@
 """DDKController: per-domain losses in, the next interval's mixture weights out (Algorithm 1).
 
-Algorithm 1 as this controller runs it (docs/ddk.md, ddk-algorithm.md):
+Algorithm 1 as this controller runs it (docs/ddk.md):
 
     interval 0 (step 0)   ratio_0 measured before the first step (validation signal)
                           r_0 = Eq. 1(ratio_0)   (training signal: nothing measured yet, r_0 = 1/N)

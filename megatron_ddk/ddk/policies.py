@@ -1,4 +1,4 @@
-"""The mixture policies of DDK and its ablations (ddk-algorithm.md, "Ablations").
+"""The mixture policies of DDK and its ablations (docs/ddk.md; the paper's ablations).
 
 Every policy has the same signature
 

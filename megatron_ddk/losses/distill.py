@@ -1,6 +1,6 @@
 """The distillation loss of Eq. 3 in Megatron-Core's loss_func contract, with per-domain sums.
 
-    loss = lm_loss + gamma * kd_loss              (ddk-algorithm.md, Eq. 3)
+    loss = lm_loss + gamma * kd_loss              (Eq. 3 of the DDK paper; docs/losses.md)
     loss = lm_loss + gamma * T^2 * kd_loss        (kl_t2_scaling: Hinton's convention)
 
 lm_loss is the student's cross entropy (temperature 1), kd_loss the unscaled KL between

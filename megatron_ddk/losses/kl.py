@@ -1,6 +1,6 @@
 """Vocab-parallel KL divergence and cross entropy over tensor-parallel vocabulary shards.
 
-Owns the per-token math of Eq. 3 (ddk-algorithm.md) on logits sharded over the vocabulary the way
+Owns the per-token math of Eq. 3 (docs/losses.md) on logits sharded over the vocabulary the way
 Megatron-Core's output layer shards them: rank r of the tensor-parallel group holds the contiguous
 columns [r * v/tp, (r + 1) * v/tp) of the (padded) vocabulary, logits shaped [s, b, v/tp].
 

@@ -57,7 +57,7 @@ def test_example_config_passes_static_checks(path):
 
 
 # The paper's settings (Liu et al., NeurIPS 2024, Sec. 4.1 and Algorithm 1, as transcribed in
-# ddk-algorithm.md), written here by hand, not read from any preset or config default.
+# docs/ddk.md), written here by hand, not read from any preset or config default.
 PAPER = {
     "ddk.policy": "ddk",                    # the full method
     "ddk.interval": 1000,                   # K, the distillation interval
