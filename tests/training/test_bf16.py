@@ -21,7 +21,8 @@ relative error uniform in [-u, u], rms u / sqrt(3)) and the reduction sizes:
   ||p - y||_2 <= sqrt(2): rms per token <= sqrt(2) * 2.8u * (rms_S + gamma (rms_S + rms_T)) for
   the CE + gamma KL. The mean over N independent tokens divides that by sqrt(N); LOSS tolerance =
   6 of those standard deviations, with the logits' rms measured in the run (loss_atol()).
-- Evaluation: per-domain CE means over 8 x 32 = 256 tokens, the same formula with gamma = 0.
+- Evaluation: per-domain CE means over each domain's validation tokens (>= 256), the same
+  formula with gamma = 0 and N = that domain's token count.
   The Eq. 1 weights r = softmax(ppl_S / ppl_T): |dr_i| <= 2 r_i max|d ratio| and
   |d ratio| <= 2 ratio x the evaluation tolerance.
 - TP=2 against TP=1, both bf16: two independent bf16 error realisations, sqrt(2) x the above.
@@ -54,11 +55,12 @@ GAMMA = DistillConfig().gamma
 TP_FACTOR = math.sqrt(2)
 
 
-def loss_atol(rms_student: float, rms_teacher: float, gamma: float = GAMMA) -> float:
-    """6 standard deviations of the bf16 error of a mean over TOKENS tokens (module docstring)."""
+def loss_atol(rms_student: float, rms_teacher: float, gamma: float = GAMMA,
+              tokens: int = TOKENS) -> float:
+    """6 standard deviations of the bf16 error of a mean over `tokens` tokens (module docstring)."""
     per_token = (math.sqrt(2) * math.sqrt(FORWARD_ROUNDINGS) * ROUNDING_RMS
                  * (rms_student + gamma * (rms_student + rms_teacher)))
-    return 6 * per_token / math.sqrt(TOKENS)
+    return 6 * per_token / math.sqrt(tokens)
 EXACT = ("loss", "lm_loss", "kd_loss", "lr", "grad_norm", "consumed_samples", "weights", "step")
 
 
@@ -315,10 +317,11 @@ def test_bf16_checkpoint_resumes_exactly(runs):
 def test_bf16_eval_matches_fp32_eval(runs):
     one = runs["one"]
     bf, fp = one["evals"]["eval_bf16"], one["evals"]["eval_fp32"]
-    atol = loss_atol(one["final_logits_rms"], 0.0, gamma=0.0)
-    assert bf.keys() == fp.keys() and len(bf) == 4
+    assert bf.keys() == fp.keys() and len(bf) >= 2
     for name in bf:
-        assert bf[name]["tokens"] == fp[name]["tokens"] == TOKENS
+        tokens = fp[name]["tokens"]
+        assert bf[name]["tokens"] == tokens >= TOKENS
+        atol = loss_atol(one["final_logits_rms"], 0.0, gamma=0.0, tokens=tokens)
         assert abs(bf[name]["loss"] - fp[name]["loss"]) < atol, (name, bf[name], fp[name], atol)
         assert bf[name]["loss"] != fp[name]["loss"], "bf16 evaluation gave exactly fp32's loss"
 
