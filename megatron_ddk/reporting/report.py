@@ -235,7 +235,10 @@ def weight_direction(run: RunRecords) -> Dict[str, Any]:
         return {"available": False,
                 "reason": f"{run.name} (policy {run.policy}) recorded no ppl ratio at interval 1"}
     names = run.domains
-    w0, w1 = recs[0]["weights"], recs[1]["weights"]
+    # Eq. 2 multiplies the prior r (interval 0: r_0 = Eq. 1), not the weights interval 0 was
+    # sampled with (D_0 follows ddk.initial_sampling): compare against r where it is recorded.
+    before_key = "r" if recs[0].get("r") is not None else "weights"
+    w0, w1 = recs[0][before_key], recs[1]["weights"]
     top = max(range(len(ratio)), key=lambda i: ratio[i])
     factor = [b / a if a > 0 else None for a, b in zip(w0, w1)]  # None: JSON has no inf
     psi = [math.exp(min(r, 700.0)) for r in ratio]
@@ -243,6 +246,7 @@ def weight_direction(run: RunRecords) -> Dict[str, Any]:
     return {
         "available": True, "run": run.name, "step": int(recs[1]["step"]),
         "domains": names, "ratio": list(ratio), "weights_before": list(w0),
+        "before": "r_0 (Eq. 1 prior)" if before_key == "r" else "interval 0 weights",
         "weights_after": list(w1), "factor": factor, "psi_over_r": psi,
         "max_ratio_domain": names[top],
         "weight_before": w0[top], "weight_after": w1[top], "delta": w1[top] - w0[top],
@@ -369,6 +373,7 @@ def _md_weights(rep: Dict[str, Any]) -> List[str]:
     top = wd["max_ratio_domain"]
     out += [f"After the first interval (step {wd['step']}) the highest student/teacher "
             f"perplexity ratio was on **{top}**. Its weight went from {wd['weight_before']:.4f} "
+            f"({wd.get('before', 'interval 0 weights')}) "
             f"to {wd['weight_after']:.4f} ({'rose' if wd['weight_rose'] else 'did not rise'}, "
             f"{wd['delta']:+.4f}); its factor w1/w0 was "
             f"{'the largest' if wd['largest_factor'] else 'not the largest'} of all domains, "
@@ -378,8 +383,9 @@ def _md_weights(rep: Dict[str, Any]) -> List[str]:
              f"{wd['weights_after'][i]:.4f}",
              "inf" if wd["factor"][i] is None else f"{wd['factor'][i]:.4f}",
              f"{wd['psi_over_r'][i]:.4g}"] for i, d in enumerate(wd["domains"])]
-    return out + _rows(["domain", "ratio ppl_S/ppl_T", "weight interval 0",
-                        "weight interval 1", "w1/w0", "exp(ratio)"], rows) + [""]
+    before = "r_0" if wd.get("before", "").startswith("r_0") else "weight interval 0"
+    return out + _rows(["domain", "ratio ppl_S/ppl_T", before, "weight interval 1",
+                        f"w1/{'r_0' if before == 'r_0' else 'w0'}", "exp(ratio)"], rows) + [""]
 
 
 def _md_timing(rep: Dict[str, Any]) -> List[str]:

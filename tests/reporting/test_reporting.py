@@ -185,18 +185,17 @@ def test_weight_direction_on_controller_records(tmp_path, initial):
     ctl.next_weights(4, [2.5, 2.9, 2.6])
     recs = [dict(h, kind="interval", domains=DOMAINS) for h in ctl.history]
     wd = weight_direction(load_run(write_run(tmp_path / "c", recs)))
-    w0 = ([1 / 3] * 3 if initial == "uniform" else
-          [math.exp(math.exp(s - 2.0)) for s in (3.0, 3.2, 3.1)])
-    w0 = [w / sum(w0) for w in w0]
     r0 = [math.exp(math.exp(s - 2.0)) for s in (3.0, 3.2, 3.1)]  # Eq. 1: the prior, always
+    r0 = [w / sum(r0) for w in r0]
     ratio = [math.exp(s - 2.0) for s in (2.5, 2.9, 2.6)]
-    psi = [w / sum(r0) * math.exp(r) for w, r in zip(r0, ratio)]
+    psi = [w * math.exp(r) for w, r in zip(r0, ratio)]
     w1 = [0.5 * p / sum(psi) + 0.5 / 3 for p in psi]
     assert wd["max_ratio_domain"] == "b"
-    assert wd["weights_after"] == pytest.approx(w1) and wd["weights_before"] == pytest.approx(w0)
-    assert wd["weight_rose"] == (w1[1] > w0[1])
-    if initial == "uniform":  # from uniform, the domain the student lags most must gain
-        assert wd["weight_rose"] and wd["largest_factor"]
+    # the update is compared with the prior it multiplies (r_0), whatever D_0 was drawn with
+    assert wd["weights_after"] == pytest.approx(w1) and wd["weights_before"] == pytest.approx(r0)
+    assert wd["before"].startswith("r_0")
+    assert wd["weight_rose"] == (w1[1] > r0[1]) and wd["weight_rose"]  # 0.474 > 0.440
+    assert wd["largest_factor"]
 
 
 def test_plot_run_static_and_overlay(tmp_path, capsys):
