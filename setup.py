@@ -42,6 +42,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ddk", "megatron_ddk.*"]),
+    package_data={"megatron_ddk.evaluation": ["tasks/*.yaml", "tasks/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["megatron-ddk=megatron_ddk.cli:main"]},

@@ -49,6 +49,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="an eval result JSON; repeat, columns in this order")
     p.add_argument("--run", type=named, action="append", default=[], metavar="NAME=DIR",
                    help="a training run folder; repeat")
+    p.add_argument("--lm-eval", type=named, action="append", default=[], metavar="NAME=FILE",
+                   help="a `megatron-ddk lm-eval` result (NAME: ARM@SEED or ARM); repeat")
     p.add_argument("--timing", help="JSON object {stage name: seconds}")
     p.add_argument("--title", default="megatron-ddk report")
     p.add_argument("--baseline", default="student_before", help="eval every other is compared to")
@@ -92,6 +94,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     study, study_lines = study_section(rep["table"], runs, out_dir)
     rep["plots"].update(study.pop("plots", {}))
     rep.update(study)
+    if args.lm_eval:
+        from megatron_ddk.evaluation.downstream_report import (downstream_table, load_results,
+                                                               render_markdown as downstream_md)
+
+        rep["downstream"] = downstream_table(load_results(dict(args.lm_eval)))
+        study_lines += ["## Downstream (lm-evaluation-harness)", "", downstream_md(
+            rep["downstream"]), ""]
     with open(args.out, "w") as f:
         f.write(render_markdown(rep) + "\n".join(study_lines))
     json_path = os.path.splitext(args.out)[0] + ".json"

@@ -167,6 +167,13 @@ class PipelinePlan:
             raise ConfigError(f"tokenizer.model: {cfg.tokenizer.model} does not exist")
         if not cfg.tokenizer.train and not cfg.tokenizer.model and not cfg.data.manifest:
             raise ConfigError("tokenizer: give tokenizer.model or set tokenizer.train: true")
+        if cfg.lm_eval.tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ConfigError("lm_eval.tasks is set but lm-evaluation-harness is not "
+                                  "installed: pip install -e '.[eval]' (or leave lm_eval.tasks "
+                                  "empty)")
         for name in ("teacher", "student"):
             spec = getattr(cfg, name)
             if spec.source == "checkpoint" and not (spec.checkpoint and os.path.exists(spec.checkpoint)):

@@ -45,8 +45,6 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     """Run (or resume) the pipeline; returns the report path."""
     t0 = time.time()
     plan = PipelinePlan(cfg)
-    if os.path.isfile(plan.manifest) or cfg.data.manifest:
-        pass
     plan.check()
     runner = StageRunner(plan.out)
     timing_path = os.path.join(plan.out, "timing.json")
@@ -55,8 +53,8 @@ def run_pipeline(cfg: PipelineConfig) -> str:
                model_stage(plan, "student", ["datasets"])]
     stages += arm_stages(plan)
     stages += eval_stages(plan)
-    stages.append(report_stage(plan, timing_path))
     stages += export_stages(plan) + lm_eval_stages(plan)
+    stages.append(report_stage(plan, timing_path))
     for stage in _with_existing_deps(stages):
         if stage.name == "report":
             _write_timing(timing_path, runner)

@@ -171,6 +171,12 @@ def report_stage(plan: PipelinePlan, timing_path: str) -> Stage:
                      "--run", f"{_label(plan, arm.name, seed)}={plan.run_dir(name)}"]
             deps.append(f"eval/{name}")
     argv += ["--ddk-name", _label(plan, "DDK", first), "--kd-name", _label(plan, "KD", first)]
+    if plan.cfg.lm_eval.tasks:
+        for arm in plan.cfg.arms:
+            for seed in plan.cfg.seeds:
+                name = plan.arm_name(arm, seed)
+                argv += ["--lm-eval", f"{_label(plan, arm.name, seed)}={lm_eval_path(plan, name)}"]
+                deps.append(f"lm-eval/{name}")
     out = os.path.join(plan.out, "report.md")
     return Stage(name="report", command=lambda _r: argv, settings={"argv": argv}, deps=deps,
                  outputs=[out])
@@ -193,6 +199,10 @@ def export_stages(plan: PipelinePlan) -> List[Stage]:
     return stages
 
 
+def lm_eval_path(plan: PipelinePlan, name: str) -> str:
+    return os.path.join(plan.out, "lm_eval", name.replace("/", "_") + ".json")
+
+
 def lm_eval_stages(plan: PipelinePlan) -> List[Stage]:
     """Downstream evaluation (lm-evaluation-harness) of every arm x seed, when tasks are set."""
     spec = plan.cfg.lm_eval
@@ -202,9 +212,11 @@ def lm_eval_stages(plan: PipelinePlan) -> List[Stage]:
     for arm in plan.cfg.arms:
         for seed in plan.cfg.seeds:
             name = plan.arm_name(arm, seed)
-            out = os.path.join(plan.out, "lm_eval", name.replace("/", "_") + ".json")
+            out = lm_eval_path(plan, name)
             argv = [PY, "-m", "megatron_ddk.cli", "lm-eval", "--load", plan.ckpt(name),
                     "--tasks", ",".join(spec.tasks), "--output", out]
+            if any(t.startswith("ddk_") for t in spec.tasks):  # local tasks: the test split
+                argv += ["--manifest", plan.manifest]
             if spec.limit:
                 argv += ["--limit", str(spec.limit)]
             stages.append(Stage(name=f"lm-eval/{name}", command=lambda _r, a=argv: a,
