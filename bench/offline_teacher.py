@@ -141,7 +141,7 @@ def train_arm(work, paths, name, steps, **kw):
             "cpu_s": cpu, "loop_s": loop, "timing": end["timing"]}
 
 
-def coverage(paths, steps, seed, gbs, seq_length):
+def coverage(paths, steps, interval, seed, gbs, seq_length):
     """Samples per domain a KD (static, natural weights) run of `steps` draws: exactly."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -158,7 +158,7 @@ def coverage(paths, steps, seed, gbs, seq_length):
             total += max(0, (int(np.sum(ds.sequence_lengths, dtype=np.int64)) - 1) // seq_length)
             del ds
         sizes.append(total)
-    need = max_samples_per_domain(sizes, gbs, steps, steps, "static",
+    need = max_samples_per_domain(sizes, gbs, interval, steps, "static",
                                   weights=manifest.natural_weights(), seed=seed)
     return int(need.max()), [int(x) for x in need]
 
@@ -211,7 +211,8 @@ def main(argv=None):
 
         q = yaml.safe_load(f)
     gbs, seq = q["train"]["global_batch_size"], q["data"]["seq_length"]
-    n_cover, per_domain = coverage(paths, args.steps, q["train"].get("seed", 1234), gbs, seq)
+    n_cover, per_domain = coverage(paths, args.steps, q["ddk"]["interval"],
+                                   q["train"].get("seed", 1234), gbs, seq)
     print(f"load before the arms: {os.getloadavg()}; store covers {n_cover} samples/domain "
           f"({per_domain})", flush=True)
     arms = {"CPT": train_arm(work, paths, "CPT", args.steps, teacher=False),
