@@ -32,7 +32,6 @@ share of the step (<= 10%), offline vs online KD perplexity (within 1%). Also wr
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -258,7 +257,7 @@ def report(arms, stores, errors, ks, args, work, n_cover):
 
     cpt, online = arms["CPT"], arms["KD online"]
     print(f"\n{args.steps} steps x 16 x 256 tokens per arm (quickstart sizes"
-          f"{'' if args.steps == 120 else f'; quickstart uses 120 steps'}); store covers "
+          f"{'' if args.steps == 120 else '; quickstart uses 120 steps'}); store covers "
           f"{n_cover} samples per domain\n")
     head = (f"{'arm':<18} {'loop s':>8} {'x CPT':>6} {'proc s':>8} {'cpu s':>8} {'x CPT':>6} "
             f"{'teacher_fwd':>11} {'cache_read':>10} {'read %':>7} {'ppl':>8} {'vs online':>9}")

@@ -182,6 +182,8 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
             or not cfg.distill.teacher_load:
         raise ValueError("the run config has no teacher: set distill.teacher and "
                          "distill.teacher_load (the teacher whose logits are cached)")
+    if shard_samples is not None and shard_samples < 1:
+        raise ValueError(f"--shard-samples {shard_samples}: must be >= 1")
     started = time.time()
     data = builder.build_data(cfg, ctx, cfg.ddk.valid_samples_per_domain)
     if not 1 <= top_k <= data.vocab_size:

@@ -11,7 +11,7 @@ and vocab_parallel_topk against torch.topk of the dense float64 log-softmax.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import pytest
 import torch
