@@ -146,7 +146,7 @@ def _build_pair(ctx, ck, which):
         assert len(teacher.decoder.layers) == STAGE_LAYERS[which][ctx.pp_rank]
     else:
         assert len(student.decoder.layers) == 2 and len(teacher.decoder.layers) == 4
-    # the memory planner's per-stage parameter counts (docs/pipeline.md) match what was built
+    # the memory planner's per-stage parameter counts (docs/pipeline_parallel.md) match what was built
     for model, cfg in ((student, _student_cfg()), (teacher, _teacher_cfg(which, ctx.pp_size))):
         expect = sum(stage_params(cfg, VOCAB, ctx.tp_size, ctx.pp_size, ctx.pp_rank).values())
         assert sum(p.numel() for p in model.parameters()) == expect, (which, ctx.pp_rank)
