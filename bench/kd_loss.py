@@ -43,7 +43,6 @@ def _inputs(tokens: int, vocab: int):
 
 
 def _step_fn(variant: str, chunk: int, temperature: float):
-    import torch
     import torch.nn.functional as F
 
     if variant.startswith("plain"):

@@ -29,8 +29,13 @@ import json  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 from megatron_ddk.reporting import (  # noqa: E402
-    assemble, load_eval, load_run, load_timing, render_markdown)
-from megatron_ddk.reporting import plots  # noqa: E402
+    assemble,
+    load_eval,
+    load_run,
+    load_timing,
+    plots,  # noqa: E402
+    render_markdown,
+)
 
 
 def named(arg: str) -> Tuple[str, str]:
@@ -95,8 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rep["plots"].update(study.pop("plots", {}))
     rep.update(study)
     if args.lm_eval:
-        from megatron_ddk.evaluation.downstream_report import (downstream_table, load_results,
-                                                               render_markdown as downstream_md)
+        from megatron_ddk.evaluation.downstream_report import downstream_table, load_results
+        from megatron_ddk.evaluation.downstream_report import render_markdown as downstream_md
 
         rep["downstream"] = downstream_table(load_results(dict(args.lm_eval)))
         study_lines += ["## Downstream (lm-evaluation-harness)", "", downstream_md(

@@ -29,8 +29,14 @@ from typing import List, Optional, Tuple  # noqa: E402
 
 from megatron_ddk.config.loader import ConfigError, load_config  # noqa: E402
 from megatron_ddk.config.schema import RunConfig  # noqa: E402
-from megatron_ddk.models.memory import (GIB, Layout, StageMemory, model_params,  # noqa: E402
-                                        plan_stages, planning_padded_vocab)
+from megatron_ddk.models.memory import (  # noqa: E402
+    GIB,
+    Layout,
+    StageMemory,
+    model_params,
+    plan_stages,
+    planning_padded_vocab,
+)
 
 WORLD_SIZE_COMMENT = re.compile(r"^#\s*world_size:\s*(\d+)", re.MULTILINE)
 """Header comment of the presets that states the GPU count the layout was planned for."""

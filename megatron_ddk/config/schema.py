@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Union
 
-
 TEACHER_FROM_CHECKPOINT = "from_checkpoint"
 """distill.teacher value: take the teacher's architecture from its checkpoint's metadata."""
 

@@ -30,6 +30,7 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 
 import torch
 
+from megatron_ddk.config.schema import KL_CHUNK_TOKENS
 from megatron_ddk.losses.kl import vocab_parallel_ce_and_kl, vocab_parallel_cross_entropy
 from megatron_ddk.losses.topk_kl import vocab_parallel_ce_and_topk_kl
 
@@ -72,7 +73,7 @@ class DistillationLoss:
     reverse: bool = False
     """False: KL(teacher || student) (the paper's KD); True: KL(student || teacher)."""
 
-    chunk_tokens: int = 1024
+    chunk_tokens: int = KL_CHUNK_TOKENS
     """Tokens per fp32 working chunk of the vocab-parallel kernels (bounds extra memory)."""
 
     logits_layout: Literal["sbv", "bsv"] = "sbv"

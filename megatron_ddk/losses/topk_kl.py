@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_ddk.config.schema import KL_CHUNK_TOKENS
 from megatron_ddk.losses.kl import _NAME, _check_labels, _make_plan, _Plan, _shifted, _target_logits
 
 
@@ -208,7 +209,7 @@ def vocab_parallel_ce_and_topk_kl(
         student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
         rest_logprob: torch.Tensor, labels: Optional[torch.Tensor] = None, *, tp_group,
         temperature: float = 1.0, vocab_size: Optional[int] = None,
-        chunk_tokens: int = 1024) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        chunk_tokens: int = KL_CHUNK_TOKENS) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
     """(CE, top-K KL) per token on vocabulary-sharded student logits (module docstring).
 
     Args:
@@ -240,7 +241,7 @@ def vocab_parallel_ce_and_topk_kl(
 
 
 def vocab_parallel_topk(logits: torch.Tensor, k: int, *, tp_group, temperature: float = 1.0,
-                        vocab_size: Optional[int] = None, chunk_tokens: int = 1024
+                        vocab_size: Optional[int] = None, chunk_tokens: int = KL_CHUNK_TOKENS
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-K of softmax(logits / T) over vocabulary-sharded logits, without gathering them.
 

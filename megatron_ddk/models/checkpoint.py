@@ -28,9 +28,19 @@ import torch.distributed as dist
 import torch.distributed.checkpoint.api
 
 from megatron_ddk.models.checkpoint_layout import (  # noqa: F401  (re-exported names)
-    CONFIG_FILE, DIST_CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, META_FILE, CheckpointError,
-    check_compatible, iteration_dir, prune_checkpoints, read_latest_iteration, read_metadata,
-    resolve_checkpoint)
+    CONFIG_FILE,
+    DIST_CONFIG_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    META_FILE,
+    CheckpointError,
+    check_compatible,
+    iteration_dir,
+    prune_checkpoints,
+    read_latest_iteration,
+    read_metadata,
+    resolve_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 

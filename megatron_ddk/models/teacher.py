@@ -14,9 +14,14 @@ import torch
 from megatron_ddk.config.loader import to_dict
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.models.build import build_gpt_model
+from megatron_ddk.models.checkpoint import (
+    META_FILE,
+    check_compatible,
+    load_model,
+    read_metadata,
+    resolve_checkpoint,
+)
 from megatron_ddk.models.fp8 import recast_fp8_weights_every_forward
-from megatron_ddk.models.checkpoint import (META_FILE, check_compatible, load_model, read_metadata,
-                                           resolve_checkpoint)
 from megatron_ddk.parallel.state import ParallelContext
 
 logger = logging.getLogger(__name__)

@@ -31,9 +31,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_ddk.config.loader import ConfigError, from_dict, to_dict
 from megatron_ddk.config.schema import ModelConfig, RunConfig
-from megatron_ddk.models.checkpoint_layout import (META_FILE, SHAPE_FIELDS, CheckpointError,
-                                                   model_differences, read_metadata,
-                                                   resolve_checkpoint)
+from megatron_ddk.models.checkpoint_layout import (
+    META_FILE,
+    SHAPE_FIELDS,
+    CheckpointError,
+    model_differences,
+    read_metadata,
+    resolve_checkpoint,
+)
 
 FUNCTION_FIELDS = SHAPE_FIELDS + ("norm_epsilon", "rotary_base", "rotary_percent")
 """Fields that decide what a loaded model computes: an explicit teacher must agree on them."""

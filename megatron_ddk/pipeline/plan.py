@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import yaml
 
@@ -23,7 +23,6 @@ from megatron_ddk.config import load_config, static_checks, to_dict
 from megatron_ddk.config.loader import ConfigError
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.pipeline.config import ArmSpec, ModelStageSpec, PipelineConfig, deep_merge
-from megatron_ddk.pipeline.stage import Stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable

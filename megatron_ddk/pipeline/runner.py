@@ -16,8 +16,15 @@ from typing import List, Optional
 from megatron_ddk.pipeline.config import PipelineConfig, load_pipeline_config
 from megatron_ddk.pipeline.plan import PipelinePlan
 from megatron_ddk.pipeline.stage import Stage, StageRunner
-from megatron_ddk.pipeline.stages import (arm_stages, data_stages, eval_stages, export_stages,
-                                          lm_eval_stages, model_stage, report_stage)
+from megatron_ddk.pipeline.stages import (
+    arm_stages,
+    data_stages,
+    eval_stages,
+    export_stages,
+    lm_eval_stages,
+    model_stage,
+    report_stage,
+)
 
 logger = logging.getLogger("megatron_ddk.pipeline")
 

@@ -25,7 +25,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from megatron_ddk.reporting.evals import (  # noqa: F401  (re-exported)
-    COMPARED_FIELDS, EvalResult, _number, check_same_samples, load_eval,
+    COMPARED_FIELDS,
+    EvalResult,
+    _number,
+    check_same_samples,
+    load_eval,
 )
 
 logger = logging.getLogger(__name__)

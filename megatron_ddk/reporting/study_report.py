@@ -8,8 +8,13 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
-from megatron_ddk.reporting.study import (costs_markdown, interval_weights, signal_costs,
-                                          study_markdown, summarize)
+from megatron_ddk.reporting.study import (
+    costs_markdown,
+    interval_weights,
+    signal_costs,
+    study_markdown,
+    summarize,
+)
 from megatron_ddk.reporting.study_plots import plot_arm_intervals, plot_weight_trajectories
 
 PAIRS: Tuple[Tuple[str, str], ...] = (("DDK", "KD"), ("DDK", "ES"), ("KD", "CPT"),

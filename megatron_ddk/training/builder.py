@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 from megatron_ddk.config import ModelConfig, RunConfig, to_dict, train_iters
+from megatron_ddk.config.optional import have_cuda
 from megatron_ddk.data.domain_datasets import DomainDatasets, build_domain_datasets
 from megatron_ddk.data.manifest import DomainManifest, load_manifest
 from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
@@ -23,7 +24,6 @@ from megatron_ddk.models.teacher import build_teacher
 from megatron_ddk.models.vocab import check_tokenizer_hashes, common_padded_vocab_size
 from megatron_ddk.parallel.state import ParallelContext
 from megatron_ddk.training.run_folder import run_id
-from megatron_ddk.config.optional import have_cuda
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,19 @@ from typing import Any, Dict, Optional
 import torch
 
 from megatron_ddk.config.optional import have_cuda
-from megatron_ddk.models.checkpoint import (check_compatible, load_sharded, read_metadata,
-                                            resolve_checkpoint, save_sharded)
-from megatron_ddk.training.mcore_compat import (check_version, materialise_optimizer_state,
-                                                restore_adam_steps, step_tolerant_loading)
+from megatron_ddk.models.checkpoint import (
+    check_compatible,
+    load_sharded,
+    read_metadata,
+    resolve_checkpoint,
+    save_sharded,
+)
+from megatron_ddk.training.mcore_compat import (
+    check_version,
+    materialise_optimizer_state,
+    restore_adam_steps,
+    step_tolerant_loading,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_ddk.config.schema import ModelConfig, RunConfig
 from megatron_ddk.config.validate import static_errors
-from megatron_ddk.models.checkpoint_layout import (SHAPE_FIELDS, CheckpointError,
-                                                   model_differences, read_metadata,
-                                                   resolve_checkpoint)
+from megatron_ddk.models.checkpoint_layout import (
+    SHAPE_FIELDS,
+    CheckpointError,
+    model_differences,
+    read_metadata,
+    resolve_checkpoint,
+)
 from megatron_ddk.models.teacher_config import teacher_problems
 from megatron_ddk.models.vocab import model_padded_size
 from megatron_ddk.training.run_folder import resolve_load, save_folder_errors

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ddk.config.schema import KL_CHUNK_TOKENS
 from megatron_ddk.data.mixture import collate
 from megatron_ddk.losses.kl import vocab_parallel_cross_entropy
 from megatron_ddk.parallel.state import ParallelContext
@@ -42,7 +43,7 @@ def _ce_sums(logits, batch, tp_group, vocab_size, num_domains, chunk_tokens):
 
 def evaluate_domains(model, ctx: ParallelContext, valid: Sequence, *, micro_batch_size: int,
                      seq_length: int, vocab_size: int, with_teacher: bool,
-                     chunk_tokens: int = 1024) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+                     chunk_tokens: int = KL_CHUNK_TOKENS) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
     """Per-domain mean validation CE.
 
     Args:

@@ -28,8 +28,12 @@ from megatron_ddk.config import RunConfig, static_checks, to_dict
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.data.domain_datasets import build_heldout_samples
 from megatron_ddk.models.build import build_gpt_model
-from megatron_ddk.models.checkpoint import (check_compatible, load_model, read_metadata,
-                                            resolve_checkpoint)
+from megatron_ddk.models.checkpoint import (
+    check_compatible,
+    load_model,
+    read_metadata,
+    resolve_checkpoint,
+)
 from megatron_ddk.models.checkpoint_layout import META_FILE, model_differences
 from megatron_ddk.models.pair import DistillationPair
 from megatron_ddk.models.teacher_config import compared_fields, model_from_metadata

@@ -23,10 +23,16 @@ from typing import List, Optional
 
 from megatron_ddk.config.loader import ConfigError
 from megatron_ddk.config.schema import RunConfig
-from megatron_ddk.models.checkpoint_layout import (CheckpointError, SHAPE_FIELDS,
-                                                   checkpoint_root, complete_iterations,
-                                                   model_differences, read_latest_iteration,
-                                                   read_metadata, resolve_checkpoint)
+from megatron_ddk.models.checkpoint_layout import (
+    SHAPE_FIELDS,
+    CheckpointError,
+    checkpoint_root,
+    complete_iterations,
+    model_differences,
+    read_latest_iteration,
+    read_metadata,
+    resolve_checkpoint,
+)
 
 LOAD_AUTO = "auto"
 

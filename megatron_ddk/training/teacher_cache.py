@@ -30,8 +30,13 @@ import torch.distributed as dist
 
 from megatron_ddk.config import RunConfig, to_dict
 from megatron_ddk.data.mixture import collate, domain_sample_order
-from megatron_ddk.data.teacher_store import (StoreWriter, TeacherStore, bytes_per_token,
-                                             checkpoint_fingerprint, sample_checksum)
+from megatron_ddk.data.teacher_store import (
+    StoreWriter,
+    TeacherStore,
+    bytes_per_token,
+    checkpoint_fingerprint,
+    sample_checksum,
+)
 from megatron_ddk.losses.topk_kl import vocab_parallel_topk
 from megatron_ddk.models.checkpoint import resolve_checkpoint
 from megatron_ddk.models.pair import DistillationPair

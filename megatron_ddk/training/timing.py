@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Dict, Optional
 
 import torch
+
 from megatron_ddk.config.optional import have_cuda
 
 

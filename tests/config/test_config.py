@@ -5,8 +5,15 @@ import dataclasses
 import pytest
 import yaml
 
-from megatron_ddk.config import (ConfigError, ModelConfig, RunConfig, config_to_yaml, dump_config,
-                                 load_config, static_checks, static_errors, train_iters)
+from megatron_ddk.config import (
+    ConfigError,
+    config_to_yaml,
+    dump_config,
+    load_config,
+    static_checks,
+    static_errors,
+    train_iters,
+)
 from megatron_ddk.config.host import host_errors
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_ddk.testing.multiproc import run_distributed
 

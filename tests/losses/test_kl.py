@@ -96,8 +96,11 @@ def _dense(case: Case, zs, zt, labels, w_kl, w_ce):
 
 
 def _run_case(case: Case, group, tp_rank: int) -> Dict[str, float]:
-    from megatron_ddk.losses import (vocab_parallel_ce_and_kl, vocab_parallel_cross_entropy,
-                                     vocab_parallel_kl)
+    from megatron_ddk.losses import (
+        vocab_parallel_ce_and_kl,
+        vocab_parallel_cross_entropy,
+        vocab_parallel_kl,
+    )
 
     zs, zt, labels, w_kl, w_ce = _inputs(case)
     ref_kl, ref_ce, ref_grad = _dense(case, zs, zt, labels, w_kl, w_ce)

@@ -28,8 +28,8 @@ import sys
 import pytest
 import torch
 
-from megatron_ddk.config import load_config, optional
 from megatron_ddk.config import host as host_mod
+from megatron_ddk.config import load_config, optional
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.models import fp8 as fp8_mod
 from megatron_ddk.models import spec as spec_mod
@@ -87,9 +87,11 @@ def test_te_spec_refused_without_te(monkeypatch):
 
 @pytest.mark.skipif(not optional.have_transformer_engine(), reason="needs Transformer Engine")
 def test_te_spec_uses_te_modules():
-    from megatron.core.extensions.transformer_engine import (TEDotProductAttention,
-                                                             TELayerNormColumnParallelLinear,
-                                                             TERowParallelLinear)
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
 
     attn = spec_mod.layer_spec(ModelConfig(transformer_impl="transformer_engine")) \
         .submodules.self_attention.submodules

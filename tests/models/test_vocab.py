@@ -4,8 +4,11 @@ import pytest
 
 from megatron_ddk.config import ModelConfig
 from megatron_ddk.models.checkpoint import check_compatible
-from megatron_ddk.models.vocab import (check_tokenizer_hashes, common_padded_vocab_size,
-                                       pad_vocab_size)
+from megatron_ddk.models.vocab import (
+    check_tokenizer_hashes,
+    common_padded_vocab_size,
+    pad_vocab_size,
+)
 
 
 def test_megatron_padding_rule():

@@ -4,8 +4,13 @@ import math
 
 import pytest
 
-from megatron_ddk.reporting.study import (interval_verdict, mean_interval, split_column,
-                                          summarize, t_critical)
+from megatron_ddk.reporting.study import (
+    interval_verdict,
+    mean_interval,
+    split_column,
+    summarize,
+    t_critical,
+)
 
 
 def test_t_critical_known_values():

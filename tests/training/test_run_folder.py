@@ -8,11 +8,20 @@ import os
 import pytest
 
 from megatron_ddk.config import ConfigError, load_config
-from megatron_ddk.models.checkpoint_layout import (LATEST_FILE, META_FILE, CheckpointError,
-                                                   complete_iterations, prune_checkpoints,
-                                                   resolve_checkpoint)
-from megatron_ddk.training.run_folder import (check_save_folder, resolve_load, run_id,
-                                              save_folder_errors)
+from megatron_ddk.models.checkpoint_layout import (
+    LATEST_FILE,
+    META_FILE,
+    CheckpointError,
+    complete_iterations,
+    prune_checkpoints,
+    resolve_checkpoint,
+)
+from megatron_ddk.training.run_folder import (
+    check_save_folder,
+    resolve_load,
+    run_id,
+    save_folder_errors,
+)
 
 
 def _iteration(root, it, run="run-a", model=None, latest=True, meta=True):

@@ -2,8 +2,8 @@
 TP=1 vs TP=2, and the logging contract (metrics.jsonl, TensorBoard, metadata)."""
 
 import glob
-import math
 import json
+import math
 import os
 
 import pytest
