@@ -139,7 +139,7 @@ class PipelinePlan:
             data = deep_merge(self._base(f"eval_{model}"),
                               {"train": {"train_iters": 1, "lr_warmup_iters": 0}})
             data["model"] = self._model_of(model)
-        data["logging"]["run_dir"] = os.path.join(self.out, "eval", "logs")
+        data["logging"]["run_dir"] = os.path.join(self.out, "logs", "eval_runs")
         data["checkpoint"] = {}
         data["distill"] = {"teacher": None, "teacher_load": None}
         return data

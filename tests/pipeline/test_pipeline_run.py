@@ -43,7 +43,7 @@ def done(tmp_path_factory):
 
 def _evals(out):
     return {p: json.load(open(os.path.join(out, "eval", p)))
-            for p in sorted(os.listdir(os.path.join(out, "eval")))}
+            for p in sorted(os.listdir(os.path.join(out, "eval"))) if p.endswith(".json")}
 
 
 def test_report_on_test_split_and_run_folders(done):
