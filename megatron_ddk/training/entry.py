@@ -157,6 +157,7 @@ def eval_main(config: str, overrides: List[str], load: str, output: Optional[str
 
             results().info(format_table(result))
             if output:
+                os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
                 write_atomic(output, json.dumps(result, indent=1))
         return 0
 
