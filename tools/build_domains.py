@@ -164,13 +164,13 @@ def build(args: argparse.Namespace) -> Optional[str]:
         check_byte_bounds({d.name: d.paths for d in domains}, spec)  # before any slow step
     manifest_path = os.path.abspath(args.manifest or os.path.join(args.output_dir,
                                                                   "manifest.yaml"))
-    if os.path.exists(manifest_path) and not args.dry_run:
-        os.remove(manifest_path)  # a failed run must not leave an old manifest looking current
     if args.train_tokenizer:
         prefix = args.tokenizer_model
         prefix = prefix[:-len(".model")] if prefix.endswith(".model") else prefix
         args.tokenizer_model = train_from_args(args, domains, prefix, args.skip_malformed)
-    tok = build_tokenizer(args.tokenizer_model)
+    tok = build_tokenizer(args.tokenizer_model)  # a bad tokenizer fails before anything is touched
+    if os.path.exists(manifest_path) and not args.dry_run:
+        os.remove(manifest_path)  # a failed run must not leave an old manifest looking current
     tokenized = _tokenize_all(domains, args)
     try:
         _print_preflight(tokenized, spec, args.seed)
