@@ -28,6 +28,9 @@ EXTRAS = {
         "lm-eval[hf]>=0.4.13,<0.5",  # tests/evaluation; adds ~7 min to a cold install here
     ],
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4,<1"],
+    # scripts/gpu_check.sh on an offline GPU host: what its GPU tests need (wheel folder recipe).
+    "gpu": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=4.45,<6",
+            "safetensors>=0.4,<1"],
     # `megatron-ddk lm-eval` (lm-evaluation-harness, transformers backend); tested: 0.4.13.
     "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.45,<6", "safetensors>=0.4,<1"],
     # GPU hosts only: builds against the installed CUDA torch.

@@ -56,7 +56,7 @@ NEEDED=(setup.py tools/check_wheels.py bench/gpu_throughput.py bench/gpu_bench_m
 STEPS=(
   "host|15|nvidia-smi sees a GPU; $PYTHON imports torch 2.11-2.13 with CUDA"
   "wheels|30|tools/check_wheels.py check $WHEELS (this host's torch and Python)"
-  "install|80|venv $VENV (system site packages: keeps the CUDA torch); pip install --no-index --find-links $WHEELS -e .[test]"
+  "install|80|venv $VENV (system site packages: keeps the CUDA torch); pip install --no-index --find-links $WHEELS -e .[gpu]"
   "gpu_tests|170|pytest ${GPU_TESTS[*]} (TP=2 cases skip on 1 GPU)"
   "throughput|130|bench/gpu_throughput.py --pair llama --seq-lengths 2048 (CPT, KD bf16, FP8 if TE, DDK)"
   "precision|35|bench/gpu_precision.py --pair llama --seq-length 2048 (bf16 vs fp32 loss)"
@@ -147,7 +147,7 @@ install_step() {
   set -euo pipefail
   if [[ ! -x "$VPY" ]]; then "$PYTHON" -m venv --system-site-packages "$VENV"; fi
   "$VPY" -m pip install --no-index --find-links "$WHEELS" setuptools wheel
-  "$VPY" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation -e "${ROOT}[test]"
+  "$VPY" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation -e "${ROOT}[gpu]"
   "$VPY" -c "import torch, megatron.core, megatron_ddk; assert torch.cuda.is_available(), \
 'the venv lost the CUDA torch'; print('torch', torch.__version__, 'megatron-core', \
 megatron.core.__version__)"

@@ -9,7 +9,7 @@ scripts/gpu_check.sh installs from it. Anywhere, before that:
 
     python3 tools/check_wheels.py check wheels/          # exit 0: complete; 1: what is missing
 
-What the folder holds: every requirement of setup.py (install_requires and the `test` extra) with
+What the folder holds: every requirement of setup.py (install_requires and the `gpu` extra) with
 all their dependencies, as wheels for the target Python and platform, plus setuptools and wheel
 (the project itself installs with --no-build-isolation). Not torch: the GPU host image brings its
 CUDA build of torch (2.11 .. 2.13) and pip must keep it; megatron-core is therefore downloaded
@@ -206,7 +206,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--torch-version", action="append", dest="torch_versions",
                    help=f"preinstalled torch to check against (repeatable; default "
                         f"{', '.join(DEFAULT_TORCH)})")
-    p.add_argument("--extras", default="test", help="comma-separated setup.py extras")
+    p.add_argument("--extras", default="gpu", help="comma-separated setup.py extras")
     p.add_argument("--setup-py", default=os.path.join(ROOT, "setup.py"))
     p.add_argument("--json", action="store_true", help="check: print the result as JSON")
     args = p.parse_args(argv)

@@ -34,10 +34,10 @@ REPO_FILES = ("setup.py", "scripts/gpu_check.sh", "tools/check_wheels.py",
 
 
 def _setup_requirements():
-    """install_requires + the test extra, read from setup.py's text with a regex (not the tool)."""
+    """install_requires + the gpu extra, read from setup.py's text with a regex (not the tool)."""
     text = open(os.path.join(ROOT, "setup.py")).read()
     block = re.search(r"INSTALL_REQUIRES = \[(.*?)\]", text, re.S).group(1)
-    test = re.search(r'"test": \[(.*?)\]', text, re.S).group(1)
+    test = re.search(r'"gpu": \[(.*?)\]', text, re.S).group(1)
     return re.findall(r'"([^"]+)"', block) + re.findall(r'"([^"]+)"', test)
 
 
