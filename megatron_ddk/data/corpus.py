@@ -47,8 +47,9 @@ def input_format(path: str) -> str:
     )
 
 
-def check_input_files(paths: Sequence[str]) -> None:
-    """ValueError naming the first input that is missing, not a file, or of unknown format."""
+def check_input_files(paths: Sequence[str], fmt=None) -> None:
+    """ValueError naming the first input that is missing, not a file, or of unknown format
+    (`fmt(path)` raises for an unknown one; default input_format)."""
     if not paths:
         raise ValueError("no input files given")
     for path in paths:
@@ -56,7 +57,7 @@ def check_input_files(paths: Sequence[str]) -> None:
             raise ValueError(f"input file {path} does not exist")
         if not os.path.isfile(path):
             raise ValueError(f"input {path} is not a regular file")
-        input_format(path)
+        (fmt or input_format)(path)
 
 
 def parse_line(raw: bytes, fmt: str, json_keys: Sequence[str]) -> Optional[Tuple[str, ...]]:

@@ -46,7 +46,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from megatron_ddk.data.corpus import MalformedLineError, input_format
+from megatron_ddk.data.corpus import MalformedLineError, check_input_files, input_format
 from megatron_ddk.data.indexed_writer import IndexedWriter, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
 
@@ -297,23 +297,11 @@ def _encoded(job: EncodeJob) -> Iterator[tuple]:
         pool.join()
 
 
-def check_inputs(paths: Sequence[str]) -> None:
-    """ValueError naming the first input that is missing, not a file, or of unknown format."""
-    if not paths:
-        raise ValueError("no input files given")
-    for path in paths:
-        if not os.path.exists(path):
-            raise ValueError(f"input file {path} does not exist")
-        if not os.path.isfile(path):
-            raise ValueError(f"input {path} is not a regular file")
-        line_format(path)
-
-
 def prepare(job: EncodeJob) -> None:
     """Check the inputs and build the tokenizer (and splitter) in this process; raises
     ValueError before anything is written. Called by run_encode; call it first to time the
     start-up apart."""
-    check_inputs(job.paths)
+    check_input_files(job.paths, fmt=line_format)
     if job.workers < 1 or job.partitions < 1:
         raise ValueError(f"workers ({job.workers}) and partitions ({job.partitions}) must be >= 1")
     _STATE.clear()
