@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded default, end to end on this machine: set up the environment, build a 4-domain demo
+# The embedded default, end to end on this machine: set up the environment, build a 5-domain demo
 # corpus from text already on the machine, train a tokenizer, preprocess, pre-train a small
 # teacher and a smaller student, continue the student as CPT, KD and DDK on the same token budget,
 # evaluate per-domain perplexity, and write runs/quickstart/report.md with plots.
