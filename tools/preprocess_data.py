@@ -14,7 +14,9 @@ Other types and options that would change the ids are refused with a message. As
 no EOD is appended unless --append-eod. Progress: a bar on a terminal, Megatron-LM's
 "Processed N documents" lines otherwise or with --log-interval. Files are written under temporary
 names and renamed when complete; a malformed line stops the run naming file:line
-(--skip-malformed skips and counts such lines). See docs/data.md for the flag table.
+(--skip-malformed skips and counts such lines); an input without any document with text is an
+error unless --allow-empty; a worker process that dies (e.g. killed for memory) ends the run with
+an error naming the input lines. See docs/data.md for the flag table.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from megatron_ddk.data.megatron_preprocess import build_parser, job_from_args
 
     args = build_parser(__doc__).parse_args(argv)
-    from megatron_ddk.data.encode_engine import prepare, run_encode
+    from megatron_ddk.data.encode_engine import WorkerDiedError, prepare, run_encode
     from megatron_ddk.data.preprocess_progress import Progress
 
     try:
@@ -51,8 +53,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             stats = run_encode(job, progress=bar)
         finally:
             bar.close()
-    except ValueError as err:
+    except (ValueError, WorkerDiedError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # an unwritable output folder, a full disk
+        sys.exit(f"error: {err.filename or args.output_prefix}: {err.strerror or err}; nothing "
+                 "was written")
     except KeyboardInterrupt:
         print("\ninterrupted: temporary files removed, no output written", file=sys.stderr)
         sys.exit(130)

@@ -24,11 +24,20 @@ about workers x 12 x BATCH_BYTES + (2 x workers + 2) x 2 x BATCH_BYTES + 12 MiB 
 workers) plus the tokenizer, independent of the input size; one document larger than a batch is
 held whole.
 
+Workers run in a concurrent.futures.ProcessPoolExecutor, which notices the death of any worker
+(killed for memory, SIGKILL, os._exit): the run then stops with WorkerDiedError naming the input
+lines in flight and the exit signal, instead of waiting forever for the lost batch (as
+multiprocessing.Pool.imap does).
+
+Inputs without any document with tokens are an EmptyInputError naming the files, unless
+allow_empty (then an empty, valid dataset is written).
+
 Output is written under temporary names and renamed into place at the end (commit); on any error
-or interrupt the temporary files are removed and older outputs are left as they were.
+or interrupt the temporary files are removed and older outputs are left as they were; temporary
+files a killed earlier run left beside the outputs are removed first.
 
 Imports numpy and, lazily, the tokenizer library in use; no torch or megatron.core on the
-SentencePiece / GPT-2 path. From megatron_ddk: data.corpus, data.indexed_writer,
+SentencePiece / GPT-2 path. From megatron_ddk: atomic, data.corpus, data.indexed_writer,
 data.megatron_tokenizers, data.sentence_split.
 """
 
@@ -38,14 +47,19 @@ import gzip
 import json
 import multiprocessing
 import os
-import threading
+import signal
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_ddk.atomic import remove_stale_tmp
 from megatron_ddk.data.corpus import MalformedLineError, check_input_files, input_format
 from megatron_ddk.data.indexed_writer import IndexedWriter, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
@@ -96,6 +110,10 @@ class EncodeJob:
     skip_malformed: bool = False
     """Skip and count malformed lines instead of stopping."""
 
+    allow_empty: bool = False
+    """Write an empty dataset when the inputs hold no document with tokens (else
+    EmptyInputError, and nothing is written)."""
+
 
 @dataclass
 class EncodeStats:
@@ -115,6 +133,9 @@ class EncodeStats:
 
     first_malformed: str = ""
     """'file:line: reason' of the first skipped malformed line."""
+
+    num_parsed: int = 0
+    """Input lines parsed as documents (blank JSONL lines and skipped malformed ones not)."""
 
     num_bytes: int = 0
     """Input bytes read."""
@@ -168,6 +189,9 @@ def _init_state(job: EncodeJob, threads: int = 1) -> None:
 
 
 def _worker_init(job: EncodeJob) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the pool, the workers
+    # must not die with a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if "encoder" not in _STATE:  # spawn start method: nothing inherited
         _init_state(job)
 
@@ -258,43 +282,100 @@ def encode_batch(batch: tuple):
     return path, sum(map(len, raws)), num_parsed, errors, packed
 
 
-class _Bounded:
-    """Feeds a Pool at most `limit` batches ahead of the consumer (bounded memory)."""
+class WorkerDiedError(RuntimeError):
+    """An encoding worker process ended without returning its batch (killed, out of memory)."""
 
-    def __init__(self, items, limit: int) -> None:
-        self.items, self.slots, self.stopped = items, threading.Semaphore(limit), False
 
-    def __iter__(self):
-        for item in self.items:
-            while not self.slots.acquire(timeout=0.1):
-                if self.stopped:
-                    return
-            if self.stopped:
-                return
-            yield item
+def _span(batches: Sequence[tuple]) -> str:
+    """'file lines a-b[, file lines c-d]' of consecutive batches (path, first, step, count)."""
+    parts: List[List] = []
+    for path, first, step, count in batches:
+        last = first + (count - 1) * step
+        if parts and parts[-1][0] == path:
+            parts[-1][1], parts[-1][2] = min(parts[-1][1], first), max(parts[-1][2], last)
+        else:
+            parts.append([path, first, last])
+    return ", ".join(f"{p} lines {a}-{b}" for p, a, b in parts)
 
-    def done_one(self) -> None:
-        self.slots.release()
+
+def _exit_reason(codes: Sequence[int]) -> str:
+    """What the exit codes of the dead workers say, and the likely cause."""
+    killed = [c for c in codes if c == -signal.SIGKILL]
+    others = [c for c in codes if c not in (0, -signal.SIGTERM, -signal.SIGKILL)]
+    if killed or not others:
+        how = "was killed by SIGKILL" if killed else "ended abruptly"
+        return (f"{how}, most likely for using too much memory (the kernel's out-of-memory "
+                "killer; see dmesg): try fewer --workers or a machine with more memory")
+    desc = ", ".join(f"signal {signal.Signals(-c).name}" if c < 0 else f"exit status {c}"
+                     for c in others)
+    return f"ended with {desc}: if it ran out of memory, try fewer --workers"
+
+
+def _worker_died(pool, procs: Sequence, in_flight: Sequence[tuple]) -> WorkerDiedError:
+    pool.shutdown(wait=True, cancel_futures=True)  # reaps every worker: exit codes are known
+    codes = [p.exitcode for p in procs if p.exitcode is not None]
+    where = _span(in_flight) if in_flight else "the input"
+    return WorkerDiedError(f"an encoding worker process died while encoding {where}: it "
+                           f"{_exit_reason(codes)}; nothing was written")
+
+
+class _RecordingContext:
+    """A multiprocessing context that keeps every Process it creates (the pool's workers), so
+    their exit codes can be read after the pool broke."""
+
+    def __init__(self, ctx) -> None:
+        self._ctx, self.processes = ctx, []
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
+
+    def Process(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+        proc = self._ctx.Process(*args, **kwargs)
+        self.processes.append(proc)
+        return proc
 
 
 def _encoded(job: EncodeJob) -> Iterator[tuple]:
+    """Encoded batches in output order: in this process (workers == 1) or in a process pool,
+    at most 2 x workers + 2 batches ahead. A worker that dies (killed, out of memory) ends the
+    run with WorkerDiedError naming the batches in flight (never a hang: the pool notices any
+    worker's death)."""
     batches = _batches(job.paths, job.partitions, job.keep_sequential_samples)
     if job.workers <= 1:
         yield from map(encode_batch, batches)
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    feed = _Bounded(batches, limit=2 * job.workers + 2)
-    pool = ctx.Pool(job.workers, initializer=_worker_init, initargs=(job,))
+    ctx = _RecordingContext(ctx)
+    pool = ProcessPoolExecutor(job.workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(job,))
+    pending: deque = deque()  # (path, first line, step, line count), future
+    procs = ctx.processes
     try:
-        for item in pool.imap(encode_batch, feed, chunksize=1):
-            feed.done_one()
-            yield item
-        pool.close()
+        for batch in batches:
+            info = (batch[0], batch[1], batch[2], len(batch[3]))
+            try:
+                pending.append((info, pool.submit(encode_batch, batch)))
+            except BrokenProcessPool:
+                raise _worker_died(pool, procs, [i for i, _ in pending] + [info]) from None
+            if len(pending) >= 2 * job.workers + 2:
+                yield _result(pool, procs, pending)
+        while pending:
+            yield _result(pool, procs, pending)
     finally:
-        feed.stopped = True
-        pool.terminate()
-        pool.join()
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(pool, procs: Sequence, pending: deque) -> tuple:
+    """The oldest pending batch's result (WorkerDiedError when a worker died)."""
+    try:
+        result = pending[0][1].result()
+    except BrokenProcessPool:
+        raise _worker_died(pool, procs, [i for i, _ in pending]) from None
+    pending.popleft()
+    return result
 
 
 def prepare(job: EncodeJob) -> None:
@@ -336,19 +417,11 @@ def run_encode(job: EncodeJob, progress: Optional[Callable[[int, int, int], None
     try:
         for k in keys:
             os.makedirs(os.path.dirname(os.path.abspath(tmp[k])), exist_ok=True)
+            remove_stale_tmp(job.prefixes[k])  # what a killed run left
             writers[k] = IndexedWriter(tmp[k], _STATE["dtype"])
-        for path, nbytes, num_parsed, errors, packed in _encoded(job):
-            _record_errors(stats, path, errors, job.skip_malformed)
-            batch_tokens = 0
-            for k, (tokens, lengths, docs, num_empty) in zip(keys, packed):
-                writers[k].append(tokens, lengths, docs)
-                stats.num_documents[k] += len(docs)
-                stats.num_tokens[k] += int(tokens.size)
-                stats.num_empty += num_empty
-                batch_tokens += int(tokens.size)
-            stats.num_bytes += nbytes
-            if progress is not None:
-                progress(num_parsed, nbytes, batch_tokens)
+        with closing(_encoded(job)) as encoded:
+            _write_all(encoded, writers, keys, stats, job, progress)
+        _check_not_empty(job, stats)
         for k in keys:
             writers[k].finalize()
         for k in keys:
@@ -361,6 +434,48 @@ def run_encode(job: EncodeJob, progress: Optional[Callable[[int, int, int], None
         _STATE.pop("job", None)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _write_all(encoded, writers, keys, stats: EncodeStats, job: EncodeJob, progress) -> None:
+    """Append every encoded batch to the writers, in order, counting into stats."""
+    for path, nbytes, num_parsed, errors, packed in encoded:
+        _record_errors(stats, path, errors, job.skip_malformed)
+        stats.num_parsed += num_parsed
+        batch_tokens = 0
+        for k, (tokens, lengths, docs, num_empty) in zip(keys, packed):
+            writers[k].append(tokens, lengths, docs)
+            stats.num_documents[k] += len(docs)
+            stats.num_tokens[k] += int(tokens.size)
+            stats.num_empty += num_empty
+            batch_tokens += int(tokens.size)
+        stats.num_bytes += nbytes
+        if progress is not None:
+            progress(num_parsed, nbytes, batch_tokens)
+
+
+class EmptyInputError(ValueError):
+    """The inputs hold no document with tokens (for some json key); `detail` says what was
+    read."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def _check_not_empty(job: EncodeJob, stats: EncodeStats) -> None:
+    """EmptyInputError unless every key got tokens (or job.allow_empty)."""
+    empty = [k for k, n in stats.num_tokens.items() if n == 0]
+    if not empty or job.allow_empty:
+        return
+    detail = f"{stats.num_parsed} documents read"
+    if stats.num_empty:
+        detail += f", {stats.num_empty} of them without text"
+    if stats.num_malformed_skipped:
+        detail += f", {stats.num_malformed_skipped} malformed lines skipped"
+    keys = "" if list(job.prefixes) == ["text"] else f" for json key(s) {empty}"
+    raise EmptyInputError(f"input {', '.join(job.paths)} holds no document with text{keys} "
+                          f"({detail}); check the input, or pass --allow-empty to write an empty "
+                          "dataset", detail)
 
 
 def _default_commit(tmp_prefix: str, prefix: str) -> None:

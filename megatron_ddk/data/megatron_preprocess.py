@@ -10,8 +10,9 @@ skipped (Megatron-LM stops); every json key gets its .idx (Megatron-LM finalizes
 key's); no partition files or per-partition datasets are left beside the input/output; nothing
 is downloaded (nltk punkt must be installed for --split-sentences), and splitting runs in one
 pass (Megatron-LM with --partitions 1 writes the split file and stops); --workers need not be a
-multiple of --partitions. Extra flags: --skip-malformed, --eos-token (auto Hugging Face only),
---no-append-eod.
+multiple of --partitions; an input without any document with text is an error (Megatron-LM
+writes an empty dataset; --allow-empty does too). Extra flags: --skip-malformed, --allow-empty,
+--eos-token (auto Hugging Face only), --no-append-eod.
 
 Imports argparse, glob, json and the engine modules; nothing heavy at import time.
 """
@@ -26,7 +27,9 @@ from typing import Dict, List
 
 from megatron_ddk.data.encode_engine import EncodeJob
 from megatron_ddk.data.megatron_tokenizers import (
-    MEGATRON_LM_TYPES, TokenizerSpec, UnsupportedTokenizer,
+    MEGATRON_LM_TYPES,
+    TokenizerSpec,
+    UnsupportedTokenizer,
 )
 
 _LIBRARY = {"HuggingFaceTokenizer": "huggingface", "GPT2BPETokenizer": "megatron",
@@ -113,6 +116,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="with --partitions > 1: keep the input order")
     g.add_argument("--skip-malformed", action="store_true",
                    help="(megatron-ddk) skip and count malformed lines instead of stopping")
+    g.add_argument("--allow-empty", action="store_true",
+                   help="(megatron-ddk) write an empty dataset when the input holds no document "
+                        "with text (default: an error naming the input, nothing written)")
     return p
 
 
@@ -187,4 +193,4 @@ def job_from_args(args: argparse.Namespace) -> EncodeJob:
         append_eod=args.append_eod, workers=args.workers, keep_empty=True,
         split_sentences=args.split_sentences, keep_newlines=args.keep_newlines, lang=args.lang,
         partitions=args.partitions, keep_sequential_samples=args.keep_sequential_samples,
-        skip_malformed=args.skip_malformed)
+        skip_malformed=args.skip_malformed, allow_empty=args.allow_empty)

@@ -81,12 +81,15 @@ def tokenize_to_datasets(
     skip_malformed: bool = False,
     progress: bool = False,
     eos_token: Optional[str] = None,
+    allow_empty: bool = False,
 ) -> PreprocessResult:
     """Tokenize the documents of `paths` (in order) into one dataset per json key.
 
     prefixes maps each json key to its output prefix. Empty documents are skipped and counted;
-    a malformed line raises ValueError naming file:line unless skip_malformed. eos_token is for
-    a Hugging Face tokenizer that names no end-of-document token. Runs the streaming engine
+    a malformed line raises ValueError naming file:line unless skip_malformed; inputs without
+    any document with text raise encode_engine.EmptyInputError (a ValueError) naming them,
+    nothing written, unless allow_empty. eos_token is for a Hugging Face tokenizer that names no
+    end-of-document token. Runs the streaming engine
     (encode_engine.py) with the tokenizer picked from the model file.
     """
     from megatron_ddk.data.encode_engine import EncodeJob, run_encode
@@ -96,7 +99,7 @@ def tokenize_to_datasets(
     job = EncodeJob(paths=list(paths), prefixes=dict(prefixes),
                     tokenizer=TokenizerSpec("auto", tokenizer_model, eos_token=eos_token),
                     append_eod=append_eod, workers=workers, keep_empty=False,
-                    skip_malformed=skip_malformed)
+                    skip_malformed=skip_malformed, allow_empty=allow_empty)
     bar = Progress(bar=True, desc=os.path.basename(next(iter(prefixes.values()), ""))) \
         if progress else None
     try:
@@ -185,13 +188,16 @@ def tokenize_domain(name: str, paths: Sequence[str], out_dir: str, tokenizer_mod
     folder = os.path.join(os.path.abspath(out_dir), name)
     all_prefix = os.path.join(folder, f".all_text_document.tmp{os.getpid()}")
     remove_stale_tmp(os.path.join(folder, ".all_text_document"))  # a killed build's leftovers
-    res = tokenize_to_datasets(paths, {"text": all_prefix}, tokenizer_model, workers=workers,
-                               skip_malformed=skip_malformed, progress=progress)
+    from megatron_ddk.data.encode_engine import EmptyInputError
+
+    try:
+        tokenize_to_datasets(paths, {"text": all_prefix}, tokenizer_model, workers=workers,
+                             skip_malformed=skip_malformed, progress=progress)
+    except EmptyInputError as err:
+        raise ValueError(f"domain {name} is empty: {', '.join(paths)} hold no document with "
+                         f"text ({err.detail}); remove the domain or fix its files") from None
     tokenized = TokenizedDomain(name, folder, all_prefix, np.zeros(0, dtype=np.int64))
     try:
-        if res.num_documents["text"] == 0:
-            raise ValueError(f"domain {name} is empty: {list(paths)} hold no non-empty "
-                             "documents; remove the domain or fix its files")
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         # Keep `full` alive while reading: its index is a view of an mmap closed in __del__.

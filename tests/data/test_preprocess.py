@@ -11,7 +11,9 @@ import pytest
 import sentencepiece
 
 from megatron_ddk.data.preprocess import (
-    build_domain, select_validation_documents, tokenize_to_datasets,
+    build_domain,
+    select_validation_documents,
+    tokenize_to_datasets,
 )
 
 
@@ -193,8 +195,10 @@ def test_build_domain_split_is_disjoint_and_complete(tmp_path, tiny_tokenizer, m
 
 def test_build_domain_errors(tmp_path, tiny_tokenizer, make_jsonl):
     empty = make_jsonl(tmp_path / "empty.jsonl", ["", ""])
-    with pytest.raises(ValueError, match="domain empty is empty"):
+    with pytest.raises(ValueError, match=r"domain empty is empty: .*empty\.jsonl hold no "
+                       r"document with text \(2 documents read, 2 of them without text\)"):
         build_domain("empty", [empty], str(tmp_path / "out"), tiny_tokenizer, 1, 8)
+    assert os.listdir(tmp_path / "out" / "empty") == []
     small = make_jsonl(tmp_path / "small.jsonl", ["a few words"] * 3)
     with pytest.raises(ValueError, match=r"domain small: the held-out sets need valid 1 x 4097 "
                        r"\+ test 1 x 4097 = 8194 tokens but the domain has \d+ tokens in 3 "
