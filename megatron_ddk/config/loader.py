@@ -111,6 +111,36 @@ def from_dict(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    lines = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in lines:
+                raise ConfigError(f"key {key!r} is given twice in one mapping (lines "
+                                  f"{lines[key]} and {line}); keep one")
+            lines[key] = line
+        except TypeError:  # an unhashable key: SafeLoader's own error follows
+            continue
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                              _mapping_without_duplicates)
+
+
+def load_yaml(stream) -> Any:
+    """yaml.safe_load, but a key given twice in one mapping is a ConfigError naming its lines."""
+    return yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def to_dict(cfg) -> dict:
     """The config as plain data (YAML-safe)."""
     return dataclasses.asdict(cfg)
@@ -167,9 +197,11 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig
             raise ConfigError(f"config file {path} does not exist")
         with open(path) as f:
             try:
-                loaded = yaml.safe_load(f)
+                loaded = load_yaml(f)
             except yaml.YAMLError as exc:
                 raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            except ConfigError as exc:
+                raise ConfigError(f"config file {path}: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
         data = loaded or {}

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 
-from megatron_ddk.config.loader import ConfigError, apply_overrides, from_dict
+from megatron_ddk.config.loader import ConfigError, apply_overrides, from_dict, load_yaml
 from megatron_ddk.config.schema import ModelConfig
 
 
@@ -230,9 +230,11 @@ def read_pipeline_yaml(path: str, _seen: Sequence[str] = ()) -> Dict[str, Any]:
         raise ConfigError(f"pipeline config {path}: `extends` loops back to itself")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"pipeline config {path} is not valid YAML: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"pipeline config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"pipeline config {path}: the top level must be a mapping")
     base = data.pop("extends", None)

@@ -1,0 +1,38 @@
+"""Config files as users write them: a key given twice in one mapping is refused (PyYAML keeps
+the last one silently), in run configs and pipeline configs; YAML merge keys still work."""
+
+import pytest
+
+from megatron_ddk.config import ConfigError, load_config
+from megatron_ddk.config.loader import load_yaml
+from megatron_ddk.pipeline.config import load_pipeline_config
+
+
+def test_duplicate_key_in_a_run_config_names_file_key_and_lines(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  num_layers: 2\n  hidden_size: 32\n  hidden_size: 48\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    msg = str(err.value)
+    assert str(path) in msg and "'hidden_size' is given twice" in msg and "lines 3 and 4" in msg
+
+
+def test_duplicate_section_and_flow_mapping_duplicates():
+    with pytest.raises(ConfigError, match="'train' is given twice"):
+        load_yaml("train: {lr: 1.0}\nmodel: {}\ntrain: {seed: 3}\n")
+    with pytest.raises(ConfigError, match="'lr' is given twice.*lines 1 and 1"):
+        load_yaml("train: {lr: 1.0, lr: 2.0}\n")
+
+
+def test_merge_keys_and_plain_yaml_still_load():
+    data = load_yaml("base: &b {lr: 1.0, seed: 2}\ntrain:\n  <<: *b\n  lr: 3.0\n")
+    assert data == {"base": {"lr": 1.0, "seed": 2}, "train": {"lr": 3.0, "seed": 2}}
+    assert load_yaml("") is None and load_yaml("[1, 2]") == [1, 2]
+
+
+def test_duplicate_key_in_a_pipeline_config(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("out: x\nseeds: [1]\nseeds: [2]\n")
+    with pytest.raises(ConfigError, match=r"pipeline config .*pipeline\.yaml: key 'seeds' is "
+                                          r"given twice .*lines 2 and 3"):
+        load_pipeline_config(str(path))
