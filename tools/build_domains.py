@@ -10,6 +10,12 @@ valid ones); the rest is the training set. Writes
     <output-dir>/<name>/{train,valid,test}_text_document.bin/.idx
     <output-dir>/manifest.yaml        (last, only when every domain succeeded)
 
+Everything is built under <output-dir>/.staging-<pid> and moved into place only when every
+domain succeeded (the manifest last): a failed or interrupted rebuild leaves the previous
+manifest, datasets and tokenizer byte for byte (a killed build's staging folder is removed by
+the next build). The index caches beside the manifest (<manifest folder>/cache) are cleared when
+a rebuild replaces the datasets (Megatron-Core keys them by path, not content).
+
     python tools/build_domains.py --input corpus/ --output-dir datasets/ \\
         --tokenizer-model tokenizer/ddk.model [--train-tokenizer --vocab-size 8000]
 
@@ -113,15 +119,16 @@ def heldout_spec(args: argparse.Namespace):
         test_follows_valid=args.test_samples is None, max_heldout_share=args.max_heldout_share)
 
 
-def _tokenize_all(domains, args) -> list:
-    """Every domain tokenized to its temporary dataset (all removed again on failure)."""
+def _tokenize_all(domains, args, out_dir: str) -> list:
+    """Every domain tokenized to its temporary dataset under out_dir (all removed again on
+    failure)."""
     from megatron_ddk.data.preprocess import tokenize_domain
 
     done = []
     try:
         for domain in domains:
             start = time.perf_counter()
-            done.append(tokenize_domain(domain.name, domain.paths, args.output_dir,
+            done.append(tokenize_domain(domain.name, domain.paths, out_dir,
                                         args.tokenizer_model, workers=args.workers,
                                         skip_malformed=args.skip_malformed, progress=True))
             print(f"{domain.name}: tokenized in {time.perf_counter() - start:.1f}s", flush=True)
@@ -146,13 +153,98 @@ def _print_preflight(tokenized, spec, seed: int) -> None:
               f"{fits[t.name]:>19,}")
 
 
-def build(args: argparse.Namespace) -> Optional[str]:
-    """Run the whole pipeline; return the manifest path (None for --dry-run)."""
-    from megatron_ddk.data.corpus import discover_domains
-    from megatron_ddk.data.heldout import byte_bound_problems, check_byte_bounds, check_domains
+def _staged_tokenizer(args: argparse.Namespace, stage, domains) -> list:
+    """With --train-tokenizer: train into the staging folder, point args.tokenizer_model there
+    and return the (staged, final) moves of its files; else []."""
+    if not args.train_tokenizer:
+        return []
+    prefix = args.tokenizer_model
+    prefix = os.path.abspath(prefix[:-len(".model")] if prefix.endswith(".model") else prefix)
+    staged = os.path.join(stage.folder, ".tokenizer", os.path.basename(prefix))
+    args.tokenizer_model = train_from_args(args, domains, staged, args.skip_malformed)
+    meta = "tokenizer_metadata.json"
+    return [(staged + ".model", prefix + ".model"), (staged + ".vocab", prefix + ".vocab"),
+            (os.path.join(os.path.dirname(staged), meta),
+             os.path.join(os.path.dirname(prefix), meta))]
+
+
+def _dataset_moves(stage, entries) -> list:
+    """(staged file, final file) of every dataset; (None, final) removes an old test set."""
+    moves = []
+    for e in entries:
+        prefixes = [*e.train_prefixes, e.valid_prefix]
+        prefixes += [e.test_prefix] if e.test_prefix else []
+        for prefix in prefixes:
+            moves += [(prefix + s, stage.final(prefix + s)) for s in (".bin", ".idx")]
+        if not e.test_prefix:
+            test = stage.final(os.path.join(os.path.dirname(e.valid_prefix), "test_text_document"))
+            moves += [(None, test + s) for s in (".idx", ".bin")]
+    return moves
+
+
+def _finalize(stage, entries) -> None:
+    """Point every entry at the final paths (after the swap)."""
+    for e in entries:
+        e.train_prefixes = [stage.final(p) for p in e.train_prefixes]
+        e.valid_prefix = stage.final(e.valid_prefix)
+        e.test_prefix = stage.final(e.test_prefix) if e.test_prefix else None
+
+
+def _build_staged(args, stage, domains, spec, weights, manifest_path: str) -> Optional[str]:
+    from megatron_ddk.data.heldout import check_domains
     from megatron_ddk.data.manifest import DomainManifest, load_manifest, save_manifest
     from megatron_ddk.data.preprocess import split_domain
     from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
+
+    tokenizer_moves = _staged_tokenizer(args, stage, domains)
+    tok = build_tokenizer(args.tokenizer_model)  # a bad tokenizer fails before anything is built
+    tokenized = _tokenize_all(domains, args, stage.folder)
+    try:
+        _print_preflight(tokenized, spec, args.seed)
+        check_domains({t.name: t.lengths for t in tokenized}, spec, args.seed)
+        if args.dry_run:
+            return None
+        entries = []
+        for t in tokenized:
+            entry = split_domain(t, spec, args.seed)
+            entry.initial_weight = weights.get(t.name)
+            entries.append(entry)
+    finally:
+        for t in tokenized:
+            t.discard()
+    digest = tokenizer_hash(args.tokenizer_model)
+    manifest = DomainManifest(path="", tokenizer_model=os.path.abspath(args.tokenizer_model),
+                              tokenizer_hash=digest, vocab_size=int(tok.vocab_size),
+                              domains=entries)
+    staged_manifest = os.path.join(stage.folder, "manifest.yaml")
+    save_manifest(manifest, staged_manifest)
+    load_manifest(staged_manifest, expected_tokenizer_hash=digest)  # the staged build reads back
+    # The old manifest goes aside first (no manifest ever names a half-swapped build), stale
+    # index caches of the old datasets (keyed by path, not content) with it; the new one last.
+    cache = os.path.join(os.path.dirname(manifest_path), "cache")
+    stage.swap_in([(None, manifest_path), (None, cache), *tokenizer_moves,
+                   *_dataset_moves(stage, entries)])
+    try:
+        _finalize(stage, entries)
+        if tokenizer_moves:
+            manifest.tokenizer_model = tokenizer_moves[0][1]
+        save_manifest(manifest, manifest_path)
+    except BaseException:
+        stage.roll_back()
+        raise
+    load_manifest(manifest_path, expected_tokenizer_hash=digest)
+    return manifest_path
+
+
+def build(args: argparse.Namespace) -> Optional[str]:
+    """Run the whole pipeline; return the manifest path (None for --dry-run). Everything is
+    built under <output-dir>/.staging-<pid> and swapped in only when every domain succeeded:
+    a failed or interrupted rebuild leaves the previous manifest, datasets and tokenizer as they
+    were."""
+    from megatron_ddk.atomic import check_writable_folder
+    from megatron_ddk.data.corpus import discover_domains
+    from megatron_ddk.data.heldout import byte_bound_problems, check_byte_bounds
+    from megatron_ddk.data.preprocess import StagedBuild
 
     spec = heldout_spec(args)
     domains = _select(discover_domains(args.input), args.domains)
@@ -164,40 +256,13 @@ def build(args: argparse.Namespace) -> Optional[str]:
         check_byte_bounds({d.name: d.paths for d in domains}, spec)  # before any slow step
     manifest_path = os.path.abspath(args.manifest or os.path.join(args.output_dir,
                                                                   "manifest.yaml"))
-    if args.train_tokenizer:
-        prefix = args.tokenizer_model
-        prefix = prefix[:-len(".model")] if prefix.endswith(".model") else prefix
-        args.tokenizer_model = train_from_args(args, domains, prefix, args.skip_malformed)
-    tok = build_tokenizer(args.tokenizer_model)  # a bad tokenizer fails before anything is touched
-    if os.path.exists(manifest_path) and not args.dry_run:
-        os.remove(manifest_path)  # a failed run must not leave an old manifest looking current
-    tokenized = _tokenize_all(domains, args)
+    check_writable_folder(os.path.abspath(args.output_dir), "--output-dir")
+    check_writable_folder(os.path.dirname(manifest_path), "--manifest")
+    stage = StagedBuild(args.output_dir)
     try:
-        _print_preflight(tokenized, spec, args.seed)
-        check_domains({t.name: t.lengths for t in tokenized}, spec, args.seed)
-    except BaseException:
-        for t in tokenized:
-            t.discard()
-        raise
-    if args.dry_run:
-        for t in tokenized:
-            t.discard()
-        return None
-    entries = []
-    try:
-        for t in tokenized:
-            entry = split_domain(t, spec, args.seed)
-            entry.initial_weight = weights.get(t.name)
-            entries.append(entry)
+        return _build_staged(args, stage, domains, spec, weights, manifest_path)
     finally:
-        for t in tokenized:
-            t.discard()
-    manifest = DomainManifest(path="", tokenizer_model=os.path.abspath(args.tokenizer_model),
-                              tokenizer_hash=tokenizer_hash(args.tokenizer_model),
-                              vocab_size=int(tok.vocab_size), domains=entries)
-    save_manifest(manifest, manifest_path)
-    load_manifest(manifest_path, expected_tokenizer_hash=manifest.tokenizer_hash)
-    return manifest_path
+        stage.close()
 
 
 def _print_table(manifest_path: str) -> None:
@@ -218,12 +283,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
+    from megatron_ddk.data.encode_engine import WorkerDiedError
+
     try:
         manifest_path = build(args)
-    except ValueError as err:
+    except (ValueError, WorkerDiedError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
-        print("\ninterrupted: finished domains keep their datasets; no manifest was written",
+        print("\ninterrupted: nothing was changed (an earlier build is as it was)",
               file=sys.stderr)
         sys.exit(130)
     if manifest_path is None:

@@ -10,6 +10,9 @@ train/validation hold-out.
   it). Whole documents, drawn in a seeded random order, go to validation until they hold
   valid_samples x (valid_seq_length + 1) tokens, then to test until they hold
   test_samples x (test_seq_length + 1); the rest is the training set, disjoint by construction.
+- StagedBuild: tools/build_domains.py writes a whole build under <out>/.staging-<pid> and swaps
+  it in only when every domain succeeded, so a failed rebuild leaves the previous manifest and
+  datasets byte for byte; staging folders of killed builds are removed by the next build.
 
 Imports megatron.core lazily (only to read datasets back); imports encode_engine, heldout and
 manifest from megatron_ddk.data, nothing from other layers.
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_ddk.atomic import remove_stale_tmp
+from megatron_ddk.atomic import pid_alive, remove_stale_tmp
 from megatron_ddk.data.heldout import HeldOutSpec, advice, domain_seed, plan_split, shortfall
 from megatron_ddk.data.manifest import DomainEntry
 
@@ -275,3 +279,97 @@ def build_domain(
     tokenized = tokenize_domain(name, paths, out_dir, tokenizer_model, workers=workers,
                                 skip_malformed=skip_malformed, progress=progress)
     return split_domain(tokenized, spec, seed)
+
+
+STAGING_PREFIX = ".staging-"
+"""build_domains stages a build in <output-dir>/.staging-<pid> and swaps it in at the end."""
+
+
+def remove_stale_staging(out_dir: str) -> List[str]:
+    """Delete the staging folders of builds that are no longer running (killed); returns them."""
+    removed = []
+    try:
+        names = os.listdir(out_dir)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        pid = name[len(STAGING_PREFIX):]
+        full = os.path.join(out_dir, name)
+        if (name.startswith(STAGING_PREFIX) and pid.isdigit() and not pid_alive(int(pid))
+                and os.path.isdir(full)):
+            shutil.rmtree(full, ignore_errors=True)
+            removed.append(full)
+            logger.info("removed %s, left by a build that is no longer running", full)
+    return removed
+
+
+class StagedBuild:
+    """A build written under <out_dir>/.staging-<pid> and moved into <out_dir> only when it is
+    complete (swap_in), so a failed or interrupted rebuild leaves the previous one untouched.
+
+    swap_in moves the old files aside (into the staging folder), renames the new ones into place
+    (the old manifest first aside, the new manifest written last by the caller) and rolls the
+    old ones back if a rename fails; close() removes the staging folder with whatever it holds.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = os.path.abspath(out_dir)
+        remove_stale_staging(self.out_dir)
+        self.folder = os.path.join(self.out_dir, f"{STAGING_PREFIX}{os.getpid()}")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.makedirs(self.folder)
+        self._old = os.path.join(self.folder, ".previous")
+        self._moved: List[Tuple[str, Optional[str]]] = []  # (final path, its old file aside)
+        self._outside: List[str] = []  # old files set aside outside out_dir
+
+    def final(self, staged: str) -> str:
+        """The final path of a path under the staging folder."""
+        return os.path.join(self.out_dir, os.path.relpath(staged, self.folder))
+
+    def _aside(self, path: str) -> Optional[str]:
+        """Move an existing final file aside: into the staging folder when it lies under
+        out_dir (same file system), else beside itself as <path>.tmp<pid>.previous (which the
+        next writer of `path` removes if this process is killed)."""
+        if not os.path.lexists(path):
+            return None
+        if os.path.commonpath([self.out_dir, os.path.abspath(path)]) == self.out_dir:
+            aside = os.path.join(self._old, f"{len(self._moved)}_{os.path.basename(path)}")
+            os.makedirs(self._old, exist_ok=True)
+        else:
+            aside = f"{path}.tmp{os.getpid()}.previous"
+            self._outside.append(aside)
+        os.replace(path, aside)
+        return aside
+
+    def swap_in(self, moves: Sequence[Tuple[Optional[str], str]]) -> None:
+        """Apply (staged file or None, final path) in order: the final path's old file goes
+        aside, the staged file (if any) takes its place. All or nothing on an exception."""
+        try:
+            for staged, final in moves:
+                self._moved.append((final, self._aside(final)))
+                if staged is not None:
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    os.replace(staged, final)
+        except BaseException:
+            self.roll_back()
+            raise
+
+    def roll_back(self) -> None:
+        """Put every old file swap_in moved aside back in place (the new ones are dropped)."""
+        for final, aside in reversed(self._moved):
+            if os.path.isdir(final) and not os.path.islink(final):
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                _remove_quietly(final)
+            if aside is not None:
+                os.replace(aside, final)
+        self._moved.clear()
+
+    def close(self) -> None:
+        """Remove the staging folder (unused staged files and the old files set aside)."""
+        for aside in self._outside:
+            if os.path.isdir(aside) and not os.path.islink(aside):
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                _remove_quietly(aside)
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""tools/build_domains.py rebuilds through a staging folder: a rebuild that fails part-way (a
+malformed line in the second domain, a bad tokenizer path, a rename failing in the swap) leaves
+the previous manifest and every dataset byte for byte; a killed build's staging folder is
+removed by the next one; a rebuild that succeeds replaces the files (and the stale index
+caches). The tool runs in this process (its main(), as from the command line)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+@pytest.fixture(scope="module")
+def build_domains():
+    spec = importlib.util.spec_from_file_location(
+        "build_domains_tool", os.path.join(ROOT, "tools", "build_domains.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _snapshot(folder) -> dict:
+    """Every file under folder -> its bytes."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+@pytest.fixture
+def corpus(tmp_path, make_jsonl, make_texts):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    make_jsonl(folder / "alpha.jsonl", make_texts(30, seed=1))
+    make_jsonl(folder / "beta.jsonl", make_texts(30, seed=2))
+    return folder
+
+
+def _argv(corpus, out, tokenizer, *extra):
+    return ["--input", str(corpus), "--output-dir", str(out), "--tokenizer-model", tokenizer,
+            "--valid-samples", "2", "--valid-seq-length", "16", "--workers", "1", *extra]
+
+
+def test_failed_rebuild_keeps_the_previous_build(tmp_path, corpus, tiny_tokenizer,
+                                                  build_domains, make_jsonl, make_texts,
+                                                  monkeypatch):
+    from megatron_ddk.data.manifest import load_manifest
+
+    out = tmp_path / "datasets"
+    build_domains.main(_argv(corpus, out, tiny_tokenizer))
+    (out / "cache").mkdir()  # as a training run leaves it
+    (out / "cache" / "index.npy").write_bytes(b"old")
+    before = _snapshot(out)
+    assert {"manifest.yaml", "alpha/train_text_document.bin", "beta/test_text_document.idx",
+            "cache/index.npy"} <= set(before)
+
+    # 1. a malformed line in the second domain, found after the first domain was tokenized
+    with open(corpus / "beta.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(SystemExit, match=r"beta\.jsonl:31: invalid JSON"):
+        build_domains.main(_argv(corpus, out, tiny_tokenizer))
+    assert _snapshot(out) == before
+    # 2. a tokenizer path that does not exist
+    with pytest.raises(SystemExit, match="absent.model"):
+        build_domains.main(_argv(corpus, out, str(tmp_path / "absent.model"),
+                                 "--skip-malformed"))
+    assert _snapshot(out) == before
+    # 3. a rename failing half-way through the swap: every old file is put back
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        if ".staging-" in str(src) and ".staging-" not in str(dst):  # staged file into place
+            calls.append(dst)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device", dst)
+        real_replace(src, dst)
+
+    make_jsonl(corpus / "alpha.jsonl", make_texts(40, seed=7))  # different data
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        build_domains.build(build_domains._parse_args(
+            _argv(corpus, out, tiny_tokenizer, "--skip-malformed")))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(calls) > 3 and _snapshot(out) == before  # the fault, then the roll-back
+    assert not [n for n in os.listdir(out) if n.startswith(".staging")]
+
+    # 4. a killed build's staging folder goes; a rebuild that succeeds replaces everything
+    (out / ".staging-999999999" / "alpha").mkdir(parents=True)
+    (out / ".staging-999999999" / "alpha" / "x.bin").write_bytes(b"junk")
+    build_domains.main(_argv(corpus, out, tiny_tokenizer, "--skip-malformed"))
+    after = _snapshot(out)
+    assert sorted(os.listdir(out)) == ["alpha", "beta", "manifest.yaml"]  # stale cache gone
+    assert after["manifest.yaml"] != before["manifest.yaml"]
+    assert after["alpha/train_text_document.bin"] != before["alpha/train_text_document.bin"]
+    m = load_manifest(str(out / "manifest.yaml"))
+    assert m.domains[0].train_prefixes == [str(out / "alpha" / "train_text_document")]
+    assert m.domains[0].num_train_documents + m.domains[0].num_valid_documents \
+        + m.domains[0].num_test_documents == 40
+
+
+def test_rebuild_without_test_split_removes_the_old_one(tmp_path, corpus, tiny_tokenizer,
+                                                        build_domains):
+    out = tmp_path / "datasets"
+    build_domains.main(_argv(corpus, out, tiny_tokenizer))
+    assert (out / "alpha" / "test_text_document.bin").exists()
+    build_domains.main(_argv(corpus, out, tiny_tokenizer, "--test-samples", "0"))
+    assert sorted(os.listdir(out / "alpha")) == ["train_text_document.bin",
+                                                 "train_text_document.idx",
+                                                 "valid_text_document.bin",
+                                                 "valid_text_document.idx"]
+
+
+def test_dry_run_and_trained_tokenizer_are_staged(tmp_path, corpus, build_domains):
+    """--train-tokenizer trains into the staging folder: a dry run leaves nothing, a real build
+    moves the tokenizer to --tokenizer-model and the manifest names it there."""
+    from megatron_ddk.data.manifest import load_manifest
+    from megatron_ddk.data.tokenizer import tokenizer_hash
+
+    out, tok = tmp_path / "datasets", tmp_path / "tok" / "ddk.model"
+    extra = ["--train-tokenizer", "--vocab-size", "500", "--sample-mb", "1"]
+    build_domains.main(_argv(corpus, out, str(tok), "--dry-run", *extra))
+    assert os.listdir(out) == [] and not tok.parent.exists()
+    build_domains.main(_argv(corpus, out, str(tok), *extra))
+    assert sorted(os.listdir(tok.parent)) == ["ddk.model", "ddk.vocab", "tokenizer_metadata.json"]
+    m = load_manifest(str(out / "manifest.yaml"))
+    assert m.tokenizer_model == str(tok) and m.tokenizer_hash == tokenizer_hash(str(tok))
