@@ -166,6 +166,29 @@ def _publish(root: str, tmp: str, final: str, iteration: int, metadata: Dict[str
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def _read_index(folder: str):
+    """(storage_data of DIR/.metadata, None) or (None, why it cannot be read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    index = os.path.join(folder, ".metadata")
+    if not os.path.isfile(index):
+        return None, f"{index} is missing (not a complete torch_dist checkpoint)"
+    try:
+        return FileSystemReader(folder).read_metadata().storage_data, None
+    except Exception as exc:  # noqa: BLE001  (an unpickling error can be of any type)
+        return None, f"{index} is corrupt ({type(exc).__name__}: {exc})"
+
+
+def _torch_dist(folder: str) -> bool:
+    """True when metadata.json names the torch_dist backend (or is absent: Megatron-LM's
+    default); other backends are left to dist_checkpointing's own checks."""
+    try:
+        with open(os.path.join(folder, DIST_CONFIG_FILE)) as f:
+            return json.load(f).get("sharded_backend", "torch_dist") == "torch_dist"
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def diagnose_folder(folder: str) -> Optional[str]:
     """Why the files of an iteration folder cannot load (None when none is visibly damaged):
     a corrupt metadata file, a missing or truncated shard, an unreadable common.pt."""
@@ -177,15 +200,10 @@ def diagnose_folder(folder: str) -> Optional[str]:
                 json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             return f"{config} is corrupt ({type(exc).__name__}: {exc})"
-    from torch.distributed.checkpoint import FileSystemReader
-
     index = os.path.join(folder, ".metadata")
-    if not os.path.isfile(index):
-        return f"{index} is missing (not a complete torch_dist checkpoint)"
-    try:
-        storage = FileSystemReader(folder).read_metadata().storage_data
-    except Exception as exc:  # noqa: BLE001  (an unpickling error can be of any type)
-        return f"{index} is corrupt ({type(exc).__name__}: {exc})"
+    storage, problem = _read_index(folder)
+    if problem:
+        return problem
     needed: Dict[str, int] = {}
     for info in storage.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0),
@@ -213,6 +231,10 @@ def load_sharded(folder: str, sharded_state_dict: Dict[str, Any], strict: bool =
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     handling = StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.LOG_ALL
+    if _torch_dist(folder):  # before torch's reader, which logs a traceback for these
+        problem = _read_index(folder)[1]
+        if problem:
+            raise CheckpointError(f"loading checkpoint {folder} failed: {problem}")
     try:
         with torch.no_grad():
             return dist_checkpointing.load(sharded_state_dict, folder, strict=handling)

@@ -121,7 +121,19 @@ def read_metadata(folder: str) -> Dict[str, Any]:
                               f"corrupt: restore it or use another checkpoint") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    for key, types, what in _META_TYPES:
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise CheckpointError(f"{path}: {key} is {value!r}, expected {what}; the file is "
+                                  f"corrupt or not megatron-ddk's: restore it or use another "
+                                  f"checkpoint")
     return meta
+
+
+_META_TYPES = (("model", dict, "a mapping of model fields"),
+               ("padded_vocab_size", int, "an integer"), ("iteration", int, "an integer"),
+               ("tokenizer_hash", str, "a string"), ("run_id", str, "a string"))
+"""Types of the megatron_ddk.json entries that are read (None is allowed for each)."""
 
 
 def _effective(model: Dict[str, Any]) -> Dict[str, Any]:

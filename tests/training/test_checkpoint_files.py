@@ -160,3 +160,38 @@ def test_failed_save_names_folder_and_cause(results):
     assert "unexpected pos" in msg and "disk is full or a quota or file-size limit" in msg
     assert "free on that device" in msg
     assert not results[0]["full_published"]  # nothing named as a checkpoint
+
+
+@pytest.mark.parametrize("how", ["remove", "truncate"])
+def test_unreadable_index_is_refused_before_torch_reads_it(results, tmp_path, capfd, how):
+    """A missing or truncated .metadata is named before torch's reader runs (which logged a
+    traceback of its own before the clear message)."""
+    from megatron_ddk.models.checkpoint import CheckpointError, load_sharded
+
+    folder = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(results[1], "good", "iter_0000003"), folder)
+    index = os.path.join(folder, ".metadata")
+    if how == "remove":
+        os.remove(index)
+    else:
+        with open(index, "r+b") as f:
+            f.truncate(os.path.getsize(index) // 2)
+    with pytest.raises(CheckpointError) as err:
+        load_sharded(folder, {})
+    assert f"{index} is {'missing' if how == 'remove' else 'corrupt'}" in str(err.value)
+    out, errout = capfd.readouterr()
+    assert "Traceback" not in out + errout
+
+
+@pytest.mark.parametrize("meta, field", [({"model": "not a mapping"}, "model"),
+                                         ({"padded_vocab_size": "x"}, "padded_vocab_size"),
+                                         ({"iteration": [3]}, "iteration"),
+                                         ({"tokenizer_hash": 7}, "tokenizer_hash")])
+def test_megatron_ddk_json_with_wrong_types_names_the_entry(tmp_path, meta, field):
+    import json
+
+    from megatron_ddk.models.checkpoint_layout import CheckpointError, read_metadata
+
+    (tmp_path / "megatron_ddk.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"megatron_ddk\.json: {field} is .*, expected"):
+        read_metadata(str(tmp_path))
