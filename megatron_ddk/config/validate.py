@@ -89,7 +89,10 @@ def _parallel_checks(cfg: RunConfig, world_size: Optional[int]) -> List[str]:
         mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if world_size % mp:
             errs.append(f"world size {world_size} is not divisible by tensor x pipeline parallel "
-                        f"size {mp}")
+                        f"size {mp} (parallel.tensor_model_parallel_size="
+                        f"{p.tensor_model_parallel_size} x parallel.pipeline_model_parallel_size="
+                        f"{p.pipeline_model_parallel_size}); launch a multiple of {mp} processes "
+                        f"or lower them")
         else:
             dp = world_size // mp
             t = cfg.train

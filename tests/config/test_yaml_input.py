@@ -36,3 +36,13 @@ def test_duplicate_key_in_a_pipeline_config(tmp_path):
     with pytest.raises(ConfigError, match=r"pipeline config .*pipeline\.yaml: key 'seeds' is "
                                           r"given twice .*lines 2 and 3"):
         load_pipeline_config(str(path))
+
+
+def test_world_size_message_names_the_parallel_fields():
+    from megatron_ddk.config import static_errors
+
+    cfg = load_config(None, ["train.train_iters=10", "ddk.policy=static",
+                             "parallel.tensor_model_parallel_size=2"])
+    errs = static_errors(cfg, world_size=1)
+    assert any("world size 1 is not divisible" in e and "parallel.tensor_model_parallel_size=2"
+               in e and "parallel.pipeline_model_parallel_size=1" in e for e in errs), errs
