@@ -23,6 +23,7 @@ from typing import List, Optional
 
 from megatron_ddk.config.loader import ConfigError
 from megatron_ddk.config.schema import RunConfig
+from megatron_ddk.config.validate import train_iters
 from megatron_ddk.models.checkpoint_layout import (
     SHAPE_FIELDS,
     CheckpointError,
@@ -105,9 +106,29 @@ def save_folder_errors(cfg: RunConfig) -> List[str]:
             f"checkpoint.overwrite=true"]
 
 
+def resume_errors(cfg: RunConfig) -> List[str]:
+    """A full resume from a checkpoint already past the run's last step (it would be saved
+    again under its own iteration, with this config, rewriting a finished checkpoint)."""
+    c = cfg.checkpoint
+    last = train_iters(cfg)
+    if not c.load or c.finetune or last is None or not os.path.exists(c.load):
+        return []
+    try:
+        folder, iteration = resolve_checkpoint(c.load)
+    except CheckpointError:
+        return []  # the load reports it, naming the file
+    if iteration <= last:
+        return []
+    return [f"checkpoint.load={c.load} is at iteration {iteration} ({folder}), past this run's "
+            f"last step (train.train_iters={last}): nothing to train, and the end-of-run save "
+            f"would rewrite that checkpoint. Raise train.train_iters above {iteration} to "
+            f"continue, or set checkpoint.finetune=true to start a new run from its weights"]
+
+
 def check_save_folder(cfg: RunConfig) -> RunConfig:
-    """Raise ConfigError when the run must not write into checkpoint.save; return cfg."""
-    errs = save_folder_errors(cfg)
+    """Raise ConfigError when the run must not write into checkpoint.save (or would rewrite
+    the checkpoint it resumes from); return cfg."""
+    errs = save_folder_errors(cfg) + resume_errors(cfg)
     if errs:
         raise ConfigError("refusing to write checkpoints:\n  - " + "\n  - ".join(errs))
     return cfg

@@ -108,3 +108,22 @@ def test_deep_check_of_a_14b_preset_against_tiny_files(tiny, tmp_path):
     del good["distill"]["teacher"]
     path = tiny_run.write_config(good, str(tmp_path / "good.yaml"))
     assert deep_errors(load_config(path)) == []
+
+
+def test_resume_from_a_checkpoint_past_train_iters_is_refused(tmp_path):
+    """--load of a checkpoint at iteration 4 with train.train_iters=2 would save iteration 4
+    again with the new config (it rewrote a finished checkpoint); == train_iters still resumes."""
+    from megatron_ddk.config import ConfigError, load_config
+    from megatron_ddk.training.run_folder import check_save_folder
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000004").mkdir(parents=True)
+    (ckpt / "iter_0000004" / "megatron_ddk.json").write_text(json.dumps({"iteration": 4}))
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("4")
+    base = ["ddk.policy=static", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}"]
+    with pytest.raises(ConfigError, match=r"is at iteration 4 .*past this run's last step "
+                                          r"\(train.train_iters=2\).*above 4"):
+        check_save_folder(load_config(None, base + ["train.train_iters=2"]))
+    for ok in (["train.train_iters=4"], ["train.train_iters=9"],
+               ["train.train_iters=2", "checkpoint.finetune=true", "checkpoint.overwrite=true"]):
+        check_save_folder(load_config(None, base + ok))
