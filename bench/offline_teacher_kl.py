@@ -41,9 +41,9 @@ def main(argv=None):
     from megatron_ddk.parallel import destroy
     from megatron_ddk.training import builder, entry
 
-    cfg = entry._prepare(args.config, [f"logging.run_dir={tempfile.mkdtemp()}",
-                                       "distill.teacher_logits=null"], None)
-    ctx = entry._start(cfg)
+    cfg = entry.prepare_config(args.config, [f"logging.run_dir={tempfile.mkdtemp()}",
+                                             "distill.teacher_logits=null"])
+    ctx = entry.start_parallel(cfg)
     data = builder.build_data(cfg, ctx, cfg.ddk.valid_samples_per_domain)
     padded = builder.model_vocab(cfg, data.vocab_size, ctx.tp_size)
     teacher = build_teacher(cfg.distill.teacher, ctx, padded, cfg.distill.teacher_load)

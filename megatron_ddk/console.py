@@ -3,12 +3,23 @@
 The `megatron-ddk` commands report to people, not to log files: plain lines without timestamps,
 errors and verdicts on stderr, results (tables) on stdout. These two loggers do that and do not
 propagate to the root logger, whose format the trainer sets for its own log.
+
+It also owns the one mapping from a command's failure to its exit code, used by every
+`megatron-ddk` subcommand (run_command) and by tools/ (run_or_exit):
+    0  success
+    1  a CommandFailed without its own code (the pipeline's StageFailed: a stage's command failed)
+    2  a user error: ValueError (ConfigError is one): a bad config, flag, file or value
+    3  NonFiniteLossError: the loss became NaN or inf
+Anything else is a bug and keeps its traceback.
+
+Must not import anything of megatron_ddk (the bottom layer; every other layer may use it).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Callable, Union
 
 
 def _plain(name: str, stream) -> logging.Logger:
@@ -32,10 +43,39 @@ def results() -> logging.Logger:
     return _plain("megatron_ddk.console.results", sys.stdout)
 
 
+USER_ERROR = 2
+"""Exit code of a user error (ValueError, ConfigError): a bad config, flag, file or value."""
+
+
+class CommandFailed(RuntimeError):
+    """A failure that is not a user error and ends a command with its own exit code.
+
+    Subclasses set `exit_code` (training's NonFiniteLossError: 3, the pipeline's StageFailed: 1).
+    """
+
+    exit_code: int = 1
+    """The process exit code of this failure."""
+
+
+def report_failure(err: Union[CommandFailed, ValueError]) -> int:
+    """Write `error: <message>` to stderr and return the failure's exit code (module docstring)."""
+    messages().error(f"error: {err}")
+    return err.exit_code if isinstance(err, CommandFailed) else USER_ERROR
+
+
+def run_command(fn: Callable[..., int], *args, **kwargs) -> int:
+    """Call a command's entry function and return its exit code (None counts as 0); a
+    ValueError or CommandFailed becomes one `error:` line and its code (report_failure)."""
+    try:
+        code = fn(*args, **kwargs)
+    except (CommandFailed, ValueError) as err:
+        return report_failure(err)
+    return 0 if code is None else code
+
+
 def run_or_exit(fn, *args, **kwargs):
-    """Call fn; a ValueError (a user error) becomes one `error: ...` line and exit code 2."""
+    """Call fn and return its result (tools/); a failure exits with report_failure's code."""
     try:
         return fn(*args, **kwargs)
-    except ValueError as err:
-        messages().error(f"error: {err}")
-        raise SystemExit(2) from None
+    except (CommandFailed, ValueError) as err:
+        raise SystemExit(report_failure(err)) from None

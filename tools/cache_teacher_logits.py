@@ -45,11 +45,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    from megatron_ddk.training.teacher_cache import cache_main
+    from megatron_ddk.console import run_command
+    from megatron_ddk.training.entry import cache_teacher_main
 
-    return cache_main(args.config, args.overrides, args.out, top_k=args.top_k,
-                      domains=args.domains, max_samples_per_domain=args.max_samples_per_domain,
-                      logprob_dtype=args.logprob_dtype, shard_samples=args.shard_samples)
+    return run_command(cache_teacher_main, args.config, args.overrides, args.out,
+                       top_k=args.top_k, domains=args.domains,
+                       max_samples_per_domain=args.max_samples_per_domain,
+                       logprob_dtype=args.logprob_dtype, shard_samples=args.shard_samples)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ WORLD_SIZE_COMMENT = re.compile(r"^#\s*world_size:\s*(\d+)", re.MULTILINE)
 
 ROWS = [("weights", "weights (bf16; teacher +fp8 copy)"), ("grads", "main grads (fp32)"),
         ("optimizer", "optimizer: fp32 master + Adam m, v / DP"),
-        ("activations", "activations (stored / working set)"), ("logits", "logits (fp32)"),
-        ("kd_workspace", "KD loss fp32 chunk buffers")]
+        ("activations", "activations (stored / working set)"),
+        ("logits", "logits (bf16; fp32 without train.bf16)"),
+        ("logits_grad", "gradient of the student logits (same)"),
+        ("loss_workspace", "loss fp32 chunk buffers (CE / KL)")]
 
 
 def declared_world_size(path: str) -> Optional[int]:

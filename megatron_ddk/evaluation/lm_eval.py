@@ -29,6 +29,8 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
+from megatron_ddk.console import results
+
 logger = logging.getLogger(__name__)
 
 EXTRA_HINT = "install megatron-ddk's `eval` extra: pip install -e '.[eval]' (lm-eval[hf]>=0.4.13,<0.5)"
@@ -224,16 +226,11 @@ def format_metrics(result: Dict[str, Any]) -> str:
 def lm_eval_main(load: str, tasks: str, output: Optional[str], limit: Optional[float],
                  batch_size: int, manifest: Optional[str], include_path: List[str],
                  device: Optional[str], allow_code_execution: bool = False) -> int:
-    """`megatron-ddk lm-eval`; user errors -> one `error:` line and exit code 2."""
-    from megatron_ddk.console import messages, results
-
-    try:
-        result = run_lm_eval(load, tasks.split(","), limit, batch_size, manifest=manifest,
-                             include_path=include_path, device=device,
-                             allow_code_execution=allow_code_execution)
-    except ValueError as err:
-        messages().error(f"error: {err}")
-        return 2
+    """`megatron-ddk lm-eval`: run, print the table, write the JSON. A user error propagates as
+    ValueError (exit 2 through console.run_command)."""
+    result = run_lm_eval(load, tasks.split(","), limit, batch_size, manifest=manifest,
+                         include_path=include_path, device=device,
+                         allow_code_execution=allow_code_execution)
     results().info(format_metrics(result))
     if output:
         write_result(result, output)

@@ -39,9 +39,17 @@ Pipeline (1F1B): stage i holds min(PP - i, micro-batches per step) micro-batches
 
 Teacher: bf16 weights (2 bytes; with teacher fp8, +1 byte per GEMM weight for Transformer Engine's
 cached FP8 copy), no grads, no optimizer; forward under no_grad, so its activations are the working
-set of one layer (the per-layer formula) rather than a stored stack. Last stage: student and
-teacher logits [s, b, V_pad/tp] in fp32 (4 bytes each, held for the KD loss), the KD loss's two
-fp32 chunk buffers (kl_chunk_tokens x V_pad/tp), and the final-norm / output-layer inputs.
+set of one layer (the per-layer formula) rather than a stored stack.
+
+Last stage, at the peak (the loss's backward): the student's and the teacher's logits
+[s, b, V_pad/tp] in the training dtype, 2 bytes each with bf16 (training/builder.float16_wrap keeps
+Float16Module's outputs bf16, so the loss receives bf16 logits and no fp32 copy of them exists),
+4 with fp32; the gradient of the student logits, which the loss's backward writes in the logits'
+dtype (losses/kl.py: empty_like); the fp32 working chunks of kl_chunk_tokens x V_pad/tp the
+loss's backward holds beside that gradient: with a teacher two in bf16 (student and teacher
+softmax), one in fp32 (the gradient's own fp32 slice is the first); for CE alone (CPT) one in
+bf16, none in fp32 (the forward's chunks, two or one, are freed before and are never more than
+the gradient); and the final-norm / output-layer inputs.
 
 Must not import torch, megatron.core or anything of megatron_ddk beyond config and models.vocab.
 """
@@ -106,7 +114,7 @@ class Layout:
     """Layers per recompute chunk (uniform) or recomputed layers per stage (block)."""
 
     kl_chunk_tokens: int = KL_CHUNK_TOKENS
-    """Tokens per fp32 chunk buffer of the KD loss."""
+    """Tokens per fp32 chunk buffer of the loss (distill.kl_chunk_tokens)."""
 
     overhead_bytes: int = 3 * GIB
     """Allowance for the CUDA context, NCCL buffers and allocator fragmentation."""
@@ -258,10 +266,17 @@ def _student_states(params: Dict[str, int], lay: Layout) -> Dict[str, int]:
     return {"weights": _weight_bytes(params, lay), "grads": 4 * n, "optimizer": optimizer}
 
 
-def _last_stage_extras(m: ModelConfig, lay: Layout, padded_vocab: int) -> Dict[str, int]:
-    tokens = lay.seq_length * lay.micro_batch_size
-    return {"logits": 4 * tokens * (padded_vocab // lay.tp),
-            "head": 2 * _hidden_bytes(m, lay)}
+def logits_bytes(lay: Layout, padded_vocab: int) -> int:
+    """One [s, b, V_pad/tp] logits tensor (or its gradient) in the training dtype."""
+    return (2 if lay.bf16 else 4) * lay.seq_length * lay.micro_batch_size * (padded_vocab // lay.tp)
+
+
+def loss_workspace_bytes(lay: Layout, padded_vocab: int, with_teacher: bool) -> int:
+    """The fp32 chunk buffers the loss's backward holds beside the logits gradient (module
+    docstring): KL 2 (bf16) or 1 (fp32), CE alone 1 (bf16) or 0 (fp32)."""
+    chunk = min(lay.kl_chunk_tokens, lay.seq_length * lay.micro_batch_size)
+    num_chunks = (2 if with_teacher else 1) - (0 if lay.bf16 else 1)
+    return num_chunks * 4 * chunk * (padded_vocab // lay.tp)
 
 
 def plan_stages(student: ModelConfig, teacher: Optional[ModelConfig], padded_vocab: int,
@@ -278,19 +293,19 @@ def plan_stages(student: ModelConfig, teacher: Optional[ModelConfig], padded_voc
         mem.student["activations"] = student_activation_bytes(student, lay, s_layers[i], in_flight)
         last = i == lay.pp - 1
         if last:
-            extras = _last_stage_extras(student, lay, padded_vocab)
-            mem.student["activations"] += extras["head"]
-            mem.student["logits"] = extras["logits"]
+            mem.student["activations"] += 2 * _hidden_bytes(student, lay)  # head inputs
+            mem.student["logits"] = logits_bytes(lay, padded_vocab)
+            mem.student["logits_grad"] = logits_bytes(lay, padded_vocab)
+            mem.student["loss_workspace"] = loss_workspace_bytes(lay, padded_vocab,
+                                                                 teacher is not None)
         if teacher is not None:
             t_params = stage_params(teacher, padded_vocab, lay.tp, lay.pp, i)
             mem.teacher["weights"] = _weight_bytes(t_params, lay, fp8=teacher.fp8 is not None)
             working = layer_activation_bytes(teacher, lay) if t_layers[i] else 0
             mem.teacher["activations"] = working
             if last:
-                mem.teacher["activations"] += _last_stage_extras(teacher, lay, padded_vocab)["head"]
-                mem.teacher["logits"] = _last_stage_extras(teacher, lay, padded_vocab)["logits"]
-                chunk = min(lay.kl_chunk_tokens, lay.seq_length * lay.micro_batch_size)
-                mem.teacher["kd_workspace"] = 2 * 4 * chunk * (padded_vocab // lay.tp)
+                mem.teacher["activations"] += 2 * _hidden_bytes(teacher, lay)
+                mem.teacher["logits"] = logits_bytes(lay, padded_vocab)
         stages.append(mem)
     return stages
 

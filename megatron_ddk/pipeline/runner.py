@@ -75,18 +75,9 @@ def run_pipeline(cfg: PipelineConfig) -> str:
 
 def pipeline_main(config: str, overrides: List[str], corpus: Optional[str] = None,
                   out: Optional[str] = None, smoke: bool = False) -> int:
-    """Entry of `megatron-ddk pipeline`; user errors give one line and exit code 2."""
-    from megatron_ddk.console import messages
-    from megatron_ddk.pipeline.stage import StageFailed
-
+    """Entry of `megatron-ddk pipeline`: load the pipeline config and run it. A user error
+    propagates as ValueError (exit 2), a failed stage as StageFailed (exit 1): console.run_command
+    maps them."""
     logging.getLogger("megatron_ddk.pipeline").setLevel(logging.INFO)
-    try:
-        cfg = load_pipeline_config(config, overrides, smoke=smoke, corpus=corpus, out=out)
-        run_pipeline(cfg)
-    except StageFailed as exc:
-        messages().error(f"error: {exc}")
-        return 1
-    except ValueError as exc:
-        messages().error(f"error: {exc}")
-        return 2
+    run_pipeline(load_pipeline_config(config, overrides, smoke=smoke, corpus=corpus, out=out))
     return 0

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from megatron_ddk.console import CommandFailed
 from megatron_ddk.pipeline.stamps import Stamp, file_fingerprint, hash_json
 
 logger = logging.getLogger("megatron_ddk.pipeline")
@@ -27,8 +28,8 @@ logger = logging.getLogger("megatron_ddk.pipeline")
 _STEP = re.compile(r"step\s+(\d+)/(\d+)")
 
 
-class StageFailed(RuntimeError):
-    """A stage's command exited non-zero; the message names the stage and its log."""
+class StageFailed(CommandFailed):
+    """A stage's command exited non-zero; the message names the stage and its log (exit 1)."""
 
 
 @dataclass

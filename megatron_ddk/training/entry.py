@@ -1,8 +1,14 @@
-"""Entry points of `megatron-ddk train` and `megatron-ddk eval` (also python -m megatron_ddk.train).
+"""Entry functions of `megatron-ddk train` and `megatron-ddk eval` (python -m megatron_ddk.train
+too) and of tools/cache_teacher_logits.py.
 
-Parse and check the config (static, then host), start the parallel context, install the
-pre-emption handler (SIGTERM / SIGUSR1: save a checkpoint at the next step and exit 0), run, and
-turn user errors into a clear message and a non-zero exit.
+Each is straight-line: load and check the config (static, then host), start the parallel context,
+run, destroy the context in a `finally`. User errors propagate as ValueError (NonFiniteLossError
+for a diverged loss); the caller turns them into one line and an exit code (console.run_command,
+the one mapping). Training also installs the pre-emption handler (SIGTERM / SIGUSR1: save a
+checkpoint at the next step and exit 0).
+
+cli.py imports this module only when one of these commands runs: importing the trainer (torch,
+Megatron-Core) takes seconds, `megatron-ddk --help` a tenth of one.
 """
 
 from __future__ import annotations
@@ -16,6 +22,16 @@ import warnings
 from typing import List, Optional
 
 from megatron_ddk.atomic import check_writable_folder, write_atomic
+from megatron_ddk.config import RunConfig, load_config, static_checks
+from megatron_ddk.config.host import host_checks
+from megatron_ddk.console import results
+from megatron_ddk.models.teacher_config import resolve_teacher
+from megatron_ddk.parallel import ParallelContext, destroy, initialize
+from megatron_ddk.parallel.state import _launcher_env
+from megatron_ddk.training.evaluation_command import evaluate_checkpoint
+from megatron_ddk.training.run_folder import check_save_folder, resolve_load
+from megatron_ddk.training.teacher_cache import cache_teacher_logits, format_summary
+from megatron_ddk.training.trainer import Trainer
 
 logger = logging.getLogger("megatron_ddk")
 
@@ -66,102 +82,75 @@ def _setup_logging(cfg, rank: int) -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _prepare(config: str, overrides: List[str], load: Optional[str], training: bool = False):
+def prepare_config(config: str, overrides: List[str], load: Optional[str] = None,
+                   training: bool = False) -> RunConfig:
     """Load the config, resolve the teacher (from its checkpoint) and checkpoint.load: auto, run
-    the static checks, then (training) the save-folder guard, then the host checks."""
-    from megatron_ddk.config import load_config, static_checks
-    from megatron_ddk.config.host import host_checks
-    from megatron_ddk.models.teacher_config import resolve_teacher
-    from megatron_ddk.parallel.state import _launcher_env
-    from megatron_ddk.training.run_folder import check_save_folder, resolve_load
-
+    the static checks, the output-folder checks, (training) the save-folder guard, the host
+    checks, then set up this rank's logging."""
     if load:
         overrides = list(overrides) + [f"checkpoint.load={load}"]
     cfg = resolve_load(resolve_teacher(load_config(config, overrides)))
     rank, world, _ = _launcher_env()
     static_checks(cfg, world)
-    _check_output_folders(cfg, training)
+    check_writable_folder(cfg.logging.run_dir, "logging.run_dir")
     if training:
+        if cfg.checkpoint.save:
+            check_writable_folder(cfg.checkpoint.save, "checkpoint.save")
         check_save_folder(cfg)
     host_checks(cfg)
     _setup_logging(cfg, rank)
     return cfg
 
 
-def _check_output_folders(cfg, training: bool) -> None:
-    """Before anything is built: the run folder (and, to train, checkpoint.save) can be written."""
-    check_writable_folder(cfg.logging.run_dir, "logging.run_dir")
-    if training and cfg.checkpoint.save:
-        check_writable_folder(cfg.checkpoint.save, "checkpoint.save")
-
-
-def _start(cfg):
-    from megatron_ddk.parallel import initialize
-
+def start_parallel(cfg: RunConfig) -> ParallelContext:
+    """torch.distributed and Megatron-Core's groups for the config's TP x PP layout."""
     return initialize(cfg.parallel.tensor_model_parallel_size,
                       cfg.parallel.pipeline_model_parallel_size, seed=cfg.train.seed,
                       backend=cfg.parallel.distributed_backend,
                       timeout_minutes=cfg.parallel.distributed_timeout_minutes)
 
 
-def _guard(fn) -> int:
-    """Run fn; user errors (ValueError) become one clear line and exit code 2."""
-    from megatron_ddk.console import messages
-    from megatron_ddk.training.trainer import NonFiniteLossError
-
-    try:
-        return fn()
-    except NonFiniteLossError as exc:
-        messages().error(f"error: {exc}")
-        return 3
-    except ValueError as exc:
-        messages().error(f"error: {exc}")
-        return 2
-
-
 def train_main(config: str, overrides: List[str], load: Optional[str] = None) -> int:
-    """Train a run (one process or one torchrun rank); returns the exit code."""
-    def run():
-        cfg = _prepare(config, overrides, load, training=True)
-        ctx = _start(cfg)
-        _install_stop_signals(cfg.checkpoint.save_on_signal)
-        from megatron_ddk.training.trainer import Trainer
-
-        try:
-            return Trainer(cfg, ctx, stop_flag=lambda: _STOP["requested"]).run()
-        finally:
-            from megatron_ddk.parallel import destroy
-
-            destroy()
-
-    return _guard(run)
+    """Train a run (one process or one torchrun rank); returns the Trainer's exit code."""
+    cfg = prepare_config(config, overrides, load, training=True)
+    ctx = start_parallel(cfg)
+    _install_stop_signals(cfg.checkpoint.save_on_signal)
+    try:
+        return Trainer(cfg, ctx, stop_flag=lambda: _STOP["requested"]).run()
+    finally:
+        destroy()
 
 
 def eval_main(config: str, overrides: List[str], load: str, output: Optional[str] = None,
               split: str = "test", samples: Optional[int] = None) -> int:
     """Per-domain CE / perplexity of a checkpoint on a held-out split (test by default; valid
     is DDK's steering set); prints a table, writes JSON (training/evaluation_command.py)."""
-    def run():
-        cfg = _prepare(config, list(overrides) + ["distill.teacher=null", "ddk.policy=static"], None)
-        ctx = _start(cfg)
-        try:
-            from megatron_ddk.training.evaluation_command import evaluate_checkpoint
+    cfg = prepare_config(config, list(overrides) + ["distill.teacher=null", "ddk.policy=static"])
+    ctx = start_parallel(cfg)
+    try:
+        result = evaluate_checkpoint(cfg, ctx, load, split=split, num_samples=samples)
+    finally:
+        destroy()
+    if ctx.rank == 0:
+        results().info(format_table(result))
+        if output:
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+            write_atomic(output, json.dumps(result, indent=1))
+    return 0
 
-            result = evaluate_checkpoint(cfg, ctx, load, split=split, num_samples=samples)
-        finally:
-            from megatron_ddk.parallel import destroy
 
-            destroy()
-        if ctx.rank == 0:
-            from megatron_ddk.console import results
-
-            results().info(format_table(result))
-            if output:
-                os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-                write_atomic(output, json.dumps(result, indent=1))
-        return 0
-
-    return _guard(run)
+def cache_teacher_main(config: str, overrides: List[str], out: str, **kwargs) -> int:
+    """tools/cache_teacher_logits.py: write the offline teacher store of the config's teacher
+    (training/teacher_cache.py; kwargs go to cache_teacher_logits) and print its table."""
+    cfg = prepare_config(config, overrides)
+    ctx = start_parallel(cfg)
+    try:
+        summary = cache_teacher_logits(cfg, ctx, out, **kwargs)
+    finally:
+        destroy()
+    if ctx.rank == 0:
+        results().info(format_summary(summary))
+    return 0
 
 
 def format_table(result: dict) -> str:

@@ -249,30 +249,6 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
     return summary
 
 
-def cache_main(config: str, overrides: List[str], out: str, **kwargs) -> int:
-    """tools/cache_teacher_logits.py: config -> parallel start-up -> cache_teacher_logits.
-
-    Returns the exit code (2 with one clear line on a user error)."""
-    from megatron_ddk.training import entry
-
-    def run():
-        cfg = entry._prepare(config, overrides, None)
-        ctx = entry._start(cfg)
-        try:
-            summary = cache_teacher_logits(cfg, ctx, out, **kwargs)
-        finally:
-            from megatron_ddk.parallel import destroy
-
-            destroy()
-        if ctx.rank == 0:
-            from megatron_ddk.console import results
-
-            results().info(format_summary(summary))
-        return 0
-
-    return entry._guard(run)
-
-
 def format_summary(summary: dict) -> str:
     """The per-domain table the tool prints at the end."""
     lines = [f"teacher store {summary['out']}: K={summary['top_k']}, "

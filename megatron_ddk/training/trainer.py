@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ddk.config import RunConfig, config_to_yaml, to_dict
+from megatron_ddk.console import CommandFailed
 from megatron_ddk.data.mixture import IntervalMixture, collate, micro_batches_for_rank
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.losses.distill import distillation_loss_from_config
@@ -40,8 +41,10 @@ from megatron_ddk.training.timing import StageTimer
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CommandFailed):
     """The loss became NaN or inf; the message names the step and the batch's domains."""
+
+    exit_code = 3
 
 
 class Trainer:

@@ -20,6 +20,7 @@ from megatron_ddk.models.memory import (
     stage_layers,
     student_activation_bytes,
 )
+from megatron_ddk.testing.multiproc import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESETS = os.path.join(ROOT, "examples", "presets")
@@ -126,16 +127,17 @@ def test_qwen_14b_to_18b_preset_bytes_by_hand():
 
     n_s = params_per_rank(2048, 24, 16, 5504)
     n_t = params_per_rank(5120, 40, 40, 13696)
-    logits = 4 * s * b * (v // tp)
+    logits = 2 * s * b * (v // tp)                 # bf16: the loss receives bf16 logits
     student = {
         "weights": 2 * n_s, "grads": 4 * n_s, "optimizer": 12 * n_s // dp,
         "activations": 24 * layer_act(2048, 16, 5504) + 2 * 2 * s * b * 2048 // tp,
-        "logits": logits,
+        "logits": logits, "logits_grad": logits,   # the loss's backward writes a bf16 gradient
+        "loss_workspace": 2 * 4 * 256 * (v // tp),  # two fp32 256-token chunks (KL)
     }
     teacher = {
         "weights": 2 * n_t,
         "activations": layer_act(5120, 40, 13696) + 2 * 2 * s * b * 5120 // tp,
-        "logits": logits, "kd_workspace": 2 * 4 * 256 * (v // tp),  # 256-token KL chunks
+        "logits": logits,
     }
     lay = Layout(tp=tp, pp=1, dp=dp, micro_batch_size=b, seq_length=s, num_microbatches=4,
                  sequence_parallel=True, attention="flash")
@@ -144,7 +146,112 @@ def test_qwen_14b_to_18b_preset_bytes_by_hand():
     assert stage.teacher == teacher
     total = sum(student.values()) + sum(teacher.values()) + 3 * GIB
     assert stage.total == total
-    assert 30 * GIB < total < 40 * GIB   # ~34 GiB: fits 80 GB with room
+    assert 30 * GIB < total < 40 * GIB   # ~33.5 GiB: fits 80 GB with room
+
+
+# A tiny KD layout for the last-stage rows: TP=2, PP=2, 2 x 64 tokens, 1024 padded rows
+# (512 per TP rank), 32-token loss chunks.
+TINY_S, TINY_B, TINY_V, TINY_CHUNK = 64, 2, 1024, 32
+
+
+def _tiny_layout(bf16: bool) -> Layout:
+    return Layout(tp=2, pp=2, dp=1, micro_batch_size=TINY_B, seq_length=TINY_S, bf16=bf16,
+                  kl_chunk_tokens=TINY_CHUNK)
+
+
+def test_bf16_last_stage_by_hand():
+    """train.bf16: the loss receives bf16 logits (training/builder.float16_wrap) and writes a
+    bf16 gradient; its fp32 chunk buffers stay fp32."""
+    student = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    teacher = ModelConfig(num_layers=4, hidden_size=96, num_attention_heads=4)
+    first, last = plan_stages(student, teacher, TINY_V, _tiny_layout(bf16=True))
+    # 64 x 2 tokens x 512 columns = 65,536 logits per rank, 2 bytes each
+    assert last.student["logits"] == last.teacher["logits"] == 131_072
+    assert last.student["logits_grad"] == 131_072
+    # backward: student and teacher softmax chunks, 32 tokens x 512 columns x 4 bytes each
+    assert last.student["loss_workspace"] == 2 * 65_536 == 131_072
+    for key in ("logits", "logits_grad", "loss_workspace"):
+        assert key not in first.student and key not in first.teacher
+    # CE alone (CPT): one fp32 chunk beside the bf16 gradient
+    (_, cpt) = plan_stages(student, None, TINY_V, _tiny_layout(bf16=True))
+    assert cpt.student["loss_workspace"] == 65_536 and cpt.teacher == {}
+    # fp32 training: 4 bytes per logit; the gradient's own fp32 slice is the first buffer
+    _, fp32 = plan_stages(student, teacher, TINY_V, _tiny_layout(bf16=False))
+    assert fp32.student["logits"] == fp32.student["logits_grad"] == 262_144
+    assert fp32.student["loss_workspace"] == 65_536
+    _, fp32_cpt = plan_stages(student, None, TINY_V, _tiny_layout(bf16=False))
+    assert fp32_cpt.student["loss_workspace"] == 0
+
+
+def _loss_allocations(rank, world):
+    """Every new tensor with a vocabulary-wide last dim that the real loss creates in its
+    forward and in its backward, as (dtype, shape), for bf16 and fp32 logits, KD and CE."""
+    import torch
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from megatron_ddk.losses.kl import vocab_parallel_ce_and_kl, vocab_parallel_cross_entropy
+
+    columns = TINY_V // 2  # one TP rank's shard
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self, seen):
+            super().__init__()
+            self.seen, self.new, self.keep = seen, [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.keep.append(t)  # alive until the end: no storage address is reused
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in self.seen:
+                        self.seen.add(ptr)
+                        if t.dim() >= 2 and t.shape[-1] == columns:
+                            self.new.append((str(t.dtype), tuple(t.shape)))
+            return out
+
+    dist.init_process_group("gloo")
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for kd in (True, False):
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(TINY_S, TINY_B, columns, generator=gen).to(dtype).requires_grad_()
+            y = torch.randn(TINY_S, TINY_B, columns, generator=gen).to(dtype)
+            labels = torch.randint(0, columns, (TINY_S, TINY_B), generator=gen)
+            seen = {t.untyped_storage().data_ptr() for t in (x, y, labels)}
+            kw = dict(tp_group=dist.group.WORLD, chunk_tokens=TINY_CHUNK)
+            with Allocations(seen) as fwd:
+                if kd:
+                    loss = sum(t.sum() for t in vocab_parallel_ce_and_kl(x, y, labels, **kw))
+                else:
+                    loss = vocab_parallel_cross_entropy(x, labels, **kw).sum()
+            with Allocations(seen) as bwd:  # autograd.grad: no copy into a leaf's .grad
+                (grad,) = torch.autograd.grad(loss, x)
+            out[(str(dtype), kd)] = {"forward": fwd.new, "backward": bwd.new,
+                                     "grad": (str(grad.dtype), grad.nbytes)}
+    dist.destroy_process_group()
+    return out
+
+
+def test_loss_copies_match_the_plan():
+    """The real loss (losses/kl.py) on one TP rank's [s, b, v/tp] shard: what it allocates is the
+    plan's last-stage rows, nothing else vocabulary-sized (no fp32 copy of bf16 logits)."""
+    measured = run_distributed(_loss_allocations, 1, timeout=240)[0]
+    student = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    tokens, chunk = (TINY_S * TINY_B, TINY_V // 2), (TINY_CHUNK, TINY_V // 2)
+    for (dtype, kd), got in measured.items():
+        bf16 = dtype == "torch.bfloat16"
+        _, last = plan_stages(student, student if kd else None, TINY_V, _tiny_layout(bf16))
+        # the logits gradient, in the logits' dtype, is the only tokens x v/tp tensor created
+        assert got["grad"] == (dtype, last.student["logits_grad"])
+        assert got["backward"].count((dtype, tokens)) == 1
+        buffers = [a for a in got["backward"] if a != (dtype, tokens)]
+        assert buffers == [("torch.float32", chunk)] * len(buffers)
+        assert len(buffers) * 4 * TINY_CHUNK * TINY_V // 2 == last.student["loss_workspace"]
+        # the forward's fp32 chunks (two with KL, one for CE) never exceed the gradient
+        assert got["forward"] == [("torch.float32", chunk)] * (2 if kd else 1)
 
 
 def test_plan_memory_cli(capsys):
