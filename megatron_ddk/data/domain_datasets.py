@@ -23,7 +23,11 @@ GPTDataset writes its four files in place, and a second run reading (or rewritin
 would load a truncated index. A builder killed mid-write leaves a marker naming the files that
 existed before it started; the next builder removes the files that are not on that list.
 
-Imports megatron.core datasets; nothing from megatron_ddk beyond the manifest types.
+Every dataset is checked (indexed_writer.check_dataset: .idx header, .idx and .bin sizes) before
+Megatron-Core opens it, so a file truncated or overwritten since the manifest was loaded is named.
+
+Imports megatron.core datasets; from megatron_ddk only the manifest types and
+data.indexed_writer.check_dataset.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_ddk.data.indexed_writer import check_dataset
 from megatron_ddk.data.manifest import DomainManifest
 
 logger = logging.getLogger(__name__)
@@ -136,6 +141,10 @@ def _gpt_dataset(prefix: str, split: Split, config: GPTDatasetConfig, where: str
     if not IndexedDataset.exists(prefix):
         raise ValueError(f"{where}: dataset {prefix}.bin/.idx does not exist; rebuild the domains "
                          f"(tools/build_domains.py) or fix the manifest")
+    try:
+        check_dataset(prefix)  # a truncated .bin / corrupt .idx: named here, not deep inside
+    except ValueError as err:
+        raise ValueError(f"{where}: {err} (tools/build_domains.py)") from None
     low = GPTDataset.build_low_level_dataset(prefix, config)
     if _samples_in(low, config.sequence_length) == 0:
         return None

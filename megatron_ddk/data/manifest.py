@@ -23,10 +23,12 @@ are optional (all three or none); version 1 manifests (written before the test s
 are still read, without a test split, and asking one for its test split is an error saying how
 to get one. Relative paths resolve against the manifest's folder. load_manifest checks
 everything a training run would otherwise trip over much later (shape, unknown keys,
-duplicates, missing or empty datasets, counts that disagree with the .idx files, the tokenizer
-hash) and raises ValueError naming the manifest and the field. megatron.core is imported
-lazily (only to read .idx counts); of megatron_ddk only the atomic-write helper
-(megatron_ddk/atomic.py) is imported.
+duplicates, missing, empty, truncated or corrupt datasets (indexed_writer.check_dataset: .idx
+header, .idx and .bin sizes), counts that disagree with the .idx files, the tokenizer hash)
+and raises ValueError naming the manifest and the field. load_manifest_and_tokenizer adds what
+needs the tokenizer (its file hash, its vocabulary size vs the manifest's) and is how a run
+resolves its tokenizer. megatron.core is not imported here (data.tokenizer imports it, lazily);
+of megatron_ddk: atomic, data.indexed_writer, data.tokenizer (lazily).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 import yaml
 
 from megatron_ddk.atomic import write_atomic
+from megatron_ddk.data.indexed_writer import check_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -183,15 +186,45 @@ def _check_int(path: str, where: str, value: Any) -> int:
 
 
 def _dataset_counts(path: str, where: str, prefix: str) -> tuple:
-    """(documents, tokens) of a dataset from its .idx; ValueError when a file is missing."""
+    """(documents, tokens) of a dataset from its .idx; ValueError when a file is missing,
+    truncated or corrupt (indexed_writer.check_dataset)."""
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
             raise _fail(path, where, f"file {prefix}{suffix} does not exist; rebuild with "
                         "tools/build_domains.py or fix the path")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    try:
+        return check_dataset(prefix)
+    except ValueError as err:
+        raise _fail(path, where, f"{err} (tools/build_domains.py)") from None
 
-    ds = IndexedDataset(prefix, mmap=True)
-    return len(ds.document_indices) - 1, int(np.sum(ds.sequence_lengths, dtype=np.int64))
+
+def check_vocab_size(manifest: "DomainManifest", tokenizer_vocab_size: int) -> None:
+    """ValueError when the manifest's vocab_size is not the tokenizer's: too small would index
+    past the embedding table, too large would silently build a bigger model."""
+    if int(manifest.vocab_size) != int(tokenizer_vocab_size):
+        raise ValueError(
+            f"manifest {manifest.path or '<unsaved>'}: tokenizer.vocab_size is "
+            f"{manifest.vocab_size} but the tokenizer {manifest.tokenizer_model} has "
+            f"{tokenizer_vocab_size} entries; rebuild the domains with this tokenizer "
+            f"(tools/build_domains.py), or set tokenizer.vocab_size: {tokenizer_vocab_size} in "
+            "the manifest if only that number is wrong")
+
+
+def load_manifest_and_tokenizer(path: str) -> tuple:
+    """(manifest, tokenizer) for a run: the manifest loaded and checked, its tokenizer file's
+    hash compared with the manifest's, the tokenizer built and its vocabulary size compared
+    with the manifest's (the one place a run resolves its tokenizer)."""
+    from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
+
+    manifest = load_manifest(path)
+    found = tokenizer_hash(manifest.tokenizer_model)
+    if found != manifest.tokenizer_hash:
+        raise ValueError(f"{path}: tokenizer {manifest.tokenizer_model} has hash {found} but the "
+                         f"manifest records {manifest.tokenizer_hash}; the data were "
+                         "preprocessed with another tokenizer: rebuild the domains")
+    tokenizer = build_tokenizer(manifest.tokenizer_model)
+    check_vocab_size(manifest, tokenizer.vocab_size)
+    return manifest, tokenizer
 
 
 def _parse_test(path: str, folder: str, where: str, raw: dict, version: int) -> dict:

@@ -15,8 +15,7 @@ import torch.distributed as dist
 from megatron_ddk.config import ModelConfig, RunConfig, to_dict, train_iters
 from megatron_ddk.config.optional import have_cuda
 from megatron_ddk.data.domain_datasets import DomainDatasets, build_domain_datasets
-from megatron_ddk.data.manifest import DomainManifest, load_manifest
-from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
+from megatron_ddk.data.manifest import DomainManifest, load_manifest_and_tokenizer
 from megatron_ddk.models.build import build_gpt_model
 from megatron_ddk.models.checkpoint import read_metadata, resolve_checkpoint
 from megatron_ddk.models.pair import DistillationPair
@@ -72,17 +71,12 @@ class DataParts:
 
 
 def load_data_manifest(cfg: RunConfig):
-    """(manifest, tokenizer): the manifest loaded with its tokenizer's hash checked."""
+    """(manifest, tokenizer): the manifest loaded with its tokenizer's hash and vocabulary size
+    checked (data.manifest.load_manifest_and_tokenizer)."""
     if not cfg.data.manifest:
         raise ValueError("data.manifest is not set: give the domain manifest YAML written by "
                          "tools/build_domains.py")
-    manifest = load_manifest(cfg.data.manifest)
-    found = tokenizer_hash(manifest.tokenizer_model)
-    if found != manifest.tokenizer_hash:
-        raise ValueError(f"{cfg.data.manifest}: tokenizer {manifest.tokenizer_model} has hash "
-                         f"{found} but the manifest records {manifest.tokenizer_hash}; the data "
-                         f"were preprocessed with another tokenizer: rebuild the domains")
-    return manifest, build_tokenizer(manifest.tokenizer_model)
+    return load_manifest_and_tokenizer(cfg.data.manifest)
 
 
 def build_data(cfg: RunConfig, ctx: ParallelContext, valid_samples: int) -> DataParts:
