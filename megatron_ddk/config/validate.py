@@ -87,7 +87,11 @@ def _parallel_checks(cfg: RunConfig, world_size: Optional[int]) -> List[str]:
         errs.append("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
     if world_size is not None:
         mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-        if world_size % mp:
+        if world_size < 1:
+            errs.append(f"world size {world_size}: must be >= 1 (processes to launch)")
+        elif mp < 1 or cfg.train.micro_batch_size < 1:
+            pass  # out of range: range_errors names the field
+        elif world_size % mp:
             errs.append(f"world size {world_size} is not divisible by tensor x pipeline parallel "
                         f"size {mp} (parallel.tensor_model_parallel_size="
                         f"{p.tensor_model_parallel_size} x parallel.pipeline_model_parallel_size="

@@ -220,6 +220,31 @@ def _check_unique_arms(cfg: PipelineConfig, path: str) -> None:
         raise ConfigError(f"{path}: export.arms {unknown} are not arms; arms: {names}")
 
 
+_RANGES = (("data.valid_samples", 1), ("data.test_samples", 0), ("data.split_seq_length", 2),
+           ("data.workers", 1), ("tokenizer.vocab_size", 1), ("launch.nproc_per_node", 1),
+           ("lm_eval.limit", 1))
+"""(dotted field, smallest allowed value) of the pipeline's integer fields (None is allowed
+where the field is optional)."""
+
+
+def _check_ranges(cfg: PipelineConfig, path: str) -> None:
+    errs = []
+    for dotted, low in _RANGES:
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < low:
+            errs.append(f"{dotted}={value}: must be >= {low}")
+    mb = cfg.data.demo_corpus_mb
+    if mb is not None and not mb > 0:  # also NaN
+        errs.append(f"data.demo_corpus_mb={mb}: must be > 0")
+    if cfg.evaluation.split == "test" and cfg.data.test_samples == 0 and not cfg.data.manifest:
+        errs.append("data.test_samples=0 but evaluation.split is test: the report needs a test "
+                    "split (give test_samples >= 1, or evaluation.split: valid)")
+    errs += [f"seeds: {s} must be >= 0" for s in cfg.seeds if s < 0]
+    if errs:
+        raise ConfigError(f"pipeline config {path}:\n  - " + "\n  - ".join(errs))
+
+
 def read_pipeline_yaml(path: str, _seen: Sequence[str] = ()) -> Dict[str, Any]:
     """The YAML as plain data, with `extends: OTHER.yaml` (relative to this file) resolved:
     this file's sections are merged over OTHER's (mappings recursively, lists replaced)."""
@@ -264,6 +289,7 @@ def load_pipeline_config(path: str, overrides: Sequence[str] = (), smoke: bool =
     except ConfigError as exc:
         raise ConfigError(f"pipeline config {path}: {exc}") from None
     _check_unique_arms(cfg, path)
+    _check_ranges(cfg, path)
     sources = [s for s in ("corpus", "manifest", "demo_corpus_mb")
                if getattr(cfg.data, s) is not None]
     if len(sources) != 1:

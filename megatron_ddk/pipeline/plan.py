@@ -89,7 +89,7 @@ class PipelinePlan:
 
     @staticmethod
     def _metadata(path: str) -> Dict[str, Any]:
-        from megatron_ddk.models.checkpoint import read_metadata, resolve_checkpoint
+        from megatron_ddk.models.checkpoint_layout import read_metadata, resolve_checkpoint
 
         folder, _ = resolve_checkpoint(path)
         return read_metadata(folder)

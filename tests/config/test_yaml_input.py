@@ -46,3 +46,34 @@ def test_world_size_message_names_the_parallel_fields():
     errs = static_errors(cfg, world_size=1)
     assert any("world size 1 is not divisible" in e and "parallel.tensor_model_parallel_size=2"
                in e and "parallel.pipeline_model_parallel_size=1" in e for e in errs), errs
+
+
+@pytest.mark.parametrize("world, over, message", [
+    (0, [], "world size 0: must be >= 1"),
+    (2, ["train.micro_batch_size=0"], "train.micro_batch_size and train.global_batch_size must"),
+    (2, ["parallel.tensor_model_parallel_size=0"], "tensor_model_parallel_size=0: must be >= 1"),
+])
+def test_world_size_checks_never_divide_by_zero(world, over, message):
+    from megatron_ddk.config import static_errors
+
+    cfg = load_config(None, ["train.train_iters=10", "ddk.policy=static"] + over)
+    assert any(message in e for e in static_errors(cfg, world_size=world))
+
+
+@pytest.mark.parametrize("over, message", [
+    (["launch.nproc_per_node=0"], "launch.nproc_per_node=0: must be >= 1"),
+    (["data.valid_samples=-1"], "data.valid_samples=-1: must be >= 1"),
+    (["data.workers=0"], "data.workers=0: must be >= 1"),
+    (["tokenizer.vocab_size=0"], "tokenizer.vocab_size=0: must be >= 1"),
+    (["lm_eval.limit=0"], "lm_eval.limit=0: must be >= 1"),
+    (["data.split_seq_length=1"], "data.split_seq_length=1: must be >= 2"),
+    (["seeds=[-3]"], "seeds: -3 must be >= 0"),
+    (["data.test_samples=0"], "data.test_samples=0 but evaluation.split is test"),
+])
+def test_pipeline_numbers_are_range_checked_by_name(tmp_path, over, message):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("data: {corpus: somewhere}\narms: [{name: KD}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline_config(str(path), over)
+    assert message in str(err.value) and str(path) in str(err.value)
+    load_pipeline_config(str(path), ["data.test_samples=0", "evaluation.split=valid"])
