@@ -13,5 +13,5 @@ ruff check .
 echo "[test] lint-imports (design.md layers)" >&2
 lint-imports
 start=$(date +%s)
-python -m pytest tests "$@"
+python -m pytest tests --durations=25 "$@"
 echo "[test] pytest wall time: $(( $(date +%s) - start )) s"
