@@ -109,7 +109,8 @@ def _parallel_checks(cfg: RunConfig, world_size: Optional[int]) -> List[str]:
 def _train_checks(cfg: RunConfig) -> List[str]:
     t, errs = cfg.train, []
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        errs.append("train.micro_batch_size and train.global_batch_size must be >= 1")
+        errs += [f"train.{name}={getattr(t, name)}: must be >= 1"
+                 for name in ("micro_batch_size", "global_batch_size") if getattr(t, name) < 1]
     elif t.global_batch_size % t.micro_batch_size:
         errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                     f"train.micro_batch_size={t.micro_batch_size}")

@@ -50,7 +50,7 @@ def test_world_size_message_names_the_parallel_fields():
 
 @pytest.mark.parametrize("world, over, message", [
     (0, [], "world size 0: must be >= 1"),
-    (2, ["train.micro_batch_size=0"], "train.micro_batch_size and train.global_batch_size must"),
+    (2, ["train.micro_batch_size=0"], "train.micro_batch_size=0: must be >= 1"),
     (2, ["parallel.tensor_model_parallel_size=0"], "tensor_model_parallel_size=0: must be >= 1"),
 ])
 def test_world_size_checks_never_divide_by_zero(world, over, message):
