@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import shutil  # noqa: E402
 import warnings  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
@@ -40,13 +39,9 @@ from typing import Dict, List, Optional  # noqa: E402
 import yaml  # noqa: E402
 
 from megatron_ddk.console import run_or_exit  # noqa: E402
+from megatron_ddk.data.hf_tokenizer import copy_tokenizer_files, tokenizer_size  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja")
-"""Files copied from the HF folder to SAVE/tokenizer/ when present."""
 
 
 @dataclass
@@ -156,29 +151,6 @@ def _header_shapes(files: Dict[str, str]) -> tuple:
     return shapes, dtype or "F32"
 
 
-def tokenizer_size(hf_dir: str) -> Optional[int]:
-    """Largest token id + 1 of the folder's tokenizer (None when it has none readable)."""
-    ids: List[int] = []
-    tj = os.path.join(hf_dir, "tokenizer.json")
-    if os.path.isfile(tj):
-        with open(tj) as f:
-            data = json.load(f)
-        vocab = (data.get("model") or {}).get("vocab") or {}
-        ids += list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
-        ids += [t["id"] for t in data.get("added_tokens") or []]
-    elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
-        import sentencepiece
-
-        sp_path = os.path.join(hf_dir, "tokenizer.model")
-        sp = sentencepiece.SentencePieceProcessor(model_file=sp_path)
-        ids.append(sp.GetPieceSize() - 1)
-    tc = os.path.join(hf_dir, "tokenizer_config.json")
-    if os.path.isfile(tc):
-        with open(tc) as f:
-            ids += [int(k) for k in (json.load(f).get("added_tokens_decoder") or {})]
-    return max(ids) + 1 if ids else None
-
-
 def _vocab_sizes(args, hf_vocab: int, tp: int, where: str) -> tuple:
     """(kept rows, padded rows) from the flags; ValueError when they cannot work."""
     from megatron_ddk.models.vocab import pad_vocab_size
@@ -247,14 +219,10 @@ def plan_conversion(args: argparse.Namespace) -> ConversionPlan:
 
 
 def _copy_tokenizer(hf_dir: str, save: str) -> Optional[str]:
-    """Copy tokenizer files to SAVE/tokenizer/; return the file to hash (and to preprocess with)."""
-    present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
-    if not present:
-        return None
+    """Copy the tokenizer files (hf_tokenizer.HF_TOKENIZER_FILES) to SAVE/tokenizer/; return the
+    file to hash (and to preprocess with)."""
     out = os.path.join(save, "tokenizer")
-    os.makedirs(out, exist_ok=True)
-    for name in present:
-        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out, name))
+    present = copy_tokenizer_files(hf_dir, out)
     for name in ("tokenizer.model", "tokenizer.json"):
         if name in present:
             return os.path.join(out, name)

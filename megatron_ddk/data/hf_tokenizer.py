@@ -173,15 +173,25 @@ def _hf_token_id(folder: str, token) -> Optional[int]:
     return None
 
 
-def _copy_hf(source: TokenizerSource, out: str) -> Dict[str, int]:
+def copy_tokenizer_files(folder: str, out: str, tokenizer_json: Optional[str] = None
+                         ) -> List[str]:
+    """Copy the HF_TOKENIZER_FILES present in `folder` into `out` (created when something is
+    copied); `tokenizer_json` is a tokenizer.json under another name. Returns the names copied."""
     copied = []
     for name in HF_TOKENIZER_FILES:
-        src = os.path.join(source.folder, name)
-        if name == "tokenizer.json" and source.model_file.endswith(".json"):
-            src = source.model_file  # a tokenizer.json under another name
+        src = os.path.join(folder, name)
+        if name == "tokenizer.json" and tokenizer_json:
+            src = tokenizer_json
         if os.path.isfile(src):
+            os.makedirs(out, exist_ok=True)
             shutil.copyfile(src, os.path.join(out, name))
             copied.append(name)
+    return copied
+
+
+def _copy_hf(source: TokenizerSource, out: str) -> Dict[str, int]:
+    json_file = source.model_file if source.model_file.endswith(".json") else None
+    copy_tokenizer_files(source.folder, out, json_file)
     config = os.path.join(out, "tokenizer_config.json")
     if not os.path.isfile(config):
         raise ValueError(f"tokenizer {source.model_file}: the folder has no "
