@@ -234,5 +234,7 @@ def _from_data(data: Dict[str, Any], overrides: List[str]):
         yaml.safe_dump(data, f, sort_keys=False)
     try:
         return load_config(f.name, overrides)
+    except ConfigError as exc:  # the temporary file's name means nothing to the user
+        raise ConfigError(str(exc).replace(f"{f.name}: ", "")) from None
     finally:
         os.remove(f.name)

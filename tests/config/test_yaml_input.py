@@ -77,3 +77,21 @@ def test_pipeline_numbers_are_range_checked_by_name(tmp_path, over, message):
         load_pipeline_config(str(path), over)
     assert message in str(err.value) and str(path) in str(err.value)
     load_pipeline_config(str(path), ["data.test_samples=0", "evaluation.split=valid"])
+
+
+def test_pipeline_arm_error_names_the_arm_not_a_temporary_file(tmp_path):
+    from megatron_ddk.pipeline.plan import PipelinePlan
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("hello world\n")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"out: {tmp_path}/out\ndata: {{corpus: {corpus}}}\n"
+                    "teacher: {model: {num_layers: 2}}\nstudent: {model: {num_layers: 1}}\n"
+                    "run: {train: {train_iters: 4, lr_warmup_iters: 1}}\n"
+                    "arms: [{name: KD, run: {train: {lrr: 1.0}}}]\n")
+    with pytest.raises(ConfigError) as err:
+        PipelinePlan(load_pipeline_config(str(path))).check()
+    msg = str(err.value)
+    assert msg.startswith("arm KD (seed 1234): unknown key train.lrr"), msg
+    assert "tmp" not in msg.split("unknown key")[0].replace("arm KD", "")
