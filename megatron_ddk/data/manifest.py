@@ -300,6 +300,9 @@ def _check_counts(path: str, entry: DomainEntry) -> None:
 
 def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> DomainManifest:
     """Read and validate a manifest; paths in the result are absolute."""
+    if os.path.isdir(path):
+        raise ValueError(f"manifest {path} is a folder; give the manifest.yaml file inside it "
+                         f"(written by tools/build_domains.py)")
     if not os.path.isfile(path):
         raise ValueError(f"manifest {path} does not exist; build one with tools/build_domains.py")
     path = os.path.abspath(path)

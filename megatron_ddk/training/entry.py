@@ -126,6 +126,8 @@ def eval_main(config: str, overrides: List[str], load: str, output: Optional[str
     """Per-domain CE / perplexity of a checkpoint on a held-out split (test by default; valid
     is DDK's steering set); prints a table, writes JSON (training/evaluation_command.py)."""
     cfg = prepare_config(config, list(overrides) + ["distill.teacher=null", "ddk.policy=static"])
+    if output:  # before the evaluation, not after it
+        check_writable_folder(os.path.dirname(os.path.abspath(output)), "--output")
     ctx = start_parallel(cfg)
     try:
         result = evaluate_checkpoint(cfg, ctx, load, split=split, num_samples=samples)
@@ -134,7 +136,6 @@ def eval_main(config: str, overrides: List[str], load: str, output: Optional[str
     if ctx.rank == 0:
         results().info(format_table(result))
         if output:
-            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
             write_atomic(output, json.dumps(result, indent=1))
     return 0
 

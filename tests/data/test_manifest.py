@@ -202,6 +202,8 @@ def test_tokenizer_hash_mismatch_names_both_hashes(built):
 def test_missing_and_malformed_file(tmp_path):
     with pytest.raises(ValueError, match="manifest .*absent.yaml does not exist"):
         load_manifest(str(tmp_path / "absent.yaml"))
+    with pytest.raises(ValueError, match="is a folder; give the manifest.yaml file inside it"):
+        load_manifest(str(tmp_path))
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: [1\n")
     with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):

@@ -182,3 +182,8 @@ def test_cli_writes_the_json_and_refuses_bad_samples(evals, tiny, tmp_path):
     with pytest.raises(RuntimeError, match="--samples 0: must be >= 1"):
         tiny_run.run_tool(["-m", "megatron_ddk.cli", "eval", "--config", cfg, "--load",
                            tiny["teacher"], "--samples", "0"])
+    # an --output that cannot be written is refused before the evaluation runs, in one line
+    # (/proc refuses new files even to root)
+    with pytest.raises(RuntimeError, match=r"--output=/proc/ddk_eval: cannot write there"):
+        tiny_run.run_tool(["-m", "megatron_ddk.cli", "eval", "--config", cfg, "--load",
+                           tiny["teacher"], "--output", "/proc/ddk_eval/eval.json"])
