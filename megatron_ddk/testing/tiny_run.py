@@ -35,6 +35,18 @@ def run_tool(args: List[str], env: Optional[Dict[str, str]] = None, timeout: int
     return proc.stdout + proc.stderr
 
 
+def load_script(relpath: str, name: Optional[str] = None):
+    """Import a repository script (tools/..., bench/...) as a module, by its path from the root."""
+    import importlib.util
+
+    path = os.path.join(ROOT, relpath)
+    name = name or os.path.splitext(os.path.basename(relpath))[0] + "_script"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_tiny_domains(folder: str, max_mb: float = 0.12, vocab_size: int = 512,
                        valid_samples: int = 8, seq_length: int = 32,
                        test_samples: Optional[int] = None) -> str:

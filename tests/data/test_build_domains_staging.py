@@ -6,21 +6,17 @@ caches). The tool runs in this process (its main(), as from the command line).""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+from megatron_ddk.testing.tiny_run import load_script
+
 
 
 @pytest.fixture(scope="module")
 def build_domains():
-    spec = importlib.util.spec_from_file_location(
-        "build_domains_tool", os.path.join(ROOT, "tools", "build_domains.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/build_domains.py", "build_domains_tool")
 
 
 def _snapshot(folder) -> dict:

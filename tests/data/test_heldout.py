@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 
 from megatron_ddk.data.heldout import (
-    HeldOutSpec, byte_bound_problems, check_byte_bounds, check_domains, domain_seed,
-    max_valid_samples, plan_split,
+    HeldOutSpec,
+    byte_bound_problems,
+    check_byte_bounds,
+    check_domains,
+    domain_seed,
+    max_valid_samples,
+    plan_split,
 )
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -169,13 +174,9 @@ def test_byte_bound_lists_every_domain(tmp_path, make_jsonl):
 
 
 def _tool():
-    import importlib.util
+    from megatron_ddk.testing.tiny_run import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "build_domains_tool", os.path.join(ROOT, "tools", "build_domains.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/build_domains.py", "build_domains_tool")
 
 
 class _Result:

@@ -8,7 +8,6 @@ is not supported is refused with a message -- never argparse's "unrecognized".
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,17 +16,14 @@ import sys
 import pytest
 import sentencepiece
 
+from megatron_ddk.testing.tiny_run import load_script
 from tests.data.test_preprocess_engine import megatron_reference, same_files
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_data_tool", os.path.join(ROOT, "tools", "preprocess_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/preprocess_data.py", "preprocess_data_tool")
 
 
 def _run_main(argv):
