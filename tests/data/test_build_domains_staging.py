@@ -13,7 +13,6 @@ import pytest
 from megatron_ddk.testing.tiny_run import load_script
 
 
-
 @pytest.fixture(scope="module")
 def build_domains():
     return load_script("tools/build_domains.py", "build_domains_tool")
