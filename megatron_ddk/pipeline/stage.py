@@ -2,8 +2,9 @@
 
 `StageRunner.run(stage)` decides from the stamp (megatron_ddk.pipeline.stamps) whether the stage
 is skipped, resumed or started fresh, runs its command as a child process that dies with the
-pipeline (a killed pipeline never leaves a trainer writing checkpoints), streams one status line
-(training stages: step progress parsed from the trainer's log) and fails with the log's tail.
+pipeline (a killed pipeline never leaves a trainer writing checkpoints; Python entry points run
+in a fork of the warmed-up pipeline process, forked.py), streams one status line (training
+stages: step progress parsed from the trainer's log) and fails with the log's tail.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from megatron_ddk.console import CommandFailed
+from megatron_ddk.pipeline import forked
 from megatron_ddk.pipeline.stamps import Stamp, file_fingerprint, hash_json
 
 logger = logging.getLogger("megatron_ddk.pipeline")
@@ -101,6 +103,17 @@ class _Progress:
             self.bar.close()
 
 
+def _start(argv: List[str], log):
+    """The stage's process: a forked child of this (warmed-up) process when argv is a Python
+    entry point (forked.py), else a separate program; either dies with the pipeline."""
+    run = forked.entry_point(argv) if forked.enabled() else None
+    if run is None:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent, env=dict(os.environ))
+    forked.warm()
+    return forked.ForkedProcess(forked.spawn(run, log.fileno(), _die_with_parent))
+
+
 class StageRunner:
     """Runs stages in the order given, under one output folder."""
 
@@ -157,8 +170,7 @@ class StageRunner:
         with open(log_path, "a") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(argv)}\n")
             log.flush()
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent, env=dict(os.environ))
+            proc = _start(argv, log)
             try:
                 while proc.poll() is None:
                     time.sleep(1.0)
