@@ -28,6 +28,20 @@ CLEAN = textwrap.dedent('''
         subprocess.run([sys.executable, "-c", "pass"], check=True)
 ''')
 
+USES_FORK_SERVER = textwrap.dedent('''
+    import multiprocessing as mp
+
+    def _noop():
+        pass
+
+    def test_starts_a_rank_from_the_fork_server():
+        ctx = mp.get_context("forkserver")
+        p = ctx.Process(target=_noop)
+        p.start()
+        p.join()
+        assert p.exitcode == 0
+''')
+
 
 def _nested(tmp_path, body):
     test = tmp_path / "test_nested.py"
@@ -57,3 +71,10 @@ def test_a_clean_session_passes(tmp_path):
     proc = _nested(tmp_path, CLEAN)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "left processes running" not in proc.stdout
+
+
+def test_the_sessions_own_fork_server_is_not_a_leftover(tmp_path):
+    """run_distributed's fork server lives until pytest exits, like the resource tracker."""
+    proc = _nested(tmp_path, USES_FORK_SERVER)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "1 passed" in proc.stdout and "left processes running" not in proc.stdout

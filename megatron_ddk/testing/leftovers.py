@@ -4,8 +4,8 @@ At the start of the session a marker variable (MEGATRON_DDK_TEST_SESSION=<pid>-<
 into the environment, so every process the tests start inherits it: subprocesses, torchrun and
 its ranks, multiprocessing children, and their children, even after they are re-parented to
 PID 1. At the end, any process still carrying the session's marker (other than pytest itself and
-its own multiprocessing resource tracker, which ends with it) is reported, killed, and the
-session fails. tests/conftest.py loads it; `pytest -p megatron_ddk.testing.leftovers` does too.
+its own multiprocessing resource tracker and fork server, which end with it) is reported, killed,
+and the session fails. tests/conftest.py loads it; `pytest -p megatron_ddk.testing.leftovers` does too.
 Imports nothing from megatron_ddk.
 """
 
@@ -36,8 +36,9 @@ def session_processes(token: str) -> List[psutil.Process]:
         if info["pid"] == me or info["status"] == psutil.STATUS_ZOMBIE:
             continue
         cmd = " ".join(info["cmdline"] or [])
-        if info["ppid"] == me and "multiprocessing.resource_tracker" in cmd:
-            continue  # pytest's own tracker: it ends when pytest does
+        if info["ppid"] == me and ("multiprocessing.resource_tracker" in cmd
+                                   or "multiprocessing.forkserver" in cmd):
+            continue  # pytest's own tracker and fork server: they end when pytest does
         try:
             if proc.environ().get(MARKER) == token:
                 found.append(proc)

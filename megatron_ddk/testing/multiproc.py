@@ -8,8 +8,14 @@ Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
 port), so code under test starts torch.distributed exactly as it would under torchrun. When the
 ranks outnumber the cores, OMP_NUM_THREADS=1 keeps them from thrashing. A rank that raises has
 its traceback re-raised in the caller (naming the rank); a hard timeout kills all ranks. Several
-checks should share one launch: start-up (imports) costs seconds per launch.
-This module imports nothing from megatron_ddk but the port helper (megatron_ddk.parallel.ports).
+checks should share one launch: start-up costs seconds per launch.
+
+Ranks start from multiprocessing's fork server, which imports torch and Megatron-Core once
+(PRELOAD) and forks every rank from that clean, never-computing process: a spawned interpreter
+spends 7-10 s of CPU per rank on those imports (2-core box). MEGATRON_DDK_MP_START=spawn starts
+every rank as a new interpreter instead.
+This module imports nothing from megatron_ddk but the port helper (megatron_ddk.parallel.ports);
+the fork server imports PRELOAD.
 """
 
 from __future__ import annotations
@@ -23,8 +29,28 @@ from typing import Any, Callable, List, Optional
 
 from megatron_ddk.parallel.ports import free_port
 
+START_ENV = "MEGATRON_DDK_MP_START"
+"""forkserver (default) or spawn: how run_distributed starts its ranks."""
 
-def _worker(fn, rank, world_size, port, args, results, threads):
+PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state",
+           "megatron.core.models.gpt", "megatron_ddk.training.entry"]
+"""Imported once by the fork server (torch, Megatron-Core, the trainer) before it forks."""
+
+
+def context():
+    """The multiprocessing context run_distributed (and testing.commands) start processes from."""
+    method = os.environ.get(START_ENV, "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"{START_ENV}={method!r}: use forkserver or spawn")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _worker(fn, rank, world_size, port, args, results, threads, environ):
+    os.environ.clear()  # the caller's environment now, not the fork server's from its start
+    os.environ.update(environ)
     os.environ.update({
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
         "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
@@ -80,7 +106,7 @@ def _teardown():
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300,
                     threads: Optional[int] = None) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes.
+    """Run ``fn(rank, world_size, *args)`` in `world_size` new processes (module docstring).
 
     Args:
         fn: a module-level (picklable) function.
@@ -96,13 +122,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     """
     cores = os.cpu_count() or 1
     threads = threads or max(1, cores // world_size)
-    ctx = mp.get_context("spawn")
+    ctx = context()
     results = ctx.Queue()
     port = free_port()
     saved_omp = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results, threads),
-                         daemon=False) for r in range(world_size)]
+    environ = dict(os.environ)
+    procs = [ctx.Process(target=_worker, daemon=False,
+                         args=(fn, r, world_size, port, args, results, threads, environ))
+             for r in range(world_size)]
     try:
         for p in procs:
             p.start()

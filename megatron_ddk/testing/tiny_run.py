@@ -9,11 +9,12 @@ same path a user does. Sizes are chosen for seconds on 2 CPU cores.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from typing import Dict, List, Optional
 
 import yaml
+
+from megatron_ddk.testing.commands import run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,15 +25,14 @@ TEACHER = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_qu
 
 
 def run_tool(args: List[str], env: Optional[Dict[str, str]] = None, timeout: int = 600) -> str:
-    """Run a repo command with this interpreter; raise with its output when it fails."""
+    """Run a repo command with this interpreter (forked from the warm fork server:
+    testing/commands.py); raise with its output when it fails."""
     full_env = dict(os.environ, **(env or {}))
     full_env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n"
-                           f"{proc.stderr[-4000:]}")
-    return proc.stdout + proc.stderr
+    code, output = run_command([sys.executable] + args, full_env, ROOT, timeout)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(args)} exited {code}:\n{output[-8000:]}")
+    return output
 
 
 def load_script(relpath: str, name: Optional[str] = None):

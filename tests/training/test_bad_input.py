@@ -3,20 +3,18 @@ exit: missing manifest or dataset, tokenizer mismatch, TP not dividing the heads
 
 import os
 import shutil
-import subprocess
 import sys
 
 import yaml
 
 from megatron_ddk.testing import tiny_run
+from megatron_ddk.testing.commands import run_command
 
 
 def train_cli(cfg, tmp_path, *overrides):
     path = tiny_run.write_config(cfg, os.path.join(str(tmp_path), "run.yaml"))
-    proc = subprocess.run([sys.executable, "-m", "megatron_ddk.train", "--config", path,
-                           *overrides], cwd=tiny_run.ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return proc.returncode, proc.stderr + proc.stdout
+    return run_command([sys.executable, "-m", "megatron_ddk.train", "--config", path,
+                        *overrides], dict(os.environ, OMP_NUM_THREADS="1"), tiny_run.ROOT, 300)
 
 
 def test_missing_manifest(tmp_path):

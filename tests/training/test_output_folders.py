@@ -2,13 +2,13 @@
 one line naming the field and the path, exit status 2, before any model is built."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from megatron_ddk.atomic import check_writable_folder
 from megatron_ddk.testing import tiny_run
+from megatron_ddk.testing.commands import run_command
 
 
 def test_check_writable_folder(tmp_path):
@@ -31,11 +31,10 @@ def test_train_refuses_unwritable_folder_in_one_line(tmp_path, field):
                               policy="static")
     path = tiny_run.write_config(cfg, str(tmp_path / "run.yaml"))
     bad = str(blocker / "out")
-    proc = subprocess.run([sys.executable, "-m", "megatron_ddk.train", "--config", path,
-                           f"{field}={bad}"], cwd=tiny_run.ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    out = proc.stdout + proc.stderr
+    code, out = run_command([sys.executable, "-m", "megatron_ddk.train", "--config", path,
+                             f"{field}={bad}"], dict(os.environ, OMP_NUM_THREADS="1"),
+                            tiny_run.ROOT, 300)
+    assert code == 2, out[-2000:]
     assert "Traceback" not in out
     errors = [line for line in out.splitlines() if line.startswith("error")]
     assert errors == [f"error: {field}={bad}: cannot write there: Not a directory; choose a "
