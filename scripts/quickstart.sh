@@ -3,7 +3,7 @@
 # corpus from text already on the machine, train a tokenizer, preprocess, pre-train a small
 # teacher and a smaller student, continue the student as CPT, KD and DDK on the same token budget,
 # evaluate per-domain perplexity, and write runs/quickstart/report.md with plots.
-#   bash scripts/quickstart.sh            # full demo (20 minutes measured on 2 idle CPU cores)
+#   bash scripts/quickstart.sh            # full demo (14 minutes measured on 2 idle CPU cores)
 #   bash scripts/quickstart.sh --smoke    # every stage on a tiny budget (about 2 minutes)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

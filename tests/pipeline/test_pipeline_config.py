@@ -34,6 +34,26 @@ def test_shipped_pipeline_configs_validate(tmp_path, smoke):
         assert [a.name for a in cfg.arms] == ["CPT", "KD", "DDK"]
 
 
+def test_quickstart_ddk_yaml_is_the_pipelines_ddk_arm():
+    """examples/quickstart/ddk.yaml (the DDK arm by hand) trains what the pipeline's DDK arm
+    trains: every setting in it equals the generated arm config's (paths aside)."""
+    cfg = load_pipeline_config(QUICKSTART, out=os.path.join(ROOT, "runs", "quickstart"))
+    plan = PipelinePlan(cfg)
+    arm = next(a for a in cfg.arms if a.name == "DDK")
+    generated = plan.arm_config(arm, cfg.seeds[0], resolve=False)
+    by_hand = yaml.safe_load(open(os.path.join(ROOT, "examples", "quickstart", "ddk.yaml")))
+    for section in ("model", "ddk", "train"):
+        for key, value in by_hand[section].items():
+            assert generated[section].get(key, value) == value, (section, key)
+    assert generated["train"]["train_iters"] == by_hand["train"]["train_iters"]
+    assert generated["train"]["global_batch_size"] == by_hand["train"]["global_batch_size"]
+    assert generated["ddk"]["interval"] == by_hand["ddk"]["interval"]
+    for key in ("gamma", "temperature"):
+        assert generated["distill"][key] == by_hand["distill"][key]
+    for key, value in by_hand["distill"]["teacher"].items():
+        assert generated["distill"]["teacher"][key] == value, ("teacher", key)
+
+
 def test_smoke_section_and_overrides_apply(tmp_path):
     cfg = load_pipeline_config(QUICKSTART, ["seeds=[1,2,3]", "tokenizer.vocab_size=1024"],
                                smoke=True, out=str(tmp_path))
