@@ -22,8 +22,10 @@ import logging
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -212,8 +214,16 @@ class ForkedProcess:
     def poll(self) -> Optional[int]:
         return self._status(os.WNOHANG)
 
-    def wait(self) -> int:
-        return self._status(0)
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """The exit code; with a timeout, subprocess.TimeoutExpired if still running then."""
+        if timeout is None:
+            return self._status(0)
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.returncode
 
     def kill(self) -> None:
         if self.returncode is None:

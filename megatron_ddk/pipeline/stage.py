@@ -173,7 +173,10 @@ class StageRunner:
             proc = _start(argv, log)
             try:
                 while proc.poll() is None:
-                    time.sleep(1.0)
+                    try:  # returns as soon as the child ends; at most 1 s between reports
+                        proc.wait(timeout=1.0)
+                    except subprocess.TimeoutExpired:
+                        pass
                     self._report_progress(log_path, progress)
                     stamp.write(seconds_so_far=round(spent + time.time() - t0, 1))
             except BaseException:

@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,16 +26,25 @@ import torch
 pytest.importorskip("lm_eval", reason="lm-eval is the `eval` extra")
 
 from megatron_ddk.testing import tiny_run  # noqa: E402
+from megatron_ddk.testing.commands import run_command  # noqa: E402
 
 ROOT = tiny_run.ROOT
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 DOMAIN = "python_code"
 
 
-def _cli(args, env=None):
+def _cli(args, env=None, fresh_interpreter=False):
+    """`megatron-ddk ARGS` (forked from the tests' fork server unless fresh_interpreter: the
+    server has torch and Megatron-Core imported, never lm_eval, datasets or transformers, so
+    their offline settings are read from this env); .returncode, .stderr (with stdout)."""
     full = dict(os.environ, OMP_NUM_THREADS="1", **OFFLINE, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "megatron_ddk.cli"] + args, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env=full)
+    argv = [sys.executable, "-m", "megatron_ddk.cli"] + args
+    if fresh_interpreter:
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env=full)
+        return SimpleNamespace(returncode=proc.returncode, stderr=proc.stderr + proc.stdout)
+    code, output = run_command(argv, full, ROOT, 900)
+    return SimpleNamespace(returncode=code, stderr=output)
 
 
 def _rows(path):
@@ -203,5 +213,5 @@ def test_missing_lm_eval_names_the_extra(tmp_path):
     blocker.mkdir()
     (blocker / "lm_eval.py").write_text("raise ImportError('blocked for the test')\n")
     proc = _cli(["lm-eval", "--load", str(tmp_path), "--tasks", "x"],
-                env={"PYTHONPATH": str(blocker)})
+                env={"PYTHONPATH": str(blocker)}, fresh_interpreter=True)  # import-time path
     assert proc.returncode == 2 and "eval` extra" in proc.stderr
