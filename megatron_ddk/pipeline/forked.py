@@ -114,9 +114,12 @@ def _fresh_interpreter_state() -> None:
         root.removeHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("megatron_ddk.pipeline").setLevel(logging.NOTSET)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # exec keeps an ignored signal ignored (a background job's SIGINT)
+        signal.signal(sig, signal.SIG_DFL)  # exec resets a handled signal to the default
+        if sig == signal.SIGINT:  # CPython's start-up: KeyboardInterrupt unless ignored
+            signal.signal(sig, signal.default_int_handler)
     atexit._clear()  # the pipeline's exit functions are not the child's
     for info in list(getattr(weakref.finalize, "_registry", {}).values()):
         info.atexit = False

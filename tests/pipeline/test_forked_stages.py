@@ -84,9 +84,21 @@ def test_fork_ends_like_a_separate_interpreter(tmp_path, monkeypatch, name, code
         assert got_log.strip().splitlines()[-1] == ref_log.strip().splitlines()[-1]
     else:
         assert got_log == ref_log
-    if name == "logging_and_signals":
-        assert "LOG INFO info reaches the log" in got_log
-        assert "sigterm True" in got_log and "sigint True" in got_log
+    if name == "logging_and_signals":  # sigint: False where this session ignores SIGINT
+        assert "LOG INFO info reaches the log" in got_log and "sigterm True" in got_log
+
+
+def test_an_ignored_sigint_stays_ignored_as_across_exec(tmp_path, monkeypatch):
+    """A background job's ignored SIGINT survives exec; the fork must keep it too."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ref = _run_once(tmp_path, "logging_and_signals", False, monkeypatch)
+        got = _run_once(tmp_path, "logging_and_signals", True, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ref == got and "sigint False" in got[1]
 
 
 def test_fork_joins_threads_and_runs_only_its_own_atexit(tmp_path, monkeypatch):
