@@ -62,3 +62,15 @@ def test_run_command_matches_a_new_interpreter(tmp_path, monkeypatch):
     sleeper.write_text("import time\ntime.sleep(60)\n")
     with pytest.raises(subprocess.TimeoutExpired):
         run_command([sys.executable, str(sleeper)], env, str(tmp_path), 2)
+
+
+def test_gpu_hosts_spawn_by_default(monkeypatch):
+    from megatron_ddk.testing import multiproc
+
+    monkeypatch.delenv(START_ENV, raising=False)
+    monkeypatch.setattr(multiproc, "gpu_host", lambda: True)
+    assert multiproc.start_method() == "spawn"
+    monkeypatch.setattr(multiproc, "gpu_host", lambda: False)
+    assert multiproc.start_method() == "forkserver"
+    monkeypatch.setenv(START_ENV, "spawn")
+    assert multiproc.start_method() == "spawn"

@@ -10,7 +10,8 @@ and signal handlers start as in a fresh interpreter, and the child ends the way 
 program (join non-daemon threads, run its own atexit functions, flush) before `os._exit`.
 
 Commands that are not a plain Python entry point (torchrun for launch.nproc_per_node > 1, other
-programs) run as separate processes; `MEGATRON_DDK_PIPELINE_FORK=0` turns forking off.
+programs) run as separate processes, and so does every stage on a host with an NVIDIA driver
+(CUDA does not survive a fork); `MEGATRON_DDK_PIPELINE_FORK=0` / `1` turns forking off / on.
 """
 
 from __future__ import annotations
@@ -32,15 +33,26 @@ import weakref
 from typing import Callable, Dict, List, Optional
 
 ENV_SWITCH = "MEGATRON_DDK_PIPELINE_FORK"
-"""Set to 0 to run every stage as a separate interpreter."""
+"""0: every stage a separate interpreter; 1: fork even on a GPU host; unset: see enabled()."""
 
 WARM_MODULES = ("megatron_ddk.training.entry",)
 """Imported once in the pipeline process: torch, Megatron-Core and the trainer."""
 
 
+def gpu_host() -> bool:
+    """An NVIDIA driver is present. CUDA does not work in the fork of a process that has
+    initialised it, and importing torch and Megatron-Core may probe it, so the default is no
+    fork on such hosts (their stages are long; the imports are a small share of them)."""
+    return os.path.exists("/dev/nvidiactl")
+
+
 def enabled() -> bool:
-    """Forking is on unless MEGATRON_DDK_PIPELINE_FORK=0 (Linux / macOS only)."""
-    return hasattr(os, "fork") and os.environ.get(ENV_SWITCH, "1") != "0"
+    """MEGATRON_DDK_PIPELINE_FORK=0 / 1 turns forking off / on; by default it is on where
+    os.fork exists (Linux, macOS) and no NVIDIA driver is present."""
+    switch = os.environ.get(ENV_SWITCH, "")
+    if switch in ("0", "1"):
+        return switch == "1" and hasattr(os, "fork")
+    return hasattr(os, "fork") and not gpu_host()
 
 
 def entry_point(argv: List[str]) -> Optional[Callable[[], None]]:

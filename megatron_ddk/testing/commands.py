@@ -7,7 +7,8 @@ new interpreter would). The child comes from multiprocessing's fork server, whic
 Megatron-Core and the trainer once (multiproc.PRELOAD) and never computed anything, so a tiny
 training command starts in well under a second instead of spending 7-10 s of CPU on imports.
 Commands that are not a Python entry point (torchrun, other programs), and every command when
-MEGATRON_DDK_MP_START=spawn, run as separate processes.
+the start method is spawn (MEGATRON_DDK_MP_START=spawn, or a host with an NVIDIA driver), run as
+separate processes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 from typing import Dict, List, Tuple
 
 from megatron_ddk.pipeline import forked
-from megatron_ddk.testing.multiproc import START_ENV, context
+from megatron_ddk.testing.multiproc import context, start_method
 
 
 def _child(argv: List[str], log_path: str, environ: Dict[str, str], cwd: str) -> None:
@@ -30,8 +31,7 @@ def _child(argv: List[str], log_path: str, environ: Dict[str, str], cwd: str) ->
 def run_command(argv: List[str], env: Dict[str, str], cwd: str,
                 timeout: float) -> Tuple[int, str]:
     """(exit code, stdout and stderr interleaved) of `argv` run with `env` in `cwd`."""
-    if os.environ.get(START_ENV, "forkserver") != "forkserver" or \
-            forked.entry_point(argv) is None:
+    if start_method() != "forkserver" or forked.entry_point(argv) is None:
         proc = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
         return proc.returncode, proc.stdout

@@ -13,9 +13,9 @@ checks should share one launch: start-up costs seconds per launch.
 Ranks start from multiprocessing's fork server, which imports torch and Megatron-Core once
 (PRELOAD) and forks every rank from that clean, never-computing process: a spawned interpreter
 spends 7-10 s of CPU per rank on those imports (2-core box). MEGATRON_DDK_MP_START=spawn starts
-every rank as a new interpreter instead.
-This module imports nothing from megatron_ddk but the port helper (megatron_ddk.parallel.ports);
-the fork server imports PRELOAD.
+every rank as a new interpreter instead, the default on a host with an NVIDIA driver.
+This module imports nothing from megatron_ddk but the port helper (megatron_ddk.parallel.ports)
+and pipeline.forked's GPU-host check (both standard library only); the fork server imports PRELOAD.
 """
 
 from __future__ import annotations
@@ -28,20 +28,28 @@ import traceback
 from typing import Any, Callable, List, Optional
 
 from megatron_ddk.parallel.ports import free_port
+from megatron_ddk.pipeline.forked import gpu_host
 
 START_ENV = "MEGATRON_DDK_MP_START"
-"""forkserver (default) or spawn: how run_distributed starts its ranks."""
+"""forkserver or spawn: how run_distributed starts its ranks (default: start_method())."""
 
 PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state",
            "megatron.core.models.gpt", "megatron_ddk.training.entry"]
 """Imported once by the fork server (torch, Megatron-Core, the trainer) before it forks."""
 
 
-def context():
-    """The multiprocessing context run_distributed (and testing.commands) start processes from."""
-    method = os.environ.get(START_ENV, "forkserver")
+def start_method() -> str:
+    """MEGATRON_DDK_MP_START, by default forkserver, or spawn on a host with an NVIDIA driver
+    (CUDA does not survive a fork of a process that probed it)."""
+    method = os.environ.get(START_ENV) or ("spawn" if gpu_host() else "forkserver")
     if method not in ("forkserver", "spawn"):
         raise ValueError(f"{START_ENV}={method!r}: use forkserver or spawn")
+    return method
+
+
+def context():
+    """The multiprocessing context run_distributed (and testing.commands) start processes from."""
+    method = start_method()
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)

@@ -138,3 +138,17 @@ def test_killing_the_forked_stage_is_reported(tmp_path, monkeypatch):
     with pytest.raises(StageFailed, match=r"exit -9"):
         runner.run(Stage(name="k", command=lambda _r: [sys.executable, str(script)]))
     assert os.path.isfile(tmp_path / "out" / "logs" / "k.log")
+
+
+def test_switch_and_gpu_hosts(monkeypatch):
+    """Forking is off on a host with an NVIDIA driver unless asked for, and the switch wins."""
+    monkeypatch.delenv(forked.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(forked, "gpu_host", lambda: True)
+    assert not forked.enabled()
+    monkeypatch.setenv(forked.ENV_SWITCH, "1")
+    assert forked.enabled()
+    monkeypatch.setattr(forked, "gpu_host", lambda: False)
+    monkeypatch.setenv(forked.ENV_SWITCH, "0")
+    assert not forked.enabled()
+    monkeypatch.delenv(forked.ENV_SWITCH)
+    assert forked.enabled()
