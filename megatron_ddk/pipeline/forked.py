@@ -35,8 +35,9 @@ from typing import Callable, Dict, List, Optional
 ENV_SWITCH = "MEGATRON_DDK_PIPELINE_FORK"
 """0: every stage a separate interpreter; 1: fork even on a GPU host; unset: see enabled()."""
 
-WARM_MODULES = ("megatron_ddk.training.entry",)
-"""Imported once in the pipeline process: torch, Megatron-Core and the trainer."""
+WARM_MODULES = ("megatron_ddk.training.entry", "megatron.core.models.gpt")
+"""Imported once in the pipeline process (and by the tests' fork server): torch, Megatron-Core,
+the trainer and the GPT model it builds (imported lazily by the trainer)."""
 
 
 def gpu_host() -> bool:

@@ -39,9 +39,12 @@ def run_command(argv: List[str], env: Dict[str, str], cwd: str,
         proc = context().Process(target=_child, args=(argv, log.name, dict(env), cwd))
         proc.start()
         proc.join(timeout)
-        if proc.exitcode is None:
+        timed_out = proc.exitcode is None
+        if timed_out:
             proc.kill()
             proc.join()
-            raise subprocess.TimeoutExpired(argv, timeout,
-                                            output=open(log.name, errors="replace").read())
-        return proc.exitcode, open(log.name, errors="replace").read()
+        log.seek(0)
+        output = log.read()
+    if timed_out:
+        raise subprocess.TimeoutExpired(argv, timeout, output=output)
+    return proc.exitcode, output

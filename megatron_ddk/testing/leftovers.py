@@ -5,7 +5,8 @@ into the environment, so every process the tests start inherits it: subprocesses
 its ranks, multiprocessing children, and their children, even after they are re-parented to
 PID 1. At the end, any process still carrying the session's marker (other than pytest itself and
 its own multiprocessing resource tracker and fork server, which end with it) is reported, killed,
-and the session fails. tests/conftest.py loads it; `pytest -p megatron_ddk.testing.leftovers` does too.
+and the session fails. tests/conftest.py loads it; `pytest -p megatron_ddk.testing.leftovers`
+does too.
 Imports nothing from megatron_ddk.
 """
 

@@ -15,7 +15,8 @@ Ranks start from multiprocessing's fork server, which imports torch and Megatron
 spends 7-10 s of CPU per rank on those imports (2-core box). MEGATRON_DDK_MP_START=spawn starts
 every rank as a new interpreter instead, the default on a host with an NVIDIA driver.
 This module imports nothing from megatron_ddk but the port helper (megatron_ddk.parallel.ports)
-and pipeline.forked's GPU-host check (both standard library only); the fork server imports PRELOAD.
+and pipeline.forked's module list and GPU-host check (both standard library only); the fork
+server imports PRELOAD.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ import traceback
 from typing import Any, Callable, List, Optional
 
 from megatron_ddk.parallel.ports import free_port
-from megatron_ddk.pipeline.forked import gpu_host
+from megatron_ddk.pipeline.forked import WARM_MODULES, gpu_host
 
 START_ENV = "MEGATRON_DDK_MP_START"
 """forkserver or spawn: how run_distributed starts its ranks (default: start_method())."""
 
-PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state",
-           "megatron.core.models.gpt", "megatron_ddk.training.entry"]
-"""Imported once by the fork server (torch, Megatron-Core, the trainer) before it forks."""
+PRELOAD = list(WARM_MODULES)
+"""Imported once by the fork server before it forks: what the pipeline warms up (forked.py)."""
 
 
 def start_method() -> str:
