@@ -62,7 +62,7 @@ def _run_once(tmp_path, name, fork, monkeypatch, *args):
     script.write_text(textwrap.dedent(SCRIPTS[name]))
     out = tmp_path / ("fork" if fork else "exec")
     argv = [sys.executable, str(script), *args]
-    assert (forked.entry_point(argv) is not None) is True
+    assert forked.entry_point(argv) is not None  # the fork path, not a new interpreter
     runner = StageRunner(str(out))
     code = 0
     try:
