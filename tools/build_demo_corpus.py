@@ -40,6 +40,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
+from megatron_ddk.data.pieces import split_document  # noqa: E402
+
 Doc = Tuple[str, str]  # (source id, text)
 _SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -172,28 +174,6 @@ CANDIDATES: Dict[str, Tuple[str, Callable[[], Iterator[Doc]]]] = {
 }
 
 
-def split_document(text: str, max_bytes: int) -> List[str]:
-    """Cut text at line boundaries into pieces of at most max_bytes UTF-8 bytes (a longer single
-    line is cut by characters). Joining the pieces gives back the text."""
-    if len(text.encode("utf-8")) <= max_bytes:
-        return [text]
-    pieces, current, size = [], [], 0
-    for line in text.splitlines(keepends=True):
-        n = len(line.encode("utf-8"))
-        if current and size + n > max_bytes:
-            pieces.append("".join(current))
-            current, size = [], 0
-        if n > max_bytes:
-            step = max(1, max_bytes // 4)
-            pieces.extend(line[i:i + step] for i in range(0, len(line), step))
-            continue
-        current.append(line)
-        size += n
-    if current:
-        pieces.append("".join(current))
-    return pieces
-
-
 def collect_domain(docs: Iterator[Doc], max_bytes: int, max_doc_bytes: int,
                    desc: str = "") -> List[Dict[str, str]]:
     """Documents (exact duplicates dropped) up to max_bytes; the last one may be the head of a
@@ -234,8 +214,17 @@ def write_jsonl(docs: List[Dict[str, str]], path: str) -> str:
 
 def build_demo_corpus(output_dir: str, num_domains: int = 5, max_mb: float = 1.5,
                       min_mb: float = 0.3, max_doc_kb: float = 32.0,
-                      candidates: Optional[List[str]] = None, progress: bool = True) -> dict:
-    """Build the corpus; return the summary (also written to <output_dir>/summary.json)."""
+                      candidates: Optional[List[str]] = None, progress: bool = True,
+                      sizes_mb: Optional[List[float]] = None) -> dict:
+    """Build the corpus; return the summary (also written to <output_dir>/summary.json).
+
+    sizes_mb: the cap of the first, second, ... domain built (in candidate order), instead of
+    max_mb for all; num_domains is then len(sizes_mb), and a source below half its cap (or
+    min_mb, the smaller) is skipped, the next candidate taking its place and cap."""
+    if sizes_mb is not None:
+        if not sizes_mb or any(not x > 0 for x in sizes_mb):
+            raise ValueError(f"--sizes-mb {sizes_mb}: give one size > 0 per domain")
+        num_domains = len(sizes_mb)
     names = candidates or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
@@ -243,17 +232,20 @@ def build_demo_corpus(output_dir: str, num_domains: int = 5, max_mb: float = 1.5
     if min_mb > max_mb:
         raise ValueError(f"--min-mb ({min_mb}) must not exceed --max-mb ({max_mb})")
     os.makedirs(output_dir, exist_ok=True)
-    summary = {"max_bytes_per_domain": int(max_mb * 1e6), "domains": [], "skipped": []}
+    summary = {"max_bytes_per_domain": int(max_mb * 1e6) if sizes_mb is None else
+               [int(x * 1e6) for x in sizes_mb], "domains": [], "skipped": []}
     for name in names:
         if len(summary["domains"]) == num_domains:
             break
         description, source = CANDIDATES[name]
-        docs = collect_domain(source(), int(max_mb * 1e6), int(max_doc_kb * 1024),
+        cap = max_mb if sizes_mb is None else sizes_mb[len(summary["domains"])]
+        least = min_mb if sizes_mb is None else min(min_mb, cap / 2)
+        docs = collect_domain(source(), int(cap * 1e6), int(max_doc_kb * 1024),
                               desc=name if progress else "")
         num_bytes = sum(len(d["text"].encode("utf-8")) for d in docs)
-        if num_bytes < min_mb * 1e6:
+        if num_bytes < least * 1e6:
             summary["skipped"].append({"name": name, "reason": f"only {num_bytes} bytes found "
-                                       f"(need {int(min_mb * 1e6)})"})
+                                       f"(need {int(least * 1e6)})"})
             continue
         path = os.path.join(output_dir, f"{name}.jsonl")
         sha = write_jsonl(docs, path)
@@ -298,11 +290,21 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="larger source files are split into documents of at most this size")
     p.add_argument("--domains", default=None,
                    help="comma-separated candidates to try, in order (default: all, see above)")
+    p.add_argument("--sizes-mb", default=None,
+                   help="comma-separated cap per domain built, in order (e.g. 2.0,1.2,0.7,0.5,"
+                   "0.3 for a skewed mixture); sets the number of domains, overrides --max-mb")
     args = p.parse_args(argv)
     try:
+        sizes = None
+        if args.sizes_mb:
+            try:
+                sizes = [float(x) for x in args.sizes_mb.split(",")]
+            except ValueError:
+                raise ValueError(f"--sizes-mb {args.sizes_mb!r}: expected numbers separated "
+                                 "by commas") from None
         summary = build_demo_corpus(
             args.output_dir, args.num_domains, args.max_mb, args.min_mb, args.max_doc_kb,
-            args.domains.split(",") if args.domains else None)
+            args.domains.split(",") if args.domains else None, sizes_mb=sizes)
     except ValueError as err:
         sys.exit(f"error: {err}")
     print(f"{'domain':<14} {'docs':>6} {'text MB':>8} {'file MB':>8}  sha256")

@@ -1,11 +1,14 @@
 """One command: a folder of per-domain JSONL -> train + valid + test datasets + manifest.yaml.
 
 Each <name>.jsonl (or <name>.txt, or <name>/ folder of them) in --input is a domain. Every domain
-is tokenized (multi-process, output independent of --workers), then whole documents drawn in a
-seeded random order are held out: into valid (DDK's steering set) until they hold
---valid-samples x (--valid-seq-length + 1) tokens (paper defaults 500 x 4097), then into test
-(reports only) until they hold --test-samples x (--test-seq-length + 1) tokens (defaults: the
-valid ones); the rest is the training set. Writes
+is tokenized (multi-process, output independent of --workers), documents longer than
+--max-piece-bytes cut into pieces at paragraph / line boundaries; then pieces drawn in a seeded
+random order (every source document's first piece before any second one) are held out: into
+valid (DDK's steering set) until they hold --valid-samples x (--valid-seq-length + 1) tokens
+(paper defaults 500 x 4097), then into test (reports only) until they hold --test-samples x
+(--test-seq-length + 1) tokens (defaults: the valid ones); each set must hold at least
+--min-heldout-documents pieces. The rest is the training set, its pieces joined back into
+whole runs of text. Writes
 
     <output-dir>/<name>/{train,valid,test}_text_document.bin/.idx
     <output-dir>/manifest.yaml        (last, only when every domain succeeded)
@@ -70,6 +73,14 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="tokens per test sample (default: --valid-seq-length)")
     p.add_argument("--max-heldout-share", type=float, default=0.5,
                    help="largest share of a domain's tokens valid + test may take (default 0.5)")
+    p.add_argument("--max-piece-bytes", type=int, default=1024,
+                   help="documents longer than this (UTF-8 bytes) are cut into pieces at "
+                   "paragraph / line boundaries before the held-out draw, so held-out sets "
+                   "spread over many documents; training joins its pieces back (default "
+                   "1024; 0: never cut)")
+    p.add_argument("--min-heldout-documents", type=int, default=16,
+                   help="fewest documents (pieces) each valid and test set must hold "
+                   "(default 16): a set of one or two documents measures those documents")
     p.add_argument("--dry-run", action="store_true",
                    help="measure every domain, print what the split needs and the largest "
                    "--valid-samples that fits, write no datasets")
@@ -116,21 +127,26 @@ def heldout_spec(args: argparse.Namespace):
         args.valid_samples, args.valid_seq_length,
         args.valid_samples if args.test_samples is None else args.test_samples,
         args.valid_seq_length if args.test_seq_length is None else args.test_seq_length,
-        test_follows_valid=args.test_samples is None, max_heldout_share=args.max_heldout_share)
+        test_follows_valid=args.test_samples is None, max_heldout_share=args.max_heldout_share,
+        min_documents=args.min_heldout_documents)
 
 
 def _tokenize_all(domains, args, out_dir: str) -> list:
     """Every domain tokenized to its temporary dataset under out_dir (all removed again on
     failure)."""
-    from megatron_ddk.data.preprocess import tokenize_domain
+    from megatron_ddk.data.domain_split import tokenize_domain
 
+    if args.max_piece_bytes < 0:
+        raise ValueError(f"--max-piece-bytes ({args.max_piece_bytes}) must be >= 0 (0: never "
+                         "cut documents)")
     done = []
     try:
         for domain in domains:
             start = time.perf_counter()
             done.append(tokenize_domain(domain.name, domain.paths, out_dir,
                                         args.tokenizer_model, workers=args.workers,
-                                        skip_malformed=args.skip_malformed, progress=True))
+                                        skip_malformed=args.skip_malformed, progress=True,
+                                        max_piece_bytes=args.max_piece_bytes))
             print(f"{domain.name}: tokenized in {time.perf_counter() - start:.1f}s", flush=True)
     except BaseException:
         for t in done:
@@ -142,15 +158,17 @@ def _tokenize_all(domains, args, out_dir: str) -> list:
 def _print_preflight(tokenized, spec, seed: int) -> None:
     from megatron_ddk.data.heldout import split_summary
 
-    fits = split_summary({t.name: t.lengths for t in tokenized}, spec, seed)
-    print(f"\npreflight: each domain's held-out sets need {spec.describe()}")
-    print(f"{'domain':<16} {'documents':>10} {'tokens':>12} {'held-out share':>14} "
+    fits = split_summary({t.name: t.lengths for t in tokenized}, spec, seed,
+                         {t.name: t.sources for t in tokenized})
+    print(f"\npreflight: each domain's held-out sets need {spec.describe()}, at least "
+          f"{spec.min_documents} documents each")
+    print(f"{'domain':<16} {'sources':>8} {'pieces':>8} {'tokens':>12} {'held-out share':>14} "
           f"{'max --valid-samples':>19}")
     for t in tokenized:
         total = int(t.lengths.sum())
         share = (spec.valid_tokens + spec.test_tokens) / max(total, 1)
-        print(f"{t.name:<16} {t.lengths.size:>10,} {total:>12,} {share:>13.1%} "
-              f"{fits[t.name]:>19,}")
+        print(f"{t.name:<16} {t.num_sources:>8,} {t.lengths.size:>8,} {total:>12,} "
+              f"{share:>13.1%} {fits[t.name]:>19,}")
 
 
 def _staged_tokenizer(args: argparse.Namespace, stage, domains) -> list:
@@ -191,9 +209,9 @@ def _finalize(stage, entries) -> None:
 
 
 def _build_staged(args, stage, domains, spec, weights, manifest_path: str) -> Optional[str]:
+    from megatron_ddk.data.domain_split import split_domain
     from megatron_ddk.data.heldout import check_domains
     from megatron_ddk.data.manifest import DomainManifest, load_manifest, save_manifest
-    from megatron_ddk.data.preprocess import split_domain
     from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
 
     tokenizer_moves = _staged_tokenizer(args, stage, domains)
@@ -201,7 +219,8 @@ def _build_staged(args, stage, domains, spec, weights, manifest_path: str) -> Op
     tokenized = _tokenize_all(domains, args, stage.folder)
     try:
         _print_preflight(tokenized, spec, args.seed)
-        check_domains({t.name: t.lengths for t in tokenized}, spec, args.seed)
+        check_domains({t.name: t.lengths for t in tokenized}, spec, args.seed,
+                      {t.name: t.sources for t in tokenized})
         if args.dry_run:
             return None
         entries = []
@@ -269,12 +288,18 @@ def _print_table(manifest_path: str) -> None:
     from megatron_ddk.data.manifest import load_manifest
 
     m = load_manifest(manifest_path)
-    print(f"\n{'domain':<16} {'train docs':>10} {'train tokens':>13} {'valid docs':>10} "
-          f"{'valid tokens':>13} {'test docs':>9} {'test tokens':>12} {'natural w':>9}")
+    print(f"\n{'domain':<16} {'split':<6} {'documents':>10} {'sources':>8} {'tokens':>12} "
+          f"{'natural w':>9}")
     for d, w in zip(m.domains, m.natural_weights()):
-        print(f"{d.name:<16} {d.num_train_documents:>10,} {d.num_train_tokens:>13,} "
-              f"{d.num_valid_documents:>10,} {d.num_valid_tokens:>13,} "
-              f"{d.num_test_documents or 0:>9,} {d.num_test_tokens or 0:>12,} {w:>9.3f}")
+        for split in ("train", "valid", "test"):
+            docs = getattr(d, f"num_{split}_documents")
+            if docs is None:
+                continue
+            srcs = getattr(d, f"num_{split}_sources")
+            print(f"{d.name if split == 'train' else '':<16} {split:<6} {docs:>10,} "
+                  f"{'-' if srcs is None else format(srcs, ','):>8} "
+                  f"{getattr(d, f'num_{split}_tokens'):>12,} "
+                  f"{format(w, '.3f') if split == 'train' else '':>9}")
     print(f"\ntokenizer {m.tokenizer_model} ({m.tokenizer_hash}, vocab {m.vocab_size})")
     print(f"manifest  {m.path}")
 

@@ -7,7 +7,8 @@ ids into one array per json key; the main process appends the arrays to the .bin
 to the streaming index writer (indexed_writer.py) strictly in batch order. So the bytes do not
 depend on the worker count, and they equal Megatron-LM's preprocess_data.py for the same
 tokenizer and flags:
-- a document is one sequence, or one per sentence (--split-sentences, or a JSON list of strings);
+- a document is one sequence, or one per sentence (--split-sentences, or a JSON list of strings),
+  or one per piece (max_piece_bytes: long documents cut at paragraph / line boundaries);
   sequences of zero tokens are dropped; eod goes after the last sequence (append_eod);
 - keep_empty=True (Megatron-LM): a document without tokens is written as an empty document (no
   eod); keep_empty=False (megatron_ddk's own pipeline): it is skipped and counted;
@@ -38,11 +39,12 @@ files a killed earlier run left beside the outputs are removed first.
 
 Imports numpy and, lazily, the tokenizer library in use; no torch or megatron.core on the
 SentencePiece / GPT-2 path. From megatron_ddk: atomic, data.corpus, data.indexed_writer,
-data.megatron_tokenizers, data.sentence_split.
+data.megatron_tokenizers, data.pieces, data.sentence_split.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import multiprocessing
@@ -63,6 +65,7 @@ from megatron_ddk.atomic import remove_stale_tmp
 from megatron_ddk.data.corpus import MalformedLineError, check_input_files, input_format
 from megatron_ddk.data.indexed_writer import IndexedWriter, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
+from megatron_ddk.data.pieces import split_document
 
 BATCH_BYTES = 1 << 19
 """Text per batch (whole lines; a longer line is a batch of its own)."""
@@ -100,6 +103,11 @@ class EncodeJob:
 
     lang: str = "english"
     """punkt language for split_sentences (--lang)."""
+
+    max_piece_bytes: int = 0
+    """Cut every document longer than this many UTF-8 bytes into pieces at paragraph / line
+    boundaries (data/pieces.py), one sequence per piece, the eod after the last; 0: never cut
+    (Megatron-LM's behaviour). Excludes split_sentences."""
 
     partitions: int = 1
     """Megatron-LM --partitions: the document order of its partition-and-merge (see above)."""
@@ -178,14 +186,26 @@ def _batches(paths: Sequence[str], partitions: int, sequential: bool) -> Iterato
                 yield path, first, passes, raws
 
 
-def _init_state(job: EncodeJob, threads: int = 1) -> None:
-    from megatron_ddk.data.sentence_split import make_splitter
+def _splitter(job: EncodeJob):
+    """text -> sequences of one document: punkt sentences, pieces, or None (one sequence)."""
+    if job.split_sentences and job.max_piece_bytes > 0:
+        raise ValueError("sentence splitting and cutting documents into pieces "
+                         "(max_piece_bytes) exclude each other; use one")
+    if job.split_sentences:
+        from megatron_ddk.data.sentence_split import make_splitter
 
+        return make_splitter(job.lang, job.keep_newlines)
+    if job.max_piece_bytes > 0:
+        return functools.partial(split_document, max_bytes=job.max_piece_bytes)
+    return None
+
+
+def _init_state(job: EncodeJob, threads: int = 1) -> None:
     encoder = build_encoder(job.tokenizer, num_threads=threads)
     _STATE.update(
         encoder=encoder, keys=tuple(job.prefixes), append_eod=job.append_eod,
         keep_empty=job.keep_empty, dtype=token_dtype(encoder.vocab_size),
-        splitter=make_splitter(job.lang, job.keep_newlines) if job.split_sentences else None)
+        splitter=_splitter(job))
 
 
 def _worker_init(job: EncodeJob) -> None:

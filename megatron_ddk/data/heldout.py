@@ -1,19 +1,26 @@
-"""The per-domain hold-out: which whole documents go to the valid and test sets, and whether a
-domain is large enough for the split that was asked for.
+"""The per-domain hold-out: which documents (or pieces of them) go to the valid and test sets,
+and whether a domain is large enough for the split that was asked for.
 
 Three disjoint sets per domain, three roles: train (what the mixture draws), valid (DDK's
-steering signal), test (reports only). One seeded permutation of the domain's documents decides
-both held-out sets: documents are taken in that order into valid until they hold
+steering signal), test (reports only). The units drawn are documents, or the pieces of them that
+data/pieces.py cut (tools/build_domains.py --max-piece-bytes); each unit knows its source (the
+input document it came from). One seeded permutation of the units, reordered so that every
+source gives its first unit before any source gives a second (then second units, and so on),
+decides both held-out sets: units are taken in that order into valid until they hold
 valid_samples x (valid_seq_length + 1) tokens, then into test until they hold
 test_samples x (test_seq_length + 1) tokens (GPTDataset samples are seq_length + 1 tokens); the
-rest, in corpus order, is the training set. With the same seed the valid set is the one a
-train/valid-only split chose. The held-out documents may take at most max_heldout_share of the
-domain's tokens (default half), and at least one document must be left for training.
+rest, in corpus order, is the training set. So a held-out set spreads over as many sources as
+the domain has, and a corpus of a few long documents still yields many held-out pieces. With one
+unit per source and the same seed the valid set is the one a train/valid-only split chose.
 
-check_domains reports every too-small domain at once with the numbers (tokens needed vs
-available, documents) and the largest --valid-samples that fits at the given sequence lengths;
-byte_bound_problems does the same from file sizes alone (an upper bound on tokens), before any
-tokenizer is trained or run.
+Each held-out set must hold at least min_documents units (--min-heldout-documents): a set of
+one or two documents measures those documents, not the domain. The held-out units may take at
+most max_heldout_share of the domain's tokens (default half), and at least one unit must be
+left for training.
+
+check_domains reports every domain that cannot be split at once with the numbers (tokens needed
+vs available, documents, sources) and what to change; byte_bound_problems does the same from
+file sizes alone (an upper bound on tokens), before any tokenizer is trained or run.
 
 Pure numpy; imports nothing from megatron_ddk or megatron.core.
 """
@@ -57,7 +64,13 @@ class HeldOutSpec:
     """Largest share of a domain's tokens the held-out documents may take
     (--max-heldout-share); the rest trains."""
 
+    min_documents: int = 1
+    """Fewest documents (or pieces) each held-out set must hold (--min-heldout-documents;
+    tools/build_domains.py and the pipeline default to 16)."""
+
     def __post_init__(self) -> None:
+        if self.min_documents < 1:
+            raise ValueError(f"--min-heldout-documents ({self.min_documents}) must be >= 1")
         if not 0.0 < self.max_heldout_share < 1.0:
             raise ValueError(f"--max-heldout-share ({self.max_heldout_share}) must be in (0, 1)")
         if self.valid_samples < 1 or self.valid_seq_length < 1:
@@ -82,7 +95,7 @@ class HeldOutSpec:
         return HeldOutSpec(n, self.valid_seq_length,
                            n if self.test_follows_valid and self.test_samples else
                            self.test_samples, self.test_seq_length, self.test_follows_valid,
-                           self.max_heldout_share)
+                           self.max_heldout_share, self.min_documents)
 
     def describe(self) -> str:
         """'valid 500 x 4097 + test 500 x 4097 = 4097000 tokens'."""
@@ -106,42 +119,97 @@ def _take(cumulative: np.ndarray, start: int, target: int) -> int:
     return int(np.searchsorted(cumulative, base + target)) + 1
 
 
-def _heldout_end(lengths: np.ndarray, spec: HeldOutSpec, seed: int):
-    """(order, cumulative lengths in that order, #valid documents, end of test) ."""
-    order = np.random.default_rng(seed).permutation(lengths.size)
+def draw_order(num_units: int, seed: int, sources: Optional[np.ndarray] = None) -> np.ndarray:
+    """The held-out draw order: a seeded permutation of the units, stably reordered by how many
+    earlier units of the same source it holds (every source's first unit, then every second
+    unit, ...). Without sources (one unit per document) it is the permutation itself."""
+    order = np.random.default_rng(seed).permutation(num_units)
+    if sources is None:
+        return order
+    src = np.asarray(sources, dtype=np.int64)[order]
+    by_source = np.argsort(src, kind="stable")  # positions grouped by source, in order
+    sorted_src = src[by_source]
+    starts = np.flatnonzero(np.r_[True, sorted_src[1:] != sorted_src[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, sorted_src.size]))
+    rank = np.empty(num_units, dtype=np.int64)
+    rank[by_source] = np.arange(num_units) - group_start
+    return order[np.argsort(rank, kind="stable")]
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """One domain's held-out draw: the order, its cumulative tokens, the set boundaries."""
+
+    order: np.ndarray
+    cumulative: np.ndarray
+    num_valid: int
+    end: int
+
+
+def _draw(lengths: np.ndarray, spec: HeldOutSpec, seed: int,
+          sources: Optional[np.ndarray]) -> _Draw:
+    order = draw_order(lengths.size, seed, sources)
     cumulative = np.cumsum(lengths[order])
     num_valid = _take(cumulative, 0, spec.valid_tokens)
     end = (_take(cumulative, num_valid, spec.test_tokens) if num_valid < lengths.size
            else lengths.size + 1)
-    return order, cumulative, num_valid, end
+    return _Draw(order, cumulative, num_valid, end)
 
 
-def plan_split(lengths: np.ndarray, spec: HeldOutSpec,
-               seed: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """(valid document ids, test document ids), each sorted, or None when the domain cannot
-    hold them: no document would be left for training, or the held-out documents would take
-    more than spec.max_heldout_share of its tokens."""
+def _problem(lengths: np.ndarray, spec: HeldOutSpec, draw: _Draw) -> Optional[str]:
+    """None when the draw is a valid split, else 'size' or 'floor'."""
+    if draw.end >= lengths.size or \
+            draw.cumulative[draw.end - 1] > spec.max_heldout_share * draw.cumulative[-1]:
+        return "size"
+    num_test = draw.end - draw.num_valid
+    if draw.num_valid < spec.min_documents or (spec.test_samples and
+                                               num_test < spec.min_documents):
+        return "floor"
+    return None
+
+
+def plan_split(lengths: np.ndarray, spec: HeldOutSpec, seed: int,
+               sources: Optional[np.ndarray] = None) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(valid unit ids, test unit ids), each sorted, or None when the domain cannot hold them:
+    no unit would be left for training, the held-out units would take more than
+    spec.max_heldout_share of its tokens, or a set would hold fewer than spec.min_documents
+    units. sources[i] is the source document of unit i (None: every unit is its own)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
         return None
-    order, cumulative, num_valid, end = _heldout_end(lengths, spec, seed)
-    if end >= lengths.size or cumulative[end - 1] > spec.max_heldout_share * cumulative[-1]:
+    draw = _draw(lengths, spec, seed, sources)
+    if _problem(lengths, spec, draw) is not None:
         return None
-    return np.sort(order[:num_valid]), np.sort(order[num_valid:end])
+    return (np.sort(draw.order[:draw.num_valid]),
+            np.sort(draw.order[draw.num_valid:draw.end]))
 
 
-def max_valid_samples(lengths: np.ndarray, spec: HeldOutSpec, seed: int) -> int:
+def max_valid_samples(lengths: np.ndarray, spec: HeldOutSpec, seed: int,
+                      sources: Optional[np.ndarray] = None) -> int:
     """The largest --valid-samples (with --test-samples equal to it when test follows valid)
-    that leaves training documents, at the spec's sequence lengths; 0 when none does."""
+    that leaves training documents within --max-heldout-share, at the spec's sequence lengths
+    (the document floor aside); 0 when none does."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     total = int(np.sum(lengths, dtype=np.int64))
     lo, hi = 0, total // (spec.valid_seq_length + 1) + 1  # hi is never feasible
     while hi - lo > 1:  # the documents used grow with the sample count
         mid = (lo + hi) // 2
-        if plan_split(lengths, spec.with_valid_samples(mid), seed) is not None:
+        trial = spec.with_valid_samples(mid)
+        if lengths.size and _problem(lengths, trial, _draw(lengths, trial, seed, sources)) \
+                in (None, "floor"):
             lo = mid
         else:
             hi = mid
     return lo
+
+
+def set_summary(unit_ids: np.ndarray, lengths: np.ndarray,
+                sources: Optional[np.ndarray]) -> Tuple[int, int, int]:
+    """(documents, distinct sources, tokens) of a set of units."""
+    ids = np.asarray(unit_ids, dtype=np.int64)
+    num_sources = ids.size if sources is None else int(np.unique(
+        np.asarray(sources, dtype=np.int64)[ids]).size)
+    return int(ids.size), num_sources, int(np.sum(np.asarray(lengths)[ids], dtype=np.int64))
 
 
 def advice(spec: HeldOutSpec) -> str:
@@ -152,37 +220,69 @@ def advice(spec: HeldOutSpec) -> str:
             "(--domains), or add data")
 
 
-def shortfall(name: str, lengths: np.ndarray, spec: HeldOutSpec, seed: int) -> str:
+def _floor_shortfall(name: str, lengths: np.ndarray, spec: HeldOutSpec, draw: _Draw,
+                     sources: Optional[np.ndarray]) -> str:
+    total = int(np.sum(lengths, dtype=np.int64))
+    num_sources = lengths.size if sources is None else int(np.unique(sources).size)
+    sets = [("valid", draw.order[:draw.num_valid])]
+    if spec.test_samples:
+        sets.append(("test", draw.order[draw.num_valid:draw.end]))
+    held = ", ".join(f"the {role} set {ids.size} (from {set_summary(ids, lengths, sources)[1]} "
+                     "sources)" for role, ids in sets)
+    return (f"domain {name}: each held-out set needs at least {spec.min_documents} documents "
+            f"(--min-heldout-documents) but {spec.describe()} would hold {held}: its "
+            f"{lengths.size} documents from {num_sources} sources average "
+            f"{total // max(lengths.size, 1)} tokens; lower --max-piece-bytes so long "
+            "documents are cut into more pieces, raise --valid-samples / --test-samples, or "
+            "lower --min-heldout-documents")
+
+
+def shortfall(name: str, lengths: np.ndarray, spec: HeldOutSpec, seed: int,
+              sources: Optional[np.ndarray] = None) -> str:
     """The message for a domain plan_split refused: numbers, the largest fit, what to change."""
     lengths = np.asarray(lengths, dtype=np.int64)
     total = int(np.sum(lengths, dtype=np.int64))
-    best = max_valid_samples(lengths, spec, seed)
+    if not lengths.size:
+        return f"domain {name}: it holds no document with tokens"
+    draw = _draw(lengths, spec, seed, sources)
+    if _problem(lengths, spec, draw) == "floor":
+        return _floor_shortfall(name, lengths, spec, draw, sources)
+    best = max_valid_samples(lengths, spec, seed, sources)
     fit = (f"the largest --valid-samples that fits at --valid-seq-length {spec.valid_seq_length}"
            + (f" and --test-seq-length {spec.test_seq_length}" if spec.test_samples else "")
            + f" is {best}" if best else "no --valid-samples fits at these sequence lengths")
-    _, cumulative, _, end = _heldout_end(lengths, spec, seed) if lengths.size else (0, 0, 0, 1)
-    if end >= lengths.size:
+    if draw.end >= lengths.size:
         why = "so nothing would be left for training"
     else:
-        taken = int(cumulative[end - 1])
+        taken = int(draw.cumulative[draw.end - 1])
         why = (f"and the whole documents holding them ({taken} tokens) would be "
                f"{taken / total:.0%} of it, above --max-heldout-share {spec.max_heldout_share:g}")
     return (f"domain {name}: the held-out sets need {spec.describe()} but the domain has "
             f"{total} tokens in {len(lengths)} documents, {why}; {fit}")
 
 
-def check_domains(lengths: Mapping[str, np.ndarray], spec: HeldOutSpec, seed: int) -> None:
-    """ValueError listing every domain too small for `spec` (all at once), with the advice."""
-    problems = [shortfall(name, lens, spec, domain_seed(seed, name))
-                for name, lens in lengths.items()
-                if plan_split(lens, spec, domain_seed(seed, name)) is None]
+def check_domains(lengths: Mapping[str, np.ndarray], spec: HeldOutSpec, seed: int,
+                  sources: Optional[Mapping[str, np.ndarray]] = None) -> None:
+    """ValueError listing every domain that cannot be split by `spec` (all at once), with the
+    advice. sources[name] maps each unit of a domain to its source document."""
+    sources = sources or {}
+    problems, too_small = [], 0
+    for name, lens in lengths.items():
+        seed_i, src = domain_seed(seed, name), sources.get(name)
+        lens = np.asarray(lens, dtype=np.int64)
+        if plan_split(lens, spec, seed_i, src) is None:
+            problems.append(shortfall(name, lens, spec, seed_i, src))
+            too_small += not lens.size or \
+                _problem(lens, spec, _draw(lens, spec, seed_i, src)) == "size"
     if problems:
-        raise ValueError(_joined(problems, spec))
+        raise ValueError(_joined(problems, spec, too_small == len(problems), too_small > 0))
 
 
-def _joined(problems: Sequence[str], spec: HeldOutSpec) -> str:
-    head = f"{len(problems)} domain(s) too small for the held-out split:\n  "
-    return head + "\n  ".join(problems) + f"\n{advice(spec)}"
+def _joined(problems: Sequence[str], spec: HeldOutSpec, all_size: bool = True,
+            any_size: bool = True) -> str:
+    what = "too small for" if all_size else "cannot hold"
+    head = f"{len(problems)} domain(s) {what} the held-out split:\n  "
+    return head + "\n  ".join(problems) + (f"\n{advice(spec)}" if any_size else "")
 
 
 def _count_lines(paths: Sequence[str]) -> int:
@@ -229,7 +329,9 @@ def check_byte_bounds(domains: Mapping[str, Sequence[str]], spec: HeldOutSpec) -
         raise ValueError(_joined(problems, spec))
 
 
-def split_summary(lengths: Dict[str, np.ndarray], spec: HeldOutSpec, seed: int) -> Dict[str, int]:
+def split_summary(lengths: Dict[str, np.ndarray], spec: HeldOutSpec, seed: int,
+                  sources: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, int]:
     """{domain: largest --valid-samples that fits} (for a preflight table)."""
-    return {name: max_valid_samples(lens, spec, domain_seed(seed, name))
+    sources = sources or {}
+    return {name: max_valid_samples(lens, spec, domain_seed(seed, name), sources.get(name))
             for name, lens in lengths.items()}

@@ -15,7 +15,14 @@ One YAML file (written by tools/build_domains.py, documented in docs/data.md):
         num_valid_documents: 5
         num_test_tokens: 16702
         num_test_documents: 6
+        num_train_sources: 118       # optional: distinct input documents behind each set
+        num_valid_sources: 40
+        num_test_sources: 41
         initial_weight: null
+
+A "document" of a set is what the set's dataset holds: with tools/build_domains.py
+--max-piece-bytes, a piece of an input document (docs/data.md); the *_sources counts say how
+many distinct input documents the pieces came from.
 
 Three disjoint sets per domain, three roles: train (the mixture draws from it), valid (DDK's
 steering signal), test (reports only; nothing that trains or steers reads it). The test keys
@@ -54,7 +61,10 @@ _TOKENIZER_KEYS = {"model", "hash", "vocab_size"}
 _COUNT_KEYS = ("num_train_tokens", "num_train_documents", "num_valid_tokens",
                "num_valid_documents")
 _TEST_KEYS = ("test_prefix", "num_test_tokens", "num_test_documents")
-_DOMAIN_KEYS = {"name", "train_prefixes", "valid_prefix", "initial_weight", *_COUNT_KEYS}
+_SOURCE_KEYS = ("num_train_sources", "num_valid_sources", "num_test_sources")
+"""Optional: distinct input documents behind each set's documents (pieces)."""
+_DOMAIN_KEYS = {"name", "train_prefixes", "valid_prefix", "initial_weight", *_COUNT_KEYS,
+                *_SOURCE_KEYS}
 SPLITS = ("valid", "test")
 """The held-out splits a domain can be evaluated on."""
 
@@ -96,6 +106,28 @@ class DomainEntry:
 
     num_test_documents: Optional[int] = None
     """Documents in the test dataset (None without a test split)."""
+
+    num_train_sources: Optional[int] = None
+    """Distinct input documents the training documents came from (None: not recorded)."""
+
+    num_valid_sources: Optional[int] = None
+    """Distinct input documents the validation documents (pieces) came from."""
+
+    num_test_sources: Optional[int] = None
+    """Distinct input documents the test documents (pieces) came from."""
+
+    def describe_sets(self) -> str:
+        """'train 120 docs (118 sources) / 412345 tokens, valid ..., test ...'."""
+        parts = []
+        for split in ("train", "valid", "test"):
+            docs = getattr(self, f"num_{split}_documents")
+            if docs is None:
+                continue
+            srcs = getattr(self, f"num_{split}_sources")
+            parts.append(f"{split} {docs} docs" + (f" ({srcs} sources)" if srcs is not None
+                                                    else "")
+                         + f" / {getattr(self, f'num_{split}_tokens')} tokens")
+        return ", ".join(parts)
 
     def heldout_prefix(self, split: str) -> str:
         """The dataset prefix of a held-out split ('valid' or 'test'); ValueError when this
@@ -251,7 +283,7 @@ def _parse_test(path: str, folder: str, where: str, raw: dict, version: int) -> 
 def _parse_domain(path: str, folder: str, i: int, raw: Any, version: int) -> DomainEntry:
     where = f"domains[{i}]"
     _check_keys(path, where, raw, _DOMAIN_KEYS | set(_TEST_KEYS),
-                _DOMAIN_KEYS - {"initial_weight"})
+                _DOMAIN_KEYS - {"initial_weight", *_SOURCE_KEYS})
     name = raw["name"]
     if not isinstance(name, str) or not name:
         raise _fail(path, f"{where}.name", f"expected a non-empty string, got {name!r}")
@@ -271,6 +303,8 @@ def _parse_domain(path: str, folder: str, i: int, raw: Any, version: int) -> Dom
         valid_prefix=_resolve(folder, raw["valid_prefix"], path, f"{where}.valid_prefix"),
         initial_weight=None if weight is None else float(weight),
         **{k: _check_int(path, f"{where}.{k}", raw[k]) for k in _COUNT_KEYS},
+        **{k: _check_int(path, f"{where}.{k}", raw[k]) for k in _SOURCE_KEYS
+           if raw.get(k) is not None},
         **_parse_test(path, folder, where, raw, version),
     )
     for key in _COUNT_KEYS:
@@ -384,6 +418,7 @@ def _domain_dict(d: DomainEntry, folder: str) -> Dict[str, Any]:
     if d.test_prefix is not None:
         out.update(num_test_tokens=int(d.num_test_tokens),
                    num_test_documents=int(d.num_test_documents))
+    out.update({k: int(getattr(d, k)) for k in _SOURCE_KEYS if getattr(d, k) is not None})
     out["initial_weight"] = None if d.initial_weight is None else float(d.initial_weight)
     return out
 

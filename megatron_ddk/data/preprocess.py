@@ -6,10 +6,8 @@ train/validation hold-out.
   not depend on the worker count). Everything is written under a temporary name and renamed at
   the end (.bin first, .idx last, an older .idx removed first), so a failed or interrupted run
   leaves nothing that looks complete.
-- tokenize_domain / split_domain / build_domain: the per-domain hold-out (heldout.py decides
-  it). Whole documents, drawn in a seeded random order, go to validation until they hold
-  valid_samples x (valid_seq_length + 1) tokens, then to test until they hold
-  test_samples x (test_seq_length + 1); the rest is the training set, disjoint by construction.
+- the per-domain hold-out (tokenize_domain / split_domain / build_domain) lives in
+  domain_split.py; heldout.py decides it.
 - StagedBuild: tools/build_domains.py writes a whole build under <out>/.staging-<pid> and swaps
   it in only when every domain succeeded, so a failed rebuild leaves the previous manifest and
   datasets byte for byte; staging folders of killed builds are removed by the next build.
@@ -29,8 +27,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ddk.atomic import pid_alive, remove_stale_tmp
-from megatron_ddk.data.heldout import HeldOutSpec, advice, domain_seed, plan_split, shortfall
-from megatron_ddk.data.manifest import DomainEntry
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +54,8 @@ class PreprocessResult:
     """Wall time of the run (after the one-off imports and tokenizer load)."""
 
 
-def _remove_quietly(*paths: str) -> None:
+def remove_quietly(*paths: str) -> None:
+    """Remove files that may not exist."""
     for path in paths:
         try:
             os.remove(path)
@@ -71,7 +68,7 @@ def commit_dataset(tmp_prefix: str, prefix: str) -> None:
     .bin, then the new .idx, so a crash in between never leaves a complete-looking pair.
     Temporary files of `prefix` left by a killed writer are removed too."""
     remove_stale_tmp(prefix)
-    _remove_quietly(prefix + ".idx")
+    remove_quietly(prefix + ".idx")
     os.replace(tmp_prefix + ".bin", prefix + ".bin")
     os.replace(tmp_prefix + ".idx", prefix + ".idx")
 
@@ -86,6 +83,7 @@ def tokenize_to_datasets(
     progress: bool = False,
     eos_token: Optional[str] = None,
     allow_empty: bool = False,
+    max_piece_bytes: int = 0,
 ) -> PreprocessResult:
     """Tokenize the documents of `paths` (in order) into one dataset per json key.
 
@@ -93,7 +91,8 @@ def tokenize_to_datasets(
     a malformed line raises ValueError naming file:line unless skip_malformed; inputs without
     any document with text raise encode_engine.EmptyInputError (a ValueError) naming them,
     nothing written, unless allow_empty. eos_token is for a Hugging Face tokenizer that names no
-    end-of-document token. Runs the streaming engine
+    end-of-document token. max_piece_bytes > 0 cuts longer documents into pieces, one sequence
+    each (encode_engine.EncodeJob.max_piece_bytes). Runs the streaming engine
     (encode_engine.py) with the tokenizer picked from the model file.
     """
     from megatron_ddk.data.encode_engine import EncodeJob, run_encode
@@ -103,7 +102,8 @@ def tokenize_to_datasets(
     job = EncodeJob(paths=list(paths), prefixes=dict(prefixes),
                     tokenizer=TokenizerSpec("auto", tokenizer_model, eos_token=eos_token),
                     append_eod=append_eod, workers=workers, keep_empty=False,
-                    skip_malformed=skip_malformed, allow_empty=allow_empty)
+                    skip_malformed=skip_malformed, allow_empty=allow_empty,
+                    max_piece_bytes=max_piece_bytes)
     bar = Progress(bar=True, desc=os.path.basename(next(iter(prefixes.values()), ""))) \
         if progress else None
     try:
@@ -138,147 +138,6 @@ def select_validation_documents(lengths: np.ndarray, target_tokens: int, seed: i
             f"tokens in {lengths.size} documents, so nothing would be left for training; lower "
             "--valid-samples / --valid-seq-length or add data")
     return np.sort(order[:num_valid])
-
-
-def write_subset(src_prefix: str, doc_ids: np.ndarray, prefix: str) -> Tuple[int, int]:
-    """Copy the given documents (in the order given) of a dataset into a new one, atomically.
-    Returns (num_documents, num_tokens)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-    src = IndexedDataset(src_prefix, mmap=True)
-    tmp = f"{prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=src.index.dtype)
-    num_tokens = 0
-    try:
-        for i in doc_ids:
-            ids = src[int(i)]
-            builder.add_document(ids, [ids.size])
-            num_tokens += ids.size
-        builder.finalize(tmp + ".idx")
-        commit_dataset(tmp, prefix)
-    except BaseException:
-        builder.data_file.close()
-        _remove_quietly(tmp + ".bin", tmp + ".idx")
-        raise
-    return len(doc_ids), int(num_tokens)
-
-
-@dataclass
-class TokenizedDomain:
-    """A domain tokenized to one temporary dataset, waiting to be split (tokenize_domain)."""
-
-    name: str
-    """Domain name."""
-
-    folder: str
-    """<out_dir>/<name>: where its train/valid/test datasets go."""
-
-    all_prefix: str
-    """The temporary dataset holding every document (removed by split_domain / discard)."""
-
-    lengths: np.ndarray
-    """Tokens per document (EOD included), corpus order."""
-
-    def discard(self) -> None:
-        """Remove the temporary dataset."""
-        _remove_quietly(self.all_prefix + ".bin", self.all_prefix + ".idx")
-
-
-def tokenize_domain(name: str, paths: Sequence[str], out_dir: str, tokenizer_model: str,
-                    workers: int = 1, skip_malformed: bool = False,
-                    progress: bool = False) -> TokenizedDomain:
-    """Tokenize one domain into <out_dir>/<name>/.all_text_document.tmp<pid> (first phase of
-    build_domain); ValueError for a domain with no non-empty document."""
-    folder = os.path.join(os.path.abspath(out_dir), name)
-    all_prefix = os.path.join(folder, f".all_text_document.tmp{os.getpid()}")
-    remove_stale_tmp(os.path.join(folder, ".all_text_document"))  # a killed build's leftovers
-    from megatron_ddk.data.encode_engine import EmptyInputError
-
-    try:
-        tokenize_to_datasets(paths, {"text": all_prefix}, tokenizer_model, workers=workers,
-                             skip_malformed=skip_malformed, progress=progress)
-    except EmptyInputError as err:
-        raise ValueError(f"domain {name} is empty: {', '.join(paths)} hold no document with "
-                         f"text ({err.detail}); remove the domain or fix its files") from None
-    tokenized = TokenizedDomain(name, folder, all_prefix, np.zeros(0, dtype=np.int64))
-    try:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        # Keep `full` alive while reading: its index is a view of an mmap closed in __del__.
-        full = IndexedDataset(all_prefix, mmap=True)
-        tokenized.lengths = np.array(full.sequence_lengths, dtype=np.int64)
-        del full
-    except BaseException:
-        tokenized.discard()
-        raise
-    return tokenized
-
-
-def split_domain(tokenized: TokenizedDomain, spec: HeldOutSpec, seed: int) -> DomainEntry:
-    """Write the train / valid (/ test) datasets of a tokenized domain (second phase of
-    build_domain) and remove its temporary dataset. ValueError (with the numbers and what to
-    change) when the held-out sets would leave nothing for training."""
-    name, folder = tokenized.name, tokenized.folder
-    try:
-        split = plan_split(tokenized.lengths, spec, domain_seed(seed, name))
-        if split is None:
-            raise ValueError(shortfall(name, tokenized.lengths, spec, domain_seed(seed, name))
-                             + "; " + advice(spec))
-        valid_ids, test_ids = split
-        prefix = {s: os.path.join(folder, f"{s}_text_document") for s in ("train", "valid",
-                                                                         "test")}
-        train_mask = np.ones(tokenized.lengths.size, dtype=bool)
-        train_mask[valid_ids] = False
-        train_mask[test_ids] = False
-        num_train_docs, num_train_tokens = write_subset(
-            tokenized.all_prefix, np.flatnonzero(train_mask), prefix["train"])
-        num_valid_docs, num_valid_tokens = write_subset(tokenized.all_prefix, valid_ids,
-                                                        prefix["valid"])
-        test = {}
-        if spec.test_samples:
-            docs, tokens = write_subset(tokenized.all_prefix, test_ids, prefix["test"])
-            test = dict(test_prefix=prefix["test"], num_test_tokens=tokens,
-                        num_test_documents=docs)
-        else:
-            _remove_quietly(prefix["test"] + ".idx", prefix["test"] + ".bin")  # a stale one
-    finally:
-        tokenized.discard()
-    logger.info("domain %s: train %d docs / %d tokens, valid %d docs / %d tokens, test %s",
-                name, num_train_docs, num_train_tokens, num_valid_docs, num_valid_tokens,
-                f"{test['num_test_documents']} docs / {test['num_test_tokens']} tokens"
-                if test else "none")
-    return DomainEntry(
-        name=name, train_prefixes=[prefix["train"]], valid_prefix=prefix["valid"],
-        num_train_tokens=num_train_tokens, num_train_documents=num_train_docs,
-        num_valid_tokens=num_valid_tokens, num_valid_documents=num_valid_docs, **test,
-    )
-
-
-def build_domain(
-    name: str,
-    paths: Sequence[str],
-    out_dir: str,
-    tokenizer_model: str,
-    valid_samples: int = 500,
-    valid_seq_length: int = 4096,
-    seed: int = 1234,
-    workers: int = 1,
-    skip_malformed: bool = False,
-    progress: bool = False,
-    test_samples: Optional[int] = None,
-    test_seq_length: Optional[int] = None,
-) -> DomainEntry:
-    """Tokenize one domain and split it into <out_dir>/<name>/train_text_document,
-    valid_text_document and test_text_document (heldout.py: whole documents, seeded by seed
-    and the domain name). test_samples / test_seq_length default to the valid ones;
-    test_samples=0 writes no test set."""
-    spec = HeldOutSpec(valid_samples, valid_seq_length,
-                       valid_samples if test_samples is None else test_samples,
-                       valid_seq_length if test_seq_length is None else test_seq_length,
-                       test_follows_valid=test_samples is None)
-    tokenized = tokenize_domain(name, paths, out_dir, tokenizer_model, workers=workers,
-                                skip_malformed=skip_malformed, progress=progress)
-    return split_domain(tokenized, spec, seed)
 
 
 STAGING_PREFIX = ".staging-"
@@ -360,7 +219,7 @@ class StagedBuild:
             if os.path.isdir(final) and not os.path.islink(final):
                 shutil.rmtree(final, ignore_errors=True)
             else:
-                _remove_quietly(final)
+                remove_quietly(final)
             if aside is not None:
                 os.replace(aside, final)
         self._moved.clear()
@@ -371,5 +230,5 @@ class StagedBuild:
             if os.path.isdir(aside) and not os.path.islink(aside):
                 shutil.rmtree(aside, ignore_errors=True)
             else:
-                _remove_quietly(aside)
+                remove_quietly(aside)
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -37,6 +37,11 @@ class DataSpec:
     """Build the embedded demo corpus (tools/build_demo_corpus.py, text already on the machine)
     with this many MB per domain instead of reading `corpus`."""
 
+    demo_sizes_mb: Optional[List[float]] = None
+    """Build the demo corpus with these MB of text for its first, second, ... domain (the
+    builder's domain order), e.g. [2.0, 1.2, 0.7, 0.5, 0.3] for a mixture shaped like a real
+    corpus; overrides demo_corpus_mb."""
+
     domains: Optional[List[str]] = None
     """Subset and order of the corpus's domains; None takes every domain, sorted by name."""
 
@@ -49,8 +54,22 @@ class DataSpec:
     split_seq_length: Optional[int] = None
     """Tokens per validation / test sample; None means run.data.seq_length."""
 
+    max_piece_bytes: int = 1024
+    """Documents longer than this (UTF-8 bytes) are cut into pieces at paragraph / line
+    boundaries before the held-out draw, so the valid and test sets spread over many
+    documents; training joins its pieces back (build_domains --max-piece-bytes; 0: never)."""
+
+    min_heldout_documents: int = 16
+    """Fewest documents (pieces) each valid and test set must hold
+    (build_domains --min-heldout-documents)."""
+
     workers: int = 2
     """Tokenizer worker processes of the preprocessing."""
+
+    @property
+    def uses_demo(self) -> bool:
+        """Whether the pipeline builds the embedded demo corpus."""
+        return bool(self.demo_corpus_mb or self.demo_sizes_mb)
 
 
 @dataclass
@@ -221,6 +240,7 @@ def _check_unique_arms(cfg: PipelineConfig, path: str) -> None:
 
 
 _RANGES = (("data.valid_samples", 1), ("data.test_samples", 0), ("data.split_seq_length", 2),
+           ("data.max_piece_bytes", 0), ("data.min_heldout_documents", 1),
            ("data.workers", 1), ("tokenizer.vocab_size", 1), ("launch.nproc_per_node", 1),
            ("lm_eval.limit", 1))
 """(dotted field, smallest allowed value) of the pipeline's integer fields (None is allowed
@@ -237,6 +257,9 @@ def _check_ranges(cfg: PipelineConfig, path: str) -> None:
     mb = cfg.data.demo_corpus_mb
     if mb is not None and not mb > 0:  # also NaN
         errs.append(f"data.demo_corpus_mb={mb}: must be > 0")
+    sizes = cfg.data.demo_sizes_mb
+    if sizes is not None and (not sizes or not all(x > 0 for x in sizes)):
+        errs.append(f"data.demo_sizes_mb={sizes}: give one size > 0 (MB) per domain")
     if cfg.evaluation.split == "test" and cfg.data.test_samples == 0 and not cfg.data.manifest:
         errs.append("data.test_samples=0 but evaluation.split is test: the report needs a test "
                     "split (give test_samples >= 1, or evaluation.split: valid)")
@@ -281,7 +304,8 @@ def load_pipeline_config(path: str, overrides: Sequence[str] = (), smoke: bool =
     data = apply_overrides(data, overrides, top_level=True)
     if corpus is not None:
         data.setdefault("data", {})
-        data["data"].update(corpus=corpus, manifest=None, demo_corpus_mb=None)
+        data["data"].update(corpus=corpus, manifest=None, demo_corpus_mb=None,
+                            demo_sizes_mb=None)
     if out is not None:
         data["out"] = out
     try:
@@ -292,7 +316,10 @@ def load_pipeline_config(path: str, overrides: Sequence[str] = (), smoke: bool =
     _check_ranges(cfg, path)
     sources = [s for s in ("corpus", "manifest", "demo_corpus_mb")
                if getattr(cfg.data, s) is not None]
+    if cfg.data.demo_sizes_mb is not None and "demo_corpus_mb" not in sources:
+        sources.append("demo_sizes_mb")
     if len(sources) != 1:
         raise ConfigError(f"pipeline config {path}: data: give exactly one of corpus (or "
-                          f"--corpus DIR), manifest, demo_corpus_mb; got {sources or 'none'}")
+                          f"--corpus DIR), manifest, demo_corpus_mb / demo_sizes_mb; got "
+                          f"{sources or 'none'}")
     return cfg

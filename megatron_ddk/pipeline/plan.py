@@ -51,7 +51,7 @@ class PipelinePlan:
             self.manifest = os.path.abspath(cfg.data.manifest)
         else:
             self.manifest = os.path.join(self.data_dir, "datasets", "manifest.yaml")
-        self.corpus = (os.path.join(self.data_dir, "corpus") if cfg.data.demo_corpus_mb
+        self.corpus = (os.path.join(self.data_dir, "corpus") if cfg.data.uses_demo
                        else cfg.data.corpus and os.path.abspath(cfg.data.corpus))
 
     # ----------------------------------------------------------------------------- paths

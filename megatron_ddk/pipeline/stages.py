@@ -34,11 +34,15 @@ def data_stages(plan: PipelinePlan) -> List[Stage]:
     if cfg.data.manifest:
         return stages
     deps, inputs = [], []
-    if cfg.data.demo_corpus_mb:
-        mb = cfg.data.demo_corpus_mb  # small demos: smaller sources and documents qualify
+    if cfg.data.uses_demo:
+        sizes = cfg.data.demo_sizes_mb
+        mb = max(sizes) if sizes else cfg.data.demo_corpus_mb
+        # small demos: smaller sources and documents qualify
         argv = [PY, _tool("build_demo_corpus.py"), "--output-dir", plan.corpus, "--max-mb",
-                str(mb), "--min-mb", str(min(0.3, mb / 2)), "--max-doc-kb",
-                str(min(32.0, mb * 1000 / 16))]
+                str(mb), "--min-mb", str(min(0.3, (min(sizes) if sizes else mb) / 2)),
+                "--max-doc-kb", str(min(32.0, mb * 1000 / 16))]
+        if sizes:
+            argv += ["--sizes-mb", ",".join(str(x) for x in sizes)]
         stages.append(Stage(name="corpus", settings={"argv": argv}, command=lambda _r: argv,
                             outputs=[plan.corpus], clean=[plan.corpus]))
         deps = ["corpus"]
@@ -54,7 +58,8 @@ def data_stages(plan: PipelinePlan) -> List[Stage]:
             "--output-dir", os.path.dirname(plan.manifest), "--tokenizer-model", tok_model,
             "--valid-samples", str(cfg.data.valid_samples), "--valid-seq-length", str(split_len),
             "--test-samples", str(cfg.data.test_samples), "--test-seq-length", str(split_len),
-            "--workers", str(cfg.data.workers)]
+            "--workers", str(cfg.data.workers), "--max-piece-bytes", str(cfg.data.max_piece_bytes),
+            "--min-heldout-documents", str(cfg.data.min_heldout_documents)]
     if tok.train:
         args += ["--train-tokenizer", "--vocab-size", str(tok.vocab_size)]
     if cfg.data.domains:

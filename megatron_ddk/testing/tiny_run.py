@@ -59,7 +59,9 @@ def build_tiny_domains(folder: str, max_mb: float = 0.12, vocab_size: int = 512,
               os.path.join(folder, "datasets"), "--tokenizer-model",
               os.path.join(folder, "tokenizer", "tiny.model"), "--train-tokenizer",
               "--vocab-size", str(vocab_size), "--valid-samples", str(valid_samples),
-              "--valid-seq-length", str(seq_length), "--workers", "1"]
+              "--valid-seq-length", str(seq_length), "--workers", "1",
+              # sets of a few 33-token samples cannot hold build_domains' 16-document floor
+              "--min-heldout-documents", "1"]
              + ([] if test_samples is None else ["--test-samples", str(test_samples)]))
     return os.path.join(folder, "datasets", "manifest.yaml")
 

@@ -40,7 +40,8 @@ def corpus(tmp_path, make_jsonl, make_texts):
 
 def _argv(corpus, out, tokenizer, *extra):
     return ["--input", str(corpus), "--output-dir", str(out), "--tokenizer-model", tokenizer,
-            "--valid-samples", "2", "--valid-seq-length", "16", "--workers", "1", *extra]
+            "--valid-samples", "2", "--valid-seq-length", "16", "--workers", "1",
+            "--min-heldout-documents", "1", *extra]
 
 
 def test_failed_rebuild_keeps_the_previous_build(tmp_path, corpus, tiny_tokenizer,

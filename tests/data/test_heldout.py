@@ -187,7 +187,7 @@ class _Result:
 def _build(capsys, tmp_path, corpus, tok, *flags):
     """tools/build_domains.py main() in this process (its exit code, stdout, stderr)."""
     args = ["--input", str(corpus), "--output-dir", str(tmp_path / "out"), "--workers", "1",
-            *tok, *flags]
+            "--min-heldout-documents", "1", *tok, *flags]
     try:
         _tool().main(args)
         code = 0

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from megatron_ddk.data.preprocess import (
-    build_domain,
-    select_validation_documents,
-    tokenize_to_datasets,
-)
+from megatron_ddk.data.domain_split import build_domain
+from megatron_ddk.data.preprocess import select_validation_documents, tokenize_to_datasets
 
 
 def _read(prefix):

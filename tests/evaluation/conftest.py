@@ -22,7 +22,8 @@ def student(tmp_path_factory):
     tiny_run.run_tool(["tools/build_domains.py", "--input", corpus, "--output-dir",
                        os.path.join(root, "datasets"), "--tokenizer-model", tokenizer,
                        "--train-tokenizer", "--vocab-size", "512", "--valid-samples", "8",
-                       "--valid-seq-length", "32", "--workers", "1"])
+                       "--valid-seq-length", "32", "--workers", "1",
+                       "--min-heldout-documents", "1"])
     manifest = os.path.join(root, "datasets", "manifest.yaml")
     cfg = tiny_run.run_config(manifest, os.path.join(root, "run"), policy="static",
                               train_iters=6, interval=3)
