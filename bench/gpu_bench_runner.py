@@ -97,7 +97,7 @@ class Runner:
         evaluate_domains(eval_student, self.ctx, valid, **kwargs)  # warm-up
         sync()
         t0 = time.perf_counter()
-        losses, _, _ = evaluate_domains(eval_student, self.ctx, valid, **kwargs)
+        losses = evaluate_domains(eval_student, self.ctx, valid, **kwargs).student
         sync()
         if not all(math.isfinite(x) for x in losses):
             raise RuntimeError(f"evaluation gave non-finite losses {losses}")

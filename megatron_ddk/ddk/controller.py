@@ -27,6 +27,10 @@ History record keys (one dict per interval t, written when t's weights are chose
     weights                 the weights interval t samples with
     loss_student, loss_teacher, ppl_student, ppl_teacher   the measurement (None: not measured)
     signal_tokens           training signal: tokens per domain behind the means
+    ratio_log_se            per domain, the standard error of log(ratio) from the paired per-sample
+                            losses of the validation sets (ddk/math.paired_log_ratio); None when
+                            no per-sample losses exist (training signal, offline teacher store)
+    ratio_ci95              per domain [lo, hi], the ratio's 95% t interval; None likewise
     samples_consumed, tokens_consumed, epochs   per domain, cumulative up to the start of t
     interval 0 only: r0, r0_source (eq1 | uniform | None for equal / static), initial_sampling
 
@@ -46,14 +50,19 @@ from megatron_ddk.ddk.math import (
     bound_weights,
     discrepancy_factor_from_ratio,
     normalize_weights,
+    paired_log_ratio,
     perplexity_ratio,
+    ratio_interval,
     repetition_upper_bounds,
 )
 from megatron_ddk.ddk.policies import ADAPTIVE_POLICIES, get_policy
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""3: the teacher's per-sample validation losses are kept too; 2 (without them) still loads."""
+
+_LOADABLE_VERSIONS = (2, 3)
 
 REMOVED_INITIAL_WEIGHTS = (
     "ddk.initial_weights={value!r} was removed: write ddk.initial_sampling (natural | uniform | "
@@ -126,6 +135,7 @@ class DDKController:
             raise ValueError("ddk.max_epochs_per_domain is set: the controller needs "
                              "samples_per_epoch (training samples per domain)")
         self._teacher_losses: Optional[np.ndarray] = None
+        self._teacher_samples: Optional[List[np.ndarray]] = None
         self._weights: Optional[np.ndarray] = None
         self._r: Optional[np.ndarray] = None
         self._r0: Optional[np.ndarray] = None
@@ -171,17 +181,28 @@ class DDKController:
         return self.config.signal == "validation" or self._interval >= 0
 
     # ----------------------------------------------------------------------------- updates
-    def set_teacher_losses(self, losses) -> None:
-        """Cache the teacher's per-domain mean validation CE (computed once: it is frozen)."""
+    def set_teacher_losses(self, losses, sample_losses=None) -> None:
+        """Cache the teacher's per-domain mean validation CE (computed once: it is frozen), and
+        its per-sample losses (per domain, sample order) when given."""
         arr = np.asarray(losses, dtype=np.float64)
         if arr.shape != (self.num_domains,) or not np.all(np.isfinite(arr)):
             raise ValueError(f"teacher losses {arr.tolist()}: need {self.num_domains} finite "
                              f"values, one per domain {self.domain_names}")
         self._teacher_losses = arr
+        self._teacher_samples = self._per_sample(sample_losses, "teacher sample losses")
+
+    def _per_sample(self, values, name: str) -> Optional[List[np.ndarray]]:
+        if values is None:
+            return None
+        if len(values) != self.num_domains:
+            raise ValueError(f"{name}: {len(values)} domains given, need one list per domain "
+                             f"{self.domain_names}")
+        return [np.asarray(v, dtype=np.float64).ravel().copy() for v in values]
 
     def next_weights(self, step: int, student_losses=None, teacher_losses=None,
                      samples_consumed=None, tokens_consumed=None,
-                     signal_tokens=None) -> np.ndarray:
+                     signal_tokens=None, student_sample_losses=None,
+                     teacher_sample_losses=None, sample_tokens=None) -> np.ndarray:
         """Choose the mixture of the next interval and record it.
 
         Args:
@@ -193,10 +214,16 @@ class DDKController:
                 them); training: the interval's, given at every call after the first.
             samples_consumed / tokens_consumed: per-domain cumulative training consumption.
             signal_tokens: training signal: tokens per domain behind the means (recorded).
+            student_sample_losses / teacher_sample_losses / sample_tokens: validation signal,
+                per domain the per-sample mean CE (sample order, the same samples for both) and
+                scored tokens; they give ratio_log_se / ratio_ci95. The teacher's are cached
+                with its losses. Without them those fields are None.
         Returns:
             The weights (float64, sums to 1) to sample interval `interval` with.
         """
-        ls, lt, ratio, source = self._measure(student_losses, teacher_losses)
+        ls, lt, ratio, source = self._measure(student_losses, teacher_losses,
+                                              teacher_sample_losses)
+        se, ci = self._ratio_spread(ratio, student_sample_losses, sample_tokens)
         extra: Dict[str, Any] = {}
         if self._interval < 0:
             r, sample_from, extra = self._interval0(ratio)
@@ -216,6 +243,7 @@ class DDKController:
             "interval": self._interval, "step": int(step), "policy": self.config.policy,
             "alpha": float(self.config.alpha), "signal": self.config.signal,
             "ratio": _floats(ratio), "ratio_source": source,
+            "ratio_log_se": se, "ratio_ci95": ci,
             "r": _floats(r), "weights": _floats(weights),
             "loss_student": _floats(ls), "loss_teacher": _floats(lt),
             "ppl_student": _ppl(ls), "ppl_teacher": _ppl(lt),
@@ -242,7 +270,7 @@ class DDKController:
                              f"or the measurement diverged")
         return arr
 
-    def _measure(self, student_losses, teacher_losses
+    def _measure(self, student_losses, teacher_losses, teacher_sample_losses=None
                  ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray],
                             Optional[List[str]]]:
         """(loss_S, loss_T, ratio, ratio_source) of this call; ratio None when not measured."""
@@ -251,7 +279,7 @@ class DDKController:
         lt = self._losses(teacher_losses, "teacher losses", training)
         if not training:
             if lt is not None:
-                self.set_teacher_losses(lt)
+                self.set_teacher_losses(lt, teacher_sample_losses)
             lt = self._teacher_losses
         if ls is None or lt is None:
             if self.needs_ratio():
@@ -273,6 +301,29 @@ class DDKController:
             else:
                 ratio[i] = previous
         return ls, lt, ratio, source
+
+    def _ratio_spread(self, ratio: Optional[np.ndarray], student_samples, tokens
+                      ) -> Tuple[Optional[List[Optional[float]]],
+                                 Optional[List[Optional[List[float]]]]]:
+        """(ratio_log_se, ratio_ci95) per domain from the paired per-sample validation losses;
+        (None, None) without them (training signal, offline teacher store, no measurement)."""
+        student = self._per_sample(student_samples, "student sample losses")
+        if ratio is None or student is None or self._teacher_samples is None:
+            return None, None
+        toks = self._per_sample(tokens, "sample tokens") or [None] * self.num_domains
+        se: List[Optional[float]] = []
+        ci: List[Optional[List[float]]] = []
+        for name, s, t, w in zip(self.domain_names, student, self._teacher_samples, toks):
+            if s.size != t.size:
+                raise ValueError(f"domain {name}: {s.size} student validation samples but the "
+                                 f"cached teacher losses are of {t.size}: the validation set "
+                                 f"changed since they were measured (ddk.valid_samples_per_domain "
+                                 f"or the manifest); start a new run")
+            est = paired_log_ratio(s, t, w)
+            interval = ratio_interval(est)
+            se.append(est.se)
+            ci.append(None if interval is None else list(interval))
+        return se, ci
 
     def _interval0(self, ratio: Optional[np.ndarray]
                    ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -357,15 +408,18 @@ class DDKController:
             "r0": _floats(self._r0),
             "ratio": _floats(self._ratio),
             "teacher_losses": _floats(self._teacher_losses),
+            "teacher_sample_losses": None if self._teacher_samples is None
+            else [_floats(a) for a in self._teacher_samples],
             "history": [dict(rec) for rec in self.history],
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore what state_dict() returned; ValueError if the domains or the signal differ."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"DDK controller state version {state.get('version')} is not "
-                             f"{STATE_VERSION}: the checkpoint is from another release (before "
-                             f"r_0 and the sampling weights were kept apart); start a new run")
+        if state.get("version") not in _LOADABLE_VERSIONS:
+            raise ValueError(f"DDK controller state version {state.get('version')} is not one "
+                             f"of {list(_LOADABLE_VERSIONS)}: the checkpoint is from another "
+                             f"release (before r_0 and the sampling weights were kept apart); "
+                             f"start a new run")
         if list(state["domain_names"]) != self.domain_names:
             raise ValueError(f"checkpoint domains {state['domain_names']} differ from the "
                              f"manifest's {self.domain_names}; resume with the same manifest")
@@ -386,4 +440,6 @@ class DDKController:
         self._r0 = as_arr(state["r0"])
         self._ratio = as_arr(state["ratio"])
         self._teacher_losses = as_arr(state["teacher_losses"])
+        samples = state.get("teacher_sample_losses")  # absent in version 2: no SEs after resume
+        self._teacher_samples = None if samples is None else [as_arr(v) for v in samples]
         self.history = [dict(rec) for rec in state["history"]]

@@ -11,14 +11,17 @@ student that is 1e4 times worse than its teacher (or far more) still gives finit
 - the same two from mean CE losses (*_from_losses) or from ratios (*_from_ratio)
 - largest_remainder_counts(weights, total)            exact integer split of `total`
 - bound_weights / apply_floor_cap / apply_repetition_cap   box constraints, then renormalised
+- paired_log_ratio(per-sample losses of S and T)      one domain's log ratio, its standard error
+  and ratio_interval(...) its 95% interval; t_critical(df) the Student-t multiplier
 
 Must not import torch, torch.distributed or anything doing I/O.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -252,3 +255,74 @@ def apply_repetition_cap(weights, epochs_used, max_epochs: float,
     interval_epochs is given) and renormalise the rest (bound_weights)."""
     return bound_weights(weights, 0.0, repetition_upper_bounds(epochs_used, max_epochs,
                                                                interval_epochs))
+
+
+# Two-sided 95% critical values t(0.975, df) for df = 1..30 (standard tables); df > 30 uses the
+# Cornish-Fisher expansion around the normal quantile, accurate to < 1e-3 there.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_critical(df: int) -> float:
+    """t(0.975, df), the multiplier of a two-sided 95% interval."""
+    if df < 1:
+        raise ValueError(f"t interval needs df >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+@dataclass(frozen=True)
+class LogRatioEstimate:
+    """One domain's log perplexity ratio log(ppl_S / ppl_T) measured on paired samples."""
+
+    log_ratio: float
+    """The token-weighted mean of d_i = CE_S_i - CE_T_i: exactly loss_S - loss_T of the domain."""
+    se: Optional[float]
+    """Its standard error (None with fewer than two samples)."""
+    num_samples: int
+    """Samples behind it (the t interval has num_samples - 1 degrees of freedom)."""
+
+
+def paired_log_ratio(student_losses, teacher_losses, tokens=None) -> LogRatioEstimate:
+    """log(ppl_S / ppl_T) of one domain and its standard error, from per-sample mean CE.
+
+    student_losses[i] / teacher_losses[i]: the two models' mean token CE on the same sample i
+    (paired: the teacher's noise and the student's on the same text largely cancel in d_i).
+    tokens[i]: scored tokens of sample i (None: all equal). With w_i = tokens[i] / sum(tokens),
+
+        log_ratio = sum w_i d_i,    se = sqrt(n / (n - 1) * sum w_i^2 (d_i - log_ratio)^2)
+
+    the sample-weighted (ratio-estimator) standard error; with equal tokens it is exactly
+    mean(d) and sd(d, ddof=1) / sqrt(n). Samples with a non-finite loss or no tokens are
+    dropped; ValueError when none is left or the arrays differ in length.
+    """
+    ls = np.asarray(student_losses, dtype=np.float64).ravel()
+    lt = np.asarray(teacher_losses, dtype=np.float64).ravel()
+    w = np.ones_like(ls) if tokens is None else np.asarray(tokens, dtype=np.float64).ravel()
+    if not ls.size == lt.size == w.size:
+        raise ValueError(f"paired samples differ in number: student {ls.size}, teacher "
+                         f"{lt.size}, tokens {w.size}")
+    keep = np.isfinite(ls) & np.isfinite(lt) & np.isfinite(w) & (w > 0)
+    d = ls[keep] - lt[keep]
+    n = int(d.size)
+    if n == 0:
+        raise ValueError("paired_log_ratio: no sample with a finite loss and scored tokens")
+    w = w[keep] / w[keep].sum()
+    mean = float(np.sum(w * d))
+    se = None
+    if n >= 2:
+        se = float(np.sqrt(n / (n - 1) * np.sum(w ** 2 * (d - mean) ** 2)))
+    return LogRatioEstimate(log_ratio=mean, se=se, num_samples=n)
+
+
+def ratio_interval(est: LogRatioEstimate) -> Optional[Tuple[float, float]]:
+    """The 95% interval of ppl_S / ppl_T: exp(log_ratio -+ t(0.975, n - 1) * se), or None."""
+    if est.se is None:
+        return None
+    half = t_critical(est.num_samples - 1) * est.se
+    lo = min(est.log_ratio - half, MAX_LOG_RATIO)
+    hi = min(est.log_ratio + half, MAX_LOG_RATIO)
+    return float(np.exp(lo)), float(np.exp(hi))

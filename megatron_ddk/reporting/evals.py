@@ -1,9 +1,14 @@
 """Eval result files (`megatron-ddk eval --output`): reading them, and refusing to compare two
 that were not made on the same samples.
 
-    {"format": 2, "checkpoint", "iteration", "split": "test", "seq_length": 256,
+    {"format": 3, "checkpoint", "iteration", "split": "test", "seq_length": 256,
      "fingerprint": "sha256:...", "samples_requested": null, "manifest": "...",
-     "domains": {name: {"loss", "ppl", "tokens", "samples", "fingerprint"}}}
+     "domains": {name: {"loss", "ppl", "tokens", "samples", "fingerprint",
+                        "sample_losses", "sample_tokens"}}}
+
+Formats 2 and 3 load; format 2 has no per-sample lists (sample_losses: each sample's mean CE in
+sample order, null for a sample without a scored token; sample_tokens: its scored tokens), which
+only the report's fidelity check needs.
 
 Two results are comparable when their split, seq_length, and every domain's sample count and
 sample fingerprint (sha256 of the exact token windows) agree; otherwise check_same_samples
@@ -19,7 +24,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 
 @dataclass
@@ -51,6 +56,13 @@ class EvalResult:
     fingerprints: Dict[str, str] = field(default_factory=dict)
     """Per domain: sha256 of the exact token windows evaluated."""
 
+    sample_losses: Dict[str, List[Optional[float]]] = field(default_factory=dict)
+    """Per domain: each sample's mean CE in sample order (None: no scored token); empty for a
+    format-2 file."""
+
+    sample_tokens: Dict[str, List[int]] = field(default_factory=dict)
+    """Per domain: each sample's scored tokens (empty when the file records none)."""
+
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -59,6 +71,8 @@ def _number(value: Any, where: str) -> float:
 
 
 _EVAL_SPLITS = ("valid", "test")
+FORMATS = (2, 3)
+"""Result formats load_eval reads (training/evaluation_command.RESULT_FORMAT writes the last)."""
 COMPARED_FIELDS = ("split", "seq_length", "samples", "fingerprint")
 """What two eval results must share to be compared (per domain for the last two)."""
 
@@ -84,6 +98,26 @@ def _eval_provenance(path: str, data: Dict[str, Any], res: "EvalResult") -> None
         res.fingerprints[dom] = str(vals["fingerprint"])
 
 
+def _per_sample(path: str, data: Dict[str, Any], res: "EvalResult") -> None:
+    """Fill sample_losses / sample_tokens where the file has them (one entry per sample)."""
+    for dom, vals in data["domains"].items():
+        for key, target in (("sample_losses", res.sample_losses),
+                            ("sample_tokens", res.sample_tokens)):
+            values = vals.get(key)
+            if values is None:
+                continue
+            where = f"{path}: domains.{dom}.{key}"
+            if not isinstance(values, list) or len(values) != res.samples[dom]:
+                raise ValueError(f"{where}: expected a list of {res.samples[dom]} values (one "
+                                 f"per sample), got {type(values).__name__} of "
+                                 f"{len(values) if isinstance(values, list) else '?'}")
+            if key == "sample_losses":
+                target[dom] = [None if v is None else _number(v, f"{where}[{i}]")
+                               for i, v in enumerate(values)]
+            else:
+                target[dom] = [int(_number(v, f"{where}[{i}]")) for i, v in enumerate(values)]
+
+
 def load_eval(path: str, name: str) -> EvalResult:
     """Read one eval result JSON (the output of `megatron-ddk eval --output`)."""
     if not os.path.isfile(path):
@@ -98,6 +132,10 @@ def load_eval(path: str, name: str) -> EvalResult:
     if not isinstance(domains, dict) or not domains:
         raise ValueError(f"{path}: expected an object with a non-empty 'domains' mapping "
                          f"(the output of `megatron-ddk eval`)")
+    if "format" in data and data["format"] not in FORMATS:
+        raise ValueError(f"{path}: format {data['format']!r} is not one of {list(FORMATS)} (a "
+                         f"result of another release); re-run megatron-ddk eval on the "
+                         f"checkpoint")
     res = EvalResult(name=name, path=path, domains=[str(d) for d in domains], loss={}, ppl={},
                      tokens={})
     for dom, vals in domains.items():
@@ -110,6 +148,7 @@ def load_eval(path: str, name: str) -> EvalResult:
         res.loss[dom] = loss if loss is not None else math.log(ppl)
         res.tokens[dom] = int(_number(vals.get("tokens", 1), where + ".tokens"))
     _eval_provenance(path, data, res)
+    _per_sample(path, data, res)
     return res
 
 

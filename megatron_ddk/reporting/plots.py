@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -89,22 +89,45 @@ def plot_weights(run: RunRecords, path: str) -> Optional[str]:
     return _save(fig, path)
 
 
+def ratio_error_bars(recs: Sequence[Dict[str, Any]], index: int
+                     ) -> Tuple[List[int], List[float], List[float]]:
+    """(record positions, below, above) of the 95% intervals (ratio_ci95) one domain recorded:
+    the distances from its ratio down to lo and up to hi."""
+    where, below, above = [], [], []
+    for k, rec in enumerate(recs):
+        ci, ratio = rec.get("ratio_ci95"), rec.get("ratio")
+        if ci is None or ratio is None or ci[index] is None or ratio[index] is None:
+            continue
+        where.append(k)
+        below.append(float(ratio[index]) - float(ci[index][0]))
+        above.append(float(ci[index][1]) - float(ratio[index]))
+    return where, below, above
+
+
 def plot_interval_ppl(run: RunRecords, path: str) -> Optional[str]:
-    """Student (solid) and teacher (dashed) validation perplexity per domain, and their ratio,
-    at the start of every interval; None if the run recorded none (static / equal policies)."""
+    """Student (solid) and teacher (dashed) validation perplexity per domain, and their ratio
+    with its 95% interval (error bars, where the record has ratio_ci95), at the start of every
+    interval; None if the run recorded none (static / equal policies)."""
     if not run.has_interval_ppl():
         return None
     steps = [float(r["step"]) for r in run.intervals]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    with_bars = False
     for i, name in enumerate(run.domains):
         c = _colour(i)
         ax1.plot(steps, _values(run.intervals, "ppl_student", i), "o-", color=c, label=name)
         ax1.plot(steps, _values(run.intervals, "ppl_teacher", i), "--", color=c, alpha=0.7)
-        ax2.plot(steps, _values(run.intervals, "ratio", i), "o-", color=c, label=name)
+        ratio = _values(run.intervals, "ratio", i)
+        ax2.plot(steps, ratio, "o-", color=c, label=name)
+        where, below, above = ratio_error_bars(run.intervals, i)
+        if where:
+            with_bars = True
+            ax2.errorbar([steps[k] for k in where], [ratio[k] for k in where],
+                         yerr=[below, above], fmt="none", ecolor=c, capsize=3, alpha=0.8)
     ax1.set_title("validation perplexity (solid: student, dashed: teacher)")
     ax1.set_xlabel("step")
     ax1.set_ylabel("perplexity")
-    ax2.set_title("student / teacher perplexity ratio")
+    ax2.set_title("student / teacher perplexity ratio" + (" (bars: 95% CI)" if with_bars else ""))
     ax2.set_xlabel("step")
     ax2.set_ylabel("ppl_S / ppl_T")
     ax2.legend(fontsize=8, frameon=False)

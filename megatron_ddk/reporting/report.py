@@ -1,5 +1,6 @@
 """The numbers of a distillation report: reading run folders and eval results, the per-domain
-perplexity table, improvement / comparison / weight-direction facts, and the Markdown page.
+perplexity table, improvement / comparison / weight-direction facts, the steering-fidelity
+table (valid vs test ratio before the first step: fidelity.py), and the Markdown page.
 
 Inputs are the files the trainer and `megatron-ddk eval` write (docs/report.md lists them):
 a run folder's metrics.jsonl (step / interval / end records) and run_config.yaml, and eval
@@ -31,6 +32,7 @@ from megatron_ddk.reporting.evals import (  # noqa: F401  (re-exported)
     check_same_samples,
     load_eval,
 )
+from megatron_ddk.reporting.fidelity import fidelity_check, fidelity_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +281,18 @@ def timing_summary(timing: Dict[str, float]) -> Dict[str, Any]:
             "total_name": next((k for k in timing if k.lower().startswith("total")), "total")}
 
 
+def steering_fidelity(evals: Sequence[EvalResult], ddk_run: Optional[RunRecords], ddk: str,
+                      baseline: str = "student_before", teacher: str = "teacher"
+                      ) -> Dict[str, Any]:
+    """The DDK run's valid ratios before the first step against the test ratios of the same
+    checkpoints (evals `baseline` and `teacher`): reporting/fidelity.py."""
+    if ddk_run is None:
+        return {"available": False, "reason": f"no --run named {ddk!r}"}
+    by_name = {e.name: e for e in evals}
+    return fidelity_check(ddk_run.intervals, ddk_run.name, by_name.get(baseline),
+                          by_name.get(teacher), ddk_run.config)
+
+
 def assemble(evals: Sequence[EvalResult], runs: Sequence[RunRecords],
              timing: Optional[Dict[str, float]], title: str, baseline: str = "student_before",
              ddk: str = "DDK", kd: str = "KD") -> Dict[str, Any]:
@@ -299,6 +313,7 @@ def assemble(evals: Sequence[EvalResult], runs: Sequence[RunRecords],
         "ddk_vs_kd": compare(table, col.get(ddk.lower(), ddk), col.get(kd.lower(), kd)),
         "weight_direction": (weight_direction(ddk_run) if ddk_run is not None else
                              {"available": False, "reason": f"no --run named {ddk!r}"}),
+        "fidelity": steering_fidelity(evals, ddk_run, ddk),
         "timing": timing_summary(timing) if timing is not None else None,
         "runs": {r.name: run_summary(r) for r in runs},
         "plots": {},
@@ -425,6 +440,8 @@ def render_markdown(rep: Dict[str, Any]) -> str:
     lines += _md_improvement(rep) + _md_compare(rep) + _md_weights(rep)
     lines += img("ddk_weights", "DDK domain weights per interval")
     lines += img("ddk_interval_ppl", "DDK per-domain perplexity and ratio at each interval")
+    if "fidelity" in rep:
+        lines += fidelity_markdown(rep["fidelity"])
     if plots.get("loss_overlay"):
         lines += ["## Training curves", ""] + img("loss_overlay", "training CE of every run")
     lines += _md_timing(rep)

@@ -1,14 +1,20 @@
-"""Distributed per-domain validation: mean token CE of the student (and the teacher) per domain.
+"""Distributed per-domain validation: mean token CE of the student (and the teacher) per domain,
+and per validation sample.
 
-Every data-parallel rank takes its share of each domain's validation samples; the forward passes
-go through Megatron-Core's schedules (forward only, TP/PP as in training). Sums and token counts
-are reduced over the whole world so every rank gets the same per-domain losses — which is what
-makes the DDK controller choose the same weights on every rank.
+Every data-parallel rank takes its share of each domain's validation samples (sample i of a
+domain goes to DP rank i % dp_size); the forward passes go through Megatron-Core's schedules
+(forward only, TP/PP as in training). Each rank writes its samples' CE sums and token counts into
+a zero-initialised [3, domains, max samples] float64 buffer (student sums, tokens, teacher sums;
+only the last stage's tp_rank 0 contributes), and one all_reduce SUM over the whole world gives
+every rank every sample's values, in manifest sample order — the same per-domain losses on every
+rank, which is what makes the DDK controller choose the same weights on every rank. A domain's
+mean is its samples' sums summed over its tokens. Memory: 24 bytes x domains x max samples.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,22 +35,42 @@ def _rank_entries(valid: Sequence, dp_rank: int, dp_size: int) -> List[Tuple[int
     return [(d, i) for d, ds in enumerate(valid) for i in range(dp_rank, len(ds), dp_size)]
 
 
-def _ce_sums(logits, batch, tp_group, vocab_size, num_domains, chunk_tokens):
-    """Per-domain [CE sum, token count] of one micro-batch, logits [b, s, v/tp]."""
+@dataclass
+class DomainEval:
+    """What evaluate_domains measured; identical on every rank. Losses are mean token CE (nats)."""
+
+    student: np.ndarray
+    """[domains] the student's mean CE per domain (float64)."""
+    teacher: Optional[np.ndarray]
+    """[domains] the teacher's, None unless with_teacher."""
+    tokens: np.ndarray
+    """[domains] evaluated tokens per domain."""
+    student_samples: List[np.ndarray]
+    """Per domain, [samples] the student's mean CE of each validation sample, sample order
+    (NaN for a sample without a scored token)."""
+    teacher_samples: Optional[List[np.ndarray]]
+    """Per domain, the teacher's per-sample mean CE (same samples), None unless with_teacher."""
+    sample_tokens: List[np.ndarray]
+    """Per domain, [samples] scored tokens of each sample (the weights of its mean)."""
+
+
+def _row_ce(logits, batch, tp_group, vocab_size, chunk_tokens):
+    """Per-row [CE sum, token count] of one micro-batch, logits [b, s, v/tp] -> two [b] tensors."""
     ce = vocab_parallel_cross_entropy(logits, batch["labels"], tp_group=tp_group,
                                       vocab_size=vocab_size, chunk_tokens=chunk_tokens)
     mask = batch["loss_mask"] != 0
     ce = torch.where(mask, ce.float(), 0.0)
-    ids = batch["domain_id"]
-    sums = torch.zeros(num_domains).index_add_(0, ids, ce.sum(dim=1).cpu())
-    counts = torch.zeros(num_domains).index_add_(0, ids, mask.float().sum(dim=1).cpu())
-    return sums, counts
+    return ce.sum(dim=1).cpu().double(), mask.float().sum(dim=1).cpu().double()
+
+
+def _split_samples(row: torch.Tensor, sizes: Sequence[int]) -> List[np.ndarray]:
+    return [row[d, :n].numpy().copy() for d, n in enumerate(sizes)]
 
 
 def evaluate_domains(model, ctx: ParallelContext, valid: Sequence, *, micro_batch_size: int,
                      seq_length: int, vocab_size: int, with_teacher: bool,
-                     chunk_tokens: int = KL_CHUNK_TOKENS) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
-    """Per-domain mean validation CE.
+                     chunk_tokens: int = KL_CHUNK_TOKENS) -> DomainEval:
+    """Per-domain and per-sample mean validation CE.
 
     Args:
         model: a DistillationPair stage (its teacher is evaluated too when with_teacher).
@@ -55,10 +81,10 @@ def evaluate_domains(model, ctx: ParallelContext, valid: Sequence, *, micro_batc
         with_teacher: also return the teacher's losses (the pair must hold a teacher).
 
     Returns:
-        (student_losses [N], teacher_losses [N] or None, tokens [N]) as float64 numpy arrays,
-        identical on every rank.
+        A DomainEval (float64 numpy arrays), identical on every rank.
     """
     num_domains = len(valid)
+    sizes = [len(ds) for ds in valid]
     entries = _rank_entries(valid, ctx.dp_rank, ctx.dp_size)
     # every DP rank must run the same number of micro-batches: pad with empty (masked) ones
     per_rank = [len(_rank_entries(valid, r, ctx.dp_size)) for r in range(ctx.dp_size)]
@@ -69,27 +95,27 @@ def evaluate_domains(model, ctx: ParallelContext, valid: Sequence, *, micro_batc
         masked = len(chunk) < micro_batch_size
         chunk = chunk + [entries[0] if entries else (0, 0)] * (micro_batch_size - len(chunk))
         batch = collate(chunk, valid)
-        if masked:
+        if masked:  # padding rows score no token, so they add zeros to the sample they repeat
             real = len(entries[i * micro_batch_size:(i + 1) * micro_batch_size])
             batch["loss_mask"][real:] = 0.0
         batches.append(batch)
-    stats = torch.zeros(4, num_domains, dtype=torch.float64)
+    # [student CE sum, tokens, teacher CE sum] per (domain, sample)
+    stats = torch.zeros(3, num_domains, max(1, max(sizes, default=0)), dtype=torch.float64)
     it = iter(batches)
 
     def forward_step(_data_iterator, module):
         batch = next(it)
         out = module(batch["tokens"].to(ctx.device), batch["position_ids"].to(ctx.device), None)
+        where = (batch["domain_id"], batch["sample_id"])
 
         def loss_func(output):
             student_logits, teacher_logits = output
-            s, c = _ce_sums(student_logits, batch, ctx.tp_group, vocab_size, num_domains,
-                            chunk_tokens)
-            stats[0] += s.double()
-            stats[1] += c.double()
+            s, c = _row_ce(student_logits, batch, ctx.tp_group, vocab_size, chunk_tokens)
+            stats[0].index_put_(where, s, accumulate=True)
+            stats[1].index_put_(where, c, accumulate=True)
             if with_teacher:
-                t, _ = _ce_sums(teacher_logits, batch, ctx.tp_group, vocab_size, num_domains,
-                                chunk_tokens)
-                stats[2] += t.double()
+                t, _ = _row_ce(teacher_logits, batch, ctx.tp_group, vocab_size, chunk_tokens)
+                stats[2].index_put_(where, t, accumulate=True)
             zero = torch.zeros((), device=student_logits.device)
             return zero, {}
 
@@ -106,11 +132,22 @@ def evaluate_domains(model, ctx: ParallelContext, valid: Sequence, *, micro_batc
         stats.zero_()  # only one copy of each DP shard's sums enters the reduction
     if dist.is_initialized():
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    tokens = stats[1].numpy()
+    return _result(stats, sizes, with_teacher)
+
+
+def _result(stats: torch.Tensor, sizes: Sequence[int], with_teacher: bool) -> DomainEval:
+    """DomainEval of the reduced per-sample buffer; ValueError for a domain without tokens."""
+    totals = stats.sum(dim=2)
+    tokens = totals[1].numpy()
     if np.any(tokens == 0):
         empty = [i for i, t in enumerate(tokens) if t == 0]
         raise ValueError(f"validation of domain(s) {empty} produced no tokens; check the "
                          f"manifest's valid_prefix datasets")
-    student = (stats[0] / stats[1]).numpy()
-    teacher = (stats[2] / stats[1]).numpy() if with_teacher else None
-    return student, teacher, tokens
+    per_sample = stats[[0, 2]] / stats[1]  # a sample without a scored token: 0 / 0 = NaN
+    return DomainEval(
+        student=(totals[0] / totals[1]).numpy(),
+        teacher=(totals[2] / totals[1]).numpy() if with_teacher else None,
+        tokens=tokens,
+        student_samples=_split_samples(per_sample[0], sizes),
+        teacher_samples=_split_samples(per_sample[1], sizes) if with_teacher else None,
+        sample_tokens=_split_samples(stats[1], sizes))

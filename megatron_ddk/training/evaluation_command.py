@@ -11,7 +11,9 @@ ddk.valid_samples_per_domain for valid; `--samples N` overrides it.
 
 The result records what makes evaluations comparable (make_report refuses to compare two that
 differ): split, seq_length, per-domain sample and token counts, and fingerprints (sha256 of the
-exact token windows per domain, and one over all domains).
+exact token windows per domain, and one over all domains). Per domain it also holds
+`sample_losses` (each sample's mean token CE, sample order; null for a sample without a scored
+token) and `sample_tokens`, so a report can pair two checkpoints' samples (docs/report.md).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ logger = logging.getLogger(__name__)
 SPLITS = ("valid", "test")
 """What `megatron-ddk eval --split` accepts."""
 
-RESULT_FORMAT = 2
-"""Version of the result JSON (2: split, seq_length, samples and fingerprints recorded)."""
+RESULT_FORMAT = 3
+"""Version of the result JSON (2: split, seq_length, samples and fingerprints recorded; 3: also
+every sample's mean CE and scored tokens, in sample order, for the report's fidelity check)."""
 
 
 def eval_model(cfg: RunConfig, meta: Dict[str, Any], folder: str) -> ModelConfig:
@@ -77,7 +80,8 @@ def samples_fingerprint(split: str, seq_length: int, per_domain: Dict[str, str])
 def evaluate_checkpoint(cfg: RunConfig, ctx: ParallelContext, load: str, split: str = "test",
                         num_samples: Optional[int] = None) -> dict:
     """{"checkpoint", "iteration", "split", "seq_length", "fingerprint", "manifest", "model",
-    "domains": {name: {"loss", "ppl", "tokens", "samples", "fingerprint"}}}."""
+    "domains": {name: {"loss", "ppl", "tokens", "samples", "fingerprint", "sample_losses",
+    "sample_tokens"}}}."""
     if split not in SPLITS:
         raise ValueError(f"--split {split!r}: expected one of {list(SPLITS)}")
     if num_samples is not None and num_samples < 1:
@@ -102,15 +106,19 @@ def evaluate_checkpoint(cfg: RunConfig, ctx: ParallelContext, load: str, split: 
     load_model(folder, model)
     if bf16:  # as Float16Module does in training: torch's norms are built fp32, cast them too
         model.bfloat16()
-    losses, _, tokens = evaluate_domains(
+    res = evaluate_domains(
         DistillationPair(model, None), ctx, samples, micro_batch_size=cfg.train.micro_batch_size,
         seq_length=cfg.data.seq_length, vocab_size=manifest.vocab_size, with_teacher=False,
         chunk_tokens=cfg.distill.kl_chunk_tokens)
     prints = {name: s.fingerprint() for name, s in zip(manifest.names(), samples)} \
         if ctx.rank == 0 else {}
     domains = {name: {"loss": float(loss), "ppl": float(math.exp(loss)), "tokens": int(t),
-                      "samples": len(s), "fingerprint": prints.get(name)}
-               for name, loss, t, s in zip(manifest.names(), losses, tokens, samples)}
+                      "samples": len(s), "fingerprint": prints.get(name),
+                      "sample_losses": [float(x) if math.isfinite(x) else None for x in per],
+                      "sample_tokens": [int(x) for x in ntok]}
+               for name, loss, t, s, per, ntok in zip(manifest.names(), res.student, res.tokens,
+                                                      samples, res.student_samples,
+                                                      res.sample_tokens)}
     return {"format": RESULT_FORMAT, "checkpoint": folder, "iteration": iteration,
             "split": split, "seq_length": int(cfg.data.seq_length),
             "samples_requested": num_samples, "manifest": manifest.path,

@@ -229,10 +229,10 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
                     "%.0f tokens/s, eta %.0f s", name, j, step + 1, len(mine), rate, left / rate)
     if dist.is_initialized():
         dist.barrier()
-    valid, _, _ = evaluate_domains(
+    valid = evaluate_domains(
         DistillationPair(teacher, None), ctx, data.datasets.valid, micro_batch_size=mbs,
         seq_length=cfg.data.seq_length, vocab_size=data.vocab_size, with_teacher=False,
-        chunk_tokens=cfg.distill.kl_chunk_tokens)
+        chunk_tokens=cfg.distill.kl_chunk_tokens).student
     if ctx.rank == 0:
         writer.finish(dict(zip(names, (float(x) for x in valid))))
     if dist.is_initialized():

@@ -136,17 +136,24 @@ class Trainer:
 
         Validation signal: one forward pass over the validation sets (the teacher's once),
         timed as ddk_eval. Training signal: the per-domain CE sums the loss reported over the
-        interval that just ended (no forward pass; ddk_eval stays 0)."""
+        interval that just ended (no forward pass; ddk_eval stays 0). The validation
+        evaluation's per-sample losses go to the controller too (ratio_log_se / ratio_ci95 of
+        the interval record; an offline store holds no per-sample teacher losses)."""
         student_losses = teacher_losses = signal_tokens = None
+        per_sample: Dict[str, Any] = {}
         self.timer.total["ddk_eval"] += 0.0  # present in the split even when nothing runs
         if self.controller.needs_validation():
             self.timer.start("ddk_eval")
             with_teacher = self.controller.teacher_losses is None and self.store is None
             model = self.pair if with_teacher else self.eval_student
-            student_losses, teacher_losses, _ = evaluate_domains(
+            res = evaluate_domains(
                 model, self.ctx, self.data.datasets.valid, micro_batch_size=self.mbs,
                 seq_length=self.cfg.data.seq_length, vocab_size=self.data.vocab_size,
                 with_teacher=with_teacher, chunk_tokens=self.cfg.distill.kl_chunk_tokens)
+            student_losses, teacher_losses = res.student, res.teacher
+            per_sample = dict(student_sample_losses=res.student_samples,
+                              teacher_sample_losses=res.teacher_samples,
+                              sample_tokens=res.sample_tokens)
             if self.store is not None and self.controller.teacher_losses is None:
                 teacher_losses = self.store.valid_losses()  # measured by the store's producer
             self.timer.stop("ddk_eval")
@@ -159,7 +166,8 @@ class Trainer:
         consumed = self.mixture.samples_consumed
         weights = self.controller.next_weights(
             self.step, student_losses, teacher_losses, samples_consumed=consumed,
-            tokens_consumed=consumed * self.cfg.data.seq_length, signal_tokens=signal_tokens)
+            tokens_consumed=consumed * self.cfg.data.seq_length, signal_tokens=signal_tokens,
+            **per_sample)
         self._check_same_on_all_ranks(weights)
         steps = min(self.cfg.ddk.interval, self.iters - self.step)
         self.mixture.start_interval(weights, num_steps=steps)

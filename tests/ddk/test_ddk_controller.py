@@ -229,3 +229,89 @@ def test_config_checks_name_the_new_fields():
     assert "ddk.signal='validation'" in errors("ddk.signal=training",
                                                "distill.teacher_logits=/store")
     assert errors("ddk.signal=training") == ""
+
+
+def _per_sample(rng, sizes=(5, 3, 8, 2)):
+    teacher = [rng.uniform(1.5, 3.0, n) for n in sizes]
+    student = [t + rng.uniform(0.0, 1.5, t.size) for t in teacher]
+    return student, teacher
+
+
+def _means(per):
+    return [float(np.mean(x)) for x in per]
+
+
+def test_ratio_standard_error_and_interval_in_every_record():
+    """ratio_log_se = sd(d, ddof=1) / sqrt(n) of d = CE_S - CE_T per sample (written out here),
+    ratio_ci95 = exp(log ratio -+ t(0.975, n - 1) se) with table t values; the teacher's
+    per-sample losses are cached with its losses."""
+    rng = np.random.default_rng(11)
+    t975 = {4: 2.776, 2: 4.303, 7: 2.365, 1: 12.706}
+    ctl = DDKController(DDKConfig(), NAMES, NATURAL)
+    s0, t0 = _per_sample(rng)
+    ctl.next_weights(0, _means(s0), _means(t0), student_sample_losses=s0,
+                     teacher_sample_losses=t0)
+    s1 = [t + rng.uniform(0.0, 1.0, t.size) for t in t0]
+    ctl.next_weights(5, _means(s1), student_sample_losses=s1)  # teacher's per-sample cached
+    for rec, student in zip(ctl.history, (s0, s1)):
+        for i, (s, t) in enumerate(zip(student, t0)):
+            d = [a - b for a, b in zip(s, t)]
+            n = len(d)
+            mean = sum(d) / n
+            se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
+            assert rec["ratio_log_se"][i] == pytest.approx(se, rel=1e-12)
+            lo, hi = rec["ratio_ci95"][i]
+            assert lo == pytest.approx(math.exp(mean - t975[n - 1] * se), rel=1e-12)
+            assert hi == pytest.approx(math.exp(mean + t975[n - 1] * se), rel=1e-12)
+            assert lo < rec["ratio"][i] < hi
+    json.dumps(ctl.history, allow_nan=False)
+
+
+def test_ratio_standard_error_is_none_without_per_sample_losses():
+    rng = np.random.default_rng(12)
+    ls, lt = _losses(rng)
+    ctl = DDKController(DDKConfig(), NAMES, NATURAL)  # e.g. an offline teacher store
+    s0, _ = _per_sample(rng)
+    ctl.next_weights(0, ls, lt, student_sample_losses=s0)
+    assert ctl.history[0]["ratio_log_se"] is None and ctl.history[0]["ratio_ci95"] is None
+    train = DDKController(DDKConfig(signal="training"), NAMES, NATURAL)
+    train.next_weights(0)
+    train.next_weights(3, ls, lt)
+    assert all(r["ratio_log_se"] is None and r["ratio_ci95"] is None for r in train.history)
+    other = DDKController(DDKConfig(), NAMES, NATURAL)
+    s, t = _per_sample(rng)
+    other.next_weights(0, _means(s), _means(t), student_sample_losses=s,
+                       teacher_sample_losses=t)
+    with pytest.raises(ValueError, match="validation set changed"):
+        other.next_weights(1, _means(s), student_sample_losses=[x[:1] for x in s])
+
+
+@pytest.mark.parametrize("with_samples", [True, False])
+def test_state_dict_keeps_the_teachers_per_sample_losses(with_samples):
+    """A resumed run keeps producing SEs; a version-2 state (no per-sample losses) still loads
+    and then records None."""
+    rng = np.random.default_rng(13)
+    s0, t0 = _per_sample(rng)
+    a = DDKController(DDKConfig(), NAMES, NATURAL)
+    a.next_weights(0, _means(s0), _means(t0), student_sample_losses=s0,
+                   teacher_sample_losses=t0 if with_samples else None)
+    state = json.loads(json.dumps(a.state_dict(), allow_nan=False))
+    assert state["version"] == 3
+    assert (state["teacher_sample_losses"] is not None) == with_samples
+    b = DDKController(DDKConfig(), NAMES, NATURAL)
+    b.load_state_dict(state)
+    assert b.state_dict() == a.state_dict()
+    s1 = [t + 0.5 + rng.uniform(0.0, 0.1, t.size) for t in t0]
+    for ctl in (a, b):
+        ctl.next_weights(5, _means(s1), student_sample_losses=s1)
+    assert a.history[-1] == b.history[-1]
+    assert (b.history[-1]["ratio_log_se"] is not None) == with_samples
+    old = dict(state, version=2)
+    del old["teacher_sample_losses"]
+    c = DDKController(DDKConfig(), NAMES, NATURAL)
+    c.load_state_dict(old)
+    c.next_weights(5, _means(s1), student_sample_losses=s1)
+    assert c.history[-1]["ratio_log_se"] is None
+    assert c.history[-1]["weights"] == a.history[-1]["weights"]
+    with pytest.raises(ValueError, match="version 1"):
+        DDKController(DDKConfig(), NAMES, NATURAL).load_state_dict(dict(state, version=1))

@@ -175,3 +175,56 @@ def test_repetition_cap_zeroes_exhausted_domains_and_renormalises():
     np.testing.assert_allclose(out, [0.25, 0.75 * 0.6, 0.75 * 0.4])
     with pytest.raises(ValueError, match="max_epochs_per_domain"):
         bound_weights(w, 0.0, [0.1, 0.1, 0.1])
+
+
+# ------------------------------------------------------------------ paired log-ratio and its SE
+def test_paired_log_ratio_against_numpy_by_hand():
+    """64 paired samples: mean of d = CE_S - CE_T, sd(ddof=1) / sqrt(64), t(0.975, 63) = 1.998."""
+    from megatron_ddk.ddk.math import paired_log_ratio, ratio_interval
+
+    rng = np.random.default_rng(7)
+    teacher = rng.uniform(2.0, 4.0, 64)
+    student = teacher + 0.5 + rng.normal(0.0, 0.3, 64)
+    d = student - teacher
+    mean = d.sum() / 64
+    sd = math.sqrt(((d - mean) ** 2).sum() / 63)
+    se = sd / math.sqrt(64)
+    est = paired_log_ratio(student, teacher)
+    assert est.num_samples == 64
+    assert est.log_ratio == pytest.approx(mean, rel=1e-12)
+    assert est.se == pytest.approx(se, rel=1e-12)
+    lo, hi = ratio_interval(est)
+    # t(0.975, 63) = 1.998 (table); t_critical is accurate to 1e-3 there
+    assert lo == pytest.approx(math.exp(mean - 1.998 * se), rel=1e-3 * se)
+    assert hi == pytest.approx(math.exp(mean + 1.998 * se), rel=1e-3 * se)
+    assert lo < math.exp(mean) < hi
+
+
+def test_paired_log_ratio_weights_by_tokens_and_drops_empty_samples():
+    from megatron_ddk.ddk.math import paired_log_ratio
+
+    s, t = [3.0, 2.0, 4.0, 9.0], [1.0, 1.5, 2.0, float("nan")]
+    tokens = [10, 30, 60, 5]  # the last sample has no teacher loss: dropped
+    est = paired_log_ratio(s, t, tokens)
+    d, w = [2.0, 0.5, 2.0], [0.1, 0.3, 0.6]
+    mean = sum(wi * di for wi, di in zip(w, d))  # = loss_S - loss_T of the three samples
+    assert est.log_ratio == pytest.approx((30 + 60 + 240) / 100 - (10 + 45 + 120) / 100)
+    assert est.log_ratio == pytest.approx(mean)
+    var = 3 / 2 * sum(wi ** 2 * (di - mean) ** 2 for wi, di in zip(w, d))
+    assert est.se == pytest.approx(math.sqrt(var)) and est.num_samples == 3
+    # equal tokens: the plain sd / sqrt(n)
+    eq = paired_log_ratio(s[:3], t[:3], [7, 7, 7])
+    assert eq.se == pytest.approx(np.std(d, ddof=1) / math.sqrt(3))
+    assert paired_log_ratio([1.0], [0.5]).se is None
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_log_ratio([1.0, 2.0], [1.0])
+
+
+def test_t_critical_table_and_expansion():
+    from megatron_ddk.ddk.math import t_critical
+
+    for df, want in ((1, 12.706), (10, 2.228), (30, 2.042), (40, 2.021), (63, 1.998),
+                     (120, 1.980), (499, 1.965)):
+        assert t_critical(df) == pytest.approx(want, abs=1.5e-3)
+    with pytest.raises(ValueError):
+        t_critical(0)

@@ -161,6 +161,11 @@ def test_validation_signal_rederived_from_metrics(runs, tiny):
         _close(rec["r"], r)
         _close(rec["weights"], r)                # no floor / cap configured
     assert recs[1]["weights"] != recs[0]["weights"]
+    for rec in recs:  # 8 validation samples a domain: the 95% interval uses t(0.975, 7)
+        for ratio, se, (lo, hi) in zip(rec["ratio"], rec["ratio_log_se"], rec["ratio_ci95"]):
+            assert 0 < se < 1 and lo < ratio < hi
+            _close([lo, hi], [ratio * math.exp(-2.365 * se), ratio * math.exp(2.365 * se)],
+                   tol=1e-6)
 
 
 def _carry(rec, previous):
@@ -181,6 +186,8 @@ def test_training_signal_rederived_from_metrics(runs, tiny):
     steps = _records(runs["training"]["run_dir"], "step")
     first = recs[0]
     assert (first["signal"], first["r0_source"], first["ratio"]) == ("training", "uniform", None)
+    # ratios from training batches have no paired per-sample losses: no standard error
+    assert all(r["ratio_log_se"] is None and r["ratio_ci95"] is None for r in recs)
     n = len(first["weights"])
     r = [1.0 / n] * n                            # nothing measured before step 1
     _close(first["r0"], r)

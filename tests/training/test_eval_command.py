@@ -1,8 +1,9 @@
 """`megatron-ddk eval`: the held-out split (test by default), the sample count and the samples'
 fingerprints it records, --samples, the model taken from the checkpoint when the config's model
 differs (the teacher evaluated through the student's config, against a dense float64 CE of the
-same checkpoint built from its explicit config), and the refusal of a manifest without a test
-split."""
+same checkpoint built from its explicit config), every sample's mean CE (format 3) against the
+same dense reference per sample and at DP = 2 against DP = 1, and the refusal of a manifest
+without a test split."""
 
 from __future__ import annotations
 
@@ -52,15 +53,17 @@ def _v1_manifest(tiny, root):
 
 
 def _dense_ce(model, samples, vocab_size):
-    """Per-domain mean CE over every sample, float64 over the full vocabulary (reference)."""
+    """Per-domain mean CE over every sample, and every sample's own mean CE (per domain, sample
+    order): one sample at a time, float64 over the full vocabulary (reference)."""
     import torch
 
     from megatron_ddk.data.mixture import collate
 
-    out = []
+    out, per_sample = [], []
     with torch.no_grad():
         for d, ds in enumerate(samples):
             total = count = 0.0
+            per_sample.append([])
             for i in range(len(ds)):
                 batch = collate([(d, i)], samples)
                 logits = model(batch["tokens"], batch["position_ids"], None)
@@ -68,8 +71,9 @@ def _dense_ce(model, samples, vocab_size):
                 ce = -logp.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
                 total += float(ce.sum())
                 count += ce.numel()
+                per_sample[-1].append(float(ce.sum()) / ce.numel())
             out.append(total / count)
-    return out
+    return out, per_sample
 
 
 def _evaluations(rank, world, tiny, root):
@@ -106,7 +110,7 @@ def _evaluations(rank, world, tiny, root):
                                 bf16=False)
         load_model(folder, model)
         model.eval()
-        out["dense"] = _dense_ce(model, samples, manifest.vocab_size)
+        out["dense"], out["dense_samples"] = _dense_ce(model, samples, manifest.vocab_size)
         old = static_checks(load_config(_student_config(tiny, root),
                                         [f"data.manifest={_v1_manifest(tiny, root)}"]), 1)
         try:
@@ -120,10 +124,30 @@ def _evaluations(rank, world, tiny, root):
     return out
 
 
+def _evaluation_dp2(rank, world, tiny, root):
+    from megatron_ddk.config import load_config, static_checks
+    from megatron_ddk.parallel import destroy, initialize
+    from megatron_ddk.training.evaluation_command import evaluate_checkpoint
+
+    ctx = initialize(1, 1, seed=1234)
+    try:
+        assert ctx.dp_size == 2
+        student = static_checks(load_config(_student_config(tiny, root)), world)
+        return evaluate_checkpoint(student, ctx, tiny["teacher"])
+    finally:
+        destroy()
+
+
 @pytest.fixture(scope="module")
 def evals(tiny, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("eval"))
     return run_distributed(_evaluations, 1, tiny, root, timeout=600)[0]
+
+
+@pytest.fixture(scope="module")
+def evals_dp2(tiny, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("eval_dp2"))
+    return run_distributed(_evaluation_dp2, 2, tiny, root, timeout=600)
 
 
 def test_teacher_through_the_student_config_matches_a_dense_reference(evals):
@@ -145,7 +169,7 @@ def test_records_split_counts_and_fingerprints(evals, tiny):
     manifest = load_manifest(tiny["manifest"])
     test, valid, three = evals["from_ckpt"], evals["valid"], evals["three"]
     assert (test["split"], valid["split"], test["seq_length"]) == ("test", "valid", SEQ)
-    assert test["format"] == 2 and test["fingerprint"].startswith("sha256:")
+    assert test["format"] == 3 and test["fingerprint"].startswith("sha256:")
     for d in manifest.domains:
         every = (d.num_test_tokens - 1) // SEQ  # all test samples by default
         assert test["domains"][d.name]["samples"] == every
@@ -157,6 +181,32 @@ def test_records_split_counts_and_fingerprints(evals, tiny):
         assert len(prints) == 3
     assert len({test["fingerprint"], valid["fingerprint"], three["fingerprint"]}) == 3
     assert test["samples_requested"] is None and valid["samples_requested"] == 8
+
+
+def test_per_sample_losses_match_a_dense_reference_and_dp2(evals, evals_dp2):
+    """sample_losses[i] = sample i's mean CE, manifest sample order. Against the float64 dense
+    reference: 1e-5, as for the domain means (float32 logits and CE). DP = 2 evaluates every
+    sample in a micro-batch of the same [b, s] shape, only with other companions, so the rows
+    can differ by float32 reassociation at most (~1e-7 x CE ~ 5 nats): 2e-6."""
+    one = evals["from_ckpt"]
+    assert one["format"] == 3
+    rank0, rank1 = evals_dp2
+    assert rank0["domains"].keys() == one["domains"].keys()
+    for i, name in enumerate(one["domains"]):
+        dom = one["domains"][name]
+        dense = evals["dense_samples"][i]
+        assert len(dom["sample_losses"]) == dom["samples"] == len(dense) > 2
+        assert dom["sample_losses"] == pytest.approx(dense, abs=1e-5)
+        assert dom["sample_tokens"] == [SEQ] * dom["samples"]
+        # the domain mean is the token-weighted mean of its samples
+        assert dom["loss"] == pytest.approx(sum(dom["sample_losses"]) / dom["samples"],
+                                            abs=1e-12)
+        for rank in (rank0, rank1):  # every rank holds every sample (one all_reduce)
+            two = rank["domains"][name]
+            assert two["sample_losses"] == pytest.approx(dom["sample_losses"], abs=2e-6)
+            assert two["sample_tokens"] == dom["sample_tokens"]
+            assert two["loss"] == pytest.approx(dom["loss"], abs=2e-6)
+    assert rank0["fingerprint"] == one["fingerprint"]
 
 
 def test_manifest_without_test_split(evals):

@@ -18,7 +18,8 @@ from megatron_ddk.testing import tiny_run
 
 EXACT = ("loss", "lm_loss", "kd_loss", "lr", "grad_norm", "consumed_samples", "weights", "step")
 INTERVAL_EXACT = ("interval", "step", "weights", "r", "loss_student", "loss_teacher",
-                  "samples_consumed", "tokens_consumed", "epochs", "train_lm_loss", "wraps")
+                  "ratio_log_se", "ratio_ci95", "samples_consumed", "tokens_consumed", "epochs",
+                  "train_lm_loss", "wraps")
 
 
 def records(run_dir, kind):
@@ -88,6 +89,8 @@ def test_sigkill_then_resume_is_exact(tiny, tmp_path, reference):
     assert killed_at in (3, 6, 9), "a SIGKILL leaves the last complete checkpoint as latest"
     tiny_run.train(path, overrides=["--load", ckpt])
     assert_same_records(reference, str(tmp_path))
+    # the teacher's per-sample losses resume with the controller: every interval keeps its SE
+    assert all(r["ratio_log_se"] for r in records(str(tmp_path), "interval"))
 
 
 def test_sigterm_saves_and_exits_zero(tiny, tmp_path):

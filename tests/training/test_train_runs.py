@@ -76,6 +76,11 @@ def test_ddk_at_dp2_reweights_at_interval_boundaries(ddk_dp2):
         assert w[t] == pytest.approx(r, rel=1e-9)
     # consumption per domain adds up to the samples trained on
     assert sum(intervals[2]["samples_consumed"]) == 8 * 8
+    # the per-sample validation losses gathered over both DP ranks give every ratio its SE
+    for rec in intervals:
+        assert len(rec["ratio_log_se"]) == len(rec["ratio"]) == 5
+        for ratio, se, (lo, hi) in zip(rec["ratio"], rec["ratio_log_se"], rec["ratio_ci95"]):
+            assert 0 < se < 1 and lo < ratio < hi
 
 
 def test_eval_same_at_tp1_and_tp2(ddk_dp2, tmp_path):
