@@ -18,21 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-# Two-sided 95% critical values t(0.975, df) for df = 1..30 (standard tables); df > 30 uses the
-# Cornish-Fisher expansion around the normal quantile, accurate to < 1e-3 there.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def t_critical(df: int) -> float:
-    """t(0.975, df), the multiplier of a two-sided 95% interval."""
-    if df < 1:
-        raise ValueError(f"t interval needs df >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+from megatron_ddk.ddk.math import t_critical
 
 
 def mean_interval(values: Sequence[float]) -> Dict[str, Any]:
