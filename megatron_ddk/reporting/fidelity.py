@@ -31,8 +31,9 @@ AGREE_WITHIN = 0.10
 Z_95 = 1.959964
 """Two-sided 95% normal quantile: |z| above it is a difference beyond sampling noise."""
 
-ENLARGE = ("enlarge the held-out sets (build_domains --valid-samples, --min-heldout-documents, "
-           "--max-document-chars)")
+ENLARGE = ("enlarge the held-out sets or spread them over more documents (build_domains "
+           "--valid-samples / --test-samples, a lower --max-piece-bytes, a higher "
+           "--min-heldout-documents)")
 
 
 def average_ranks(values: Sequence[float]) -> List[float]:
@@ -88,7 +89,7 @@ def domain_fidelity(name: str, valid_ratio: float, valid_se: Optional[float],
     beyond = None if z is None else abs(z) > Z_95
     said = f"{name}: valid says {valid_ratio:.3g}, test says {test_ratio:.3g} ({rel:+.0%})"
     if within:
-        status = "agree"
+        status = "agree, beyond noise" if beyond else "agree"
         verdict = f"{name}: valid and test agree within 10% ({rel:+.1%})" + (
             "; the difference is beyond sampling noise, but small" if beyond else "")
     elif beyond:
@@ -165,7 +166,10 @@ def fidelity_check(intervals: Sequence[Dict[str, Any]], run_name: str,
     flagged = [n for n in names if not per[n]["within_10pct"]]
     if not flagged:
         summary = f"valid and test agree within 10% on every domain ({len(names)} domains)"
-        verdict = summary
+        small = [n for n in names if per[n]["beyond_noise"]]
+        verdict = summary + ("" if not small else
+                             f"; {', '.join(small)} differ beyond sampling noise, by less "
+                             "than 10%")
     else:
         noise = [n for n in flagged if per[n]["beyond_noise"]]
         summary = (f"{len(flagged)} of {len(names)} domains differ by more than 10% "
