@@ -33,7 +33,9 @@ def _pipeline(corpus, out, *extra, check=True, **kw):
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    corpus = build_corpus(str(root / "corpus"), max_bytes=60_000, max_doc_bytes=6_000)
+    # mcore_source: two documents of >= 100 KB, cut into pieces for the held-out draw
+    corpus = build_corpus(str(root / "corpus"), max_bytes=60_000, max_doc_bytes=6_000,
+                          long_domains={"mcore_source": 100_000})
     out = root / "out"
     t0 = time.time()
     proc = _pipeline(corpus, out)
@@ -66,8 +68,19 @@ def test_report_on_test_split_and_run_folders(done):
     assert sorted(fidelity["per_domain"]) == sorted(report["table"]["domains"])
     for row in fidelity["per_domain"].values():
         assert row["valid_log_se"] is not None and row["test_samples"] == 4
-        assert row["status"] in ("agree", "differ beyond noise", "differ within noise")
-    assert "## Steering fidelity" in (out / "report.md").read_text()
+        assert row["status"] in ("agree", "agree, beyond noise", "differ beyond noise",
+                                 "differ within noise")
+    text = (out / "report.md").read_text()
+    assert "## Steering fidelity" in text
+    for name in fidelity["flagged"]:  # the report says which domains differ, and why
+        assert fidelity["per_domain"][name]["verdict"] in text
+    # the long documents were cut: held-out pieces from both sources, above the smoke floor
+    from megatron_ddk.data.manifest import load_manifest
+
+    m = load_manifest(str(out / "data" / "datasets" / "manifest.yaml"))
+    long = next(d for d in m.domains if d.name == "mcore_source")
+    assert long.num_valid_sources == 2 and long.num_valid_documents >= 4
+    assert long.num_test_sources == 2 and long.num_test_documents >= 4
 
 
 def test_hf_export_loads_and_generates(done):
