@@ -44,7 +44,6 @@ data.megatron_tokenizers, data.pieces, data.sentence_split.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import multiprocessing
@@ -65,7 +64,7 @@ from megatron_ddk.atomic import remove_stale_tmp
 from megatron_ddk.data.corpus import MalformedLineError, check_input_files, input_format
 from megatron_ddk.data.indexed_writer import IndexedWriter, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
-from megatron_ddk.data.pieces import split_document
+from megatron_ddk.data.pieces import document_splitter
 
 BATCH_BYTES = 1 << 19
 """Text per batch (whole lines; a longer line is a batch of its own)."""
@@ -186,26 +185,13 @@ def _batches(paths: Sequence[str], partitions: int, sequential: bool) -> Iterato
                 yield path, first, passes, raws
 
 
-def _splitter(job: EncodeJob):
-    """text -> sequences of one document: punkt sentences, pieces, or None (one sequence)."""
-    if job.split_sentences and job.max_piece_bytes > 0:
-        raise ValueError("sentence splitting and cutting documents into pieces "
-                         "(max_piece_bytes) exclude each other; use one")
-    if job.split_sentences:
-        from megatron_ddk.data.sentence_split import make_splitter
-
-        return make_splitter(job.lang, job.keep_newlines)
-    if job.max_piece_bytes > 0:
-        return functools.partial(split_document, max_bytes=job.max_piece_bytes)
-    return None
-
-
 def _init_state(job: EncodeJob, threads: int = 1) -> None:
     encoder = build_encoder(job.tokenizer, num_threads=threads)
     _STATE.update(
         encoder=encoder, keys=tuple(job.prefixes), append_eod=job.append_eod,
         keep_empty=job.keep_empty, dtype=token_dtype(encoder.vocab_size),
-        splitter=_splitter(job))
+        splitter=document_splitter(job.max_piece_bytes, job.split_sentences, job.lang,
+                                   job.keep_newlines))
 
 
 def _worker_init(job: EncodeJob) -> None:

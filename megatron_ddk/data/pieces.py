@@ -11,13 +11,15 @@ split_document is lossless: "".join(split_document(text, n)) == text, every piec
 UTF-8 bytes, and a piece ends at a paragraph break (a blank line) when one lies in its second
 half, else at a line end; only a line longer than n is cut inside, at whitespace when it can be.
 
-Pure Python; imports nothing from megatron_ddk.
+Pure Python; imports data.sentence_split lazily (document_splitter), nothing else from
+megatron_ddk.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 _WORDS = re.compile(r"\S*\s*|\S+")
 
@@ -91,3 +93,21 @@ def _paragraph_cut(units: List[str], sizes: List[int], max_bytes: int) -> int:
         if i + 1 < len(units) and not unit.strip() and total >= max_bytes // 2:
             best = i + 1
     return best
+
+
+def document_splitter(max_piece_bytes: int = 0, split_sentences: bool = False,
+                      lang: str = "english",
+                      keep_newlines: bool = False) -> Optional[Callable[[str], List[str]]]:
+    """text -> the sequences of one document for the preprocessing engine: punkt sentences
+    (Megatron-LM --split-sentences), pieces of at most max_piece_bytes, or None (one sequence).
+    ValueError when both are asked for."""
+    if split_sentences and max_piece_bytes > 0:
+        raise ValueError("sentence splitting and cutting documents into pieces "
+                         "(max_piece_bytes) exclude each other; use one")
+    if split_sentences:
+        from megatron_ddk.data.sentence_split import make_splitter
+
+        return make_splitter(lang, keep_newlines)
+    if max_piece_bytes > 0:
+        return functools.partial(split_document, max_bytes=max_piece_bytes)
+    return None
