@@ -45,7 +45,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ddk", "megatron_ddk.*"]),
-    package_data={"megatron_ddk.evaluation": ["tasks/*.yaml", "tasks/*.py"]},
+    package_data={"megatron_ddk.evaluation": ["tasks/*.yaml", "tasks/*.py"],
+                  # `megatron-ddk init` templates and presets; examples/ in a checkout links here
+                  "megatron_ddk": ["examples/*/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["megatron-ddk=megatron_ddk.cli:main"]},

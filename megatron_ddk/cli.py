@@ -1,6 +1,11 @@
-"""The `megatron-ddk` command: train, eval, lm-eval, pipeline and check-config subcommands.
+"""The `megatron-ddk` command: train, eval, lm-eval, pipeline, check-config and the tools.
 
-Each subcommand's parser names its entry function ("module:function"); main() parses the flags,
+The tools (build-domains, preprocess, convert-hf, report, init, ...: TOOLS below) live in
+megatron_ddk/commands/, one module each with its own parser and `main(argv) -> int`; main() hands
+them the rest of the command line. tools/*.py in a checkout are thin wrappers of the same modules.
+Exit codes are console.py's (0 ok, 1 failed stage, 2 user error, 3 non-finite loss).
+
+Each of the other subcommands' parser names its entry function ("module:function"); main() parses the flags,
 imports that one module, calls the function with the flags as keyword arguments (a flag's dest is
 the parameter's name) and maps failures to exit codes in one place (console.run_command: 2 user
 error, 3 non-finite loss, 1 failed pipeline stage). Nothing here knows how training works.
@@ -15,9 +20,28 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megatron_ddk.console import run_command
+
+TOOLS: Dict[str, Tuple[str, str]] = {
+    "init": ("init", "write a commented starting config (templates and presets)"),
+    "build-domains": ("build_domains", "corpus -> train/valid/test datasets + manifest.yaml"),
+    "preprocess": ("preprocess_data", "Megatron-LM's preprocess_data.py flags: JSONL -> .bin/.idx"),
+    "train-tokenizer": ("train_tokenizer", "train a SentencePiece tokenizer on a corpus"),
+    "demo-corpus": ("build_demo_corpus", "build the embedded demo corpus from text on this machine"),
+    "convert-hf": ("convert_hf_checkpoint", "Hugging Face LLaMA/Qwen folder -> Megatron checkpoint"),
+    "export-hf": ("export_hf", "Megatron checkpoint -> Hugging Face folder"),
+    "cache-teacher": ("cache_teacher_logits", "write the offline teacher store of a run config"),
+    "simulate-mixture": ("simulate_mixture", "replay DDK's mixture over a run's intervals"),
+    "plan-memory": ("plan_memory", "memory per GPU of a TP x PP x DP layout"),
+    "plan-teacher-store": ("plan_teacher_store", "disk space of an offline teacher store"),
+    "report": ("make_report", "report.md and plots from evaluations and run folders"),
+    "plot": ("plot_run", "plots of one or more run folders"),
+    "lm-eval-tasks": ("build_lm_eval_tasks", "lm-eval task folder from a manifest's test split"),
+    "quickstart": ("quickstart", "the quickstart pipeline on the embedded demo corpus"),
+}
+"""Tool subcommands: name -> (module in megatron_ddk.commands, one-line help)."""
 
 
 def _subcommand(sub, name: str, entry: str, help: str, config: Optional[str] = "run YAML",
@@ -63,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default=None, help="build the local tasks (ddk_ppl, ddk_mc) "
                    "from this manifest's test split")
     p.add_argument("--include-path", action="append", default=[],
-                   help="extra lm-eval task folder (tools/build_lm_eval_tasks.py); repeatable")
+                   help="extra lm-eval task folder (`megatron-ddk lm-eval-tasks`); repeatable")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="let code tasks (humaneval, mbpp) run generated code")
@@ -83,7 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="store_true", help="also run this host's checks")
     p.add_argument("--deep", action="store_true", help="also check the manifest and the "
                    "checkpoints the config names (vocabulary, tokenizer, shapes, save folder)")
+    for name, (_module, text) in TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)  # listed here, parsed by the tool
     return parser
+
+
+def run_tool(name: str, argv: List[str]) -> int:
+    """Run tool `name` with its own flags; its parser names itself `megatron-ddk NAME`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    module = importlib.import_module(f"megatron_ddk.commands.{TOOLS[name][0]}")
+    prog, sys.argv[0] = sys.argv[0], f"megatron-ddk {name}"
+    try:
+        return run_command(module.main, argv)
+    finally:
+        sys.argv[0] = prog
 
 
 def entry_function(entry: str):
@@ -95,6 +132,9 @@ def entry_function(entry: str):
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse, call the subcommand's entry function with the flags, return its exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv[0], argv[1:])
     flags = vars(build_parser().parse_args(argv))
     del flags["command"]
     return run_command(entry_function(flags.pop("entry")), **flags)

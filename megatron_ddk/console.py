@@ -22,10 +22,27 @@ import sys
 from typing import Callable, Union
 
 
-def _plain(name: str, stream) -> logging.Logger:
+class _StdHandler(logging.StreamHandler):
+    """Writes to sys.stdout / sys.stderr as they are at each message (so a redirected or
+    captured stream gets the lines), or to the stream setStream fixed (None: back to sys)."""
+
+    def __init__(self, name: str):
+        super().__init__(getattr(sys, name))
+        self._name, self._fixed = name, None
+
+    def setStream(self, stream):
+        old, self._fixed = self._fixed, stream
+        return old
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = self._fixed or getattr(sys, self._name)
+        super().emit(record)
+
+
+def _plain(name: str, stream: str) -> logging.Logger:
     log = logging.getLogger(name)
     if not log.handlers:
-        handler = logging.StreamHandler(stream)
+        handler = _StdHandler(stream)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -35,12 +52,12 @@ def _plain(name: str, stream) -> logging.Logger:
 
 def messages() -> logging.Logger:
     """Errors and verdicts, on stderr."""
-    return _plain("megatron_ddk.console.messages", sys.stderr)
+    return _plain("megatron_ddk.console.messages", "stderr")
 
 
 def results() -> logging.Logger:
     """Results such as the eval table, on stdout."""
-    return _plain("megatron_ddk.console.results", sys.stdout)
+    return _plain("megatron_ddk.console.results", "stdout")
 
 
 USER_ERROR = 2

@@ -1,26 +1,12 @@
-"""Export a megatron-ddk checkpoint (a distilled student) as a Hugging Face model folder.
-
-    python tools/export_hf.py --load runs/student/checkpoints --out hf_student \
-        [--tokenizer PATH | --no-tokenizer] [--add-bos-token] [--dtype auto] [--vocab-size N]
-
-    megatron-ddk lm-eval --load runs/student/checkpoints --tasks arc_easy --output lm_eval.json
-
---load is a checkpoint root (its latest iteration) or one iter_NNNNNNN folder, saved at any TP/PP:
-it is loaded into a single-process TP=1 model (dist_checkpointing reshards), so run this as one
-process, no torchrun. Writes config.json (LlamaForCausalLM, or Qwen2ForCausalLM for a model with
-a QKV bias), generation_config.json (bos/eos/pad ids), model.safetensors (or shards + index),
-the tokenizer (the one the checkpoint was trained with, hash-checked; a SentencePiece model
-becomes tokenizer.model + tokenizer_config.json that AutoTokenizer loads with the same ids) and
-megatron_ddk_export.json (provenance). Models HF's LLaMA/Qwen2 classes cannot express are
-refused. The logic lives in megatron_ddk/evaluation/export.py; docs/hf.md has the details.
-"""
+"""`megatron-ddk export-hf` for a checkout (flags: --help). The command lives in
+megatron_ddk/commands/export_hf.py; this wrapper only puts the checkout on sys.path."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ddk.evaluation.export import main  # noqa: E402
+from megatron_ddk.cli import run_tool  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool("export-hf", sys.argv[1:]))

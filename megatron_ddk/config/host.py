@@ -13,7 +13,7 @@ from typing import List
 import torch
 
 from megatron_ddk.config.loader import ConfigError
-from megatron_ddk.config.optional import have_cuda, have_transformer_engine
+from megatron_ddk.config.optional import have_cuda, have_module, have_transformer_engine
 from megatron_ddk.config.schema import ModelConfig, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ def host_errors(cfg: RunConfig) -> List[str]:
     errs = _model_host_errors(cfg.model, "model")
     if cfg.distill.teacher is not None:
         errs += _model_host_errors(cfg.distill.teacher, "distill.teacher")
+    if cfg.logging.wandb_project and not have_module("wandb"):
+        errs.append(f"logging.wandb_project={cfg.logging.wandb_project!r} but the wandb package "
+                    "is not installed: pip install 'megatron-ddk[wandb]', or unset it")
     backend = cfg.parallel.distributed_backend
     if backend == "nccl" and not (have_cuda() and torch.distributed.is_nccl_available()):
         errs.append("parallel.distributed_backend='nccl' but NCCL/CUDA is not available on this "

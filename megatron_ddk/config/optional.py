@@ -2,12 +2,16 @@
 
 Transformer Engine and apex are optional extras (GPU hosts only). Everything else asks here
 instead of importing them itself, so call sites stay unconditional and CPU hosts never try.
+The pure-Python extras (wandb, ...) are imported through require_extra, whose error names the
+extra to install.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+from types import ModuleType
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,3 +41,17 @@ def have_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def have_module(module: str) -> bool:
+    """True when `module` can be imported (found on sys.path; not imported here)."""
+    return importlib.util.find_spec(module.split(".")[0]) is not None
+
+
+def require_extra(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import `module` of the optional extra `extra`; a ValueError (a user error, exit 2) that
+    names the extra and `purpose` (what asked for it) when it is not installed."""
+    if not have_module(module):
+        raise ValueError(f"{purpose} needs the {module!r} package, which is not installed: "
+                         f"pip install 'megatron-ddk[{extra}]'")
+    return importlib.import_module(module)

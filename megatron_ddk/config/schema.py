@@ -358,7 +358,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Run folder, console log, TensorBoard and metrics.jsonl."""
+    """Run folder, console log, TensorBoard, metrics.jsonl and (optionally) Weights & Biases."""
 
     run_dir: str = "runs/default"
     """Run folder: log, metrics.jsonl, TensorBoard events, metadata, plots."""
@@ -371,6 +371,17 @@ class LoggingConfig:
 
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     """Console and file log level."""
+
+    wandb_project: Optional[str] = None
+    """Weights & Biases project (Megatron-LM's --wandb-project); set, rank 0 logs what TensorBoard
+    gets (train/, timing/, ddk/ scalars) to a wandb run. Needs the 'wandb' extra. Offline runs:
+    WANDB_MODE=offline, then `wandb sync`."""
+
+    wandb_exp_name: Optional[str] = None
+    """Name of the wandb run (--wandb-exp-name); default: the run folder's name."""
+
+    wandb_save_dir: Optional[str] = None
+    """Where wandb writes its local files (--wandb-save-dir); default: run_dir/wandb."""
 
 
 @dataclass

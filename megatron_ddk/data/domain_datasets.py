@@ -140,11 +140,11 @@ def _gpt_dataset(prefix: str, split: Split, config: GPTDatasetConfig, where: str
     """A one-epoch GPTDataset over all documents of `prefix`, or None if it holds no sample."""
     if not IndexedDataset.exists(prefix):
         raise ValueError(f"{where}: dataset {prefix}.bin/.idx does not exist; rebuild the domains "
-                         f"(tools/build_domains.py) or fix the manifest")
+                         f"(`megatron-ddk build-domains`) or fix the manifest")
     try:
         check_dataset(prefix)  # a truncated .bin / corrupt .idx: named here, not deep inside
     except ValueError as err:
-        raise ValueError(f"{where}: {err} (tools/build_domains.py)") from None
+        raise ValueError(f"{where}: {err} (`megatron-ddk build-domains`)") from None
     low = GPTDataset.build_low_level_dataset(prefix, config)
     if _samples_in(low, config.sequence_length) == 0:
         return None

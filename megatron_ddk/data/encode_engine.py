@@ -61,6 +61,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from megatron_ddk.atomic import remove_stale_tmp
+from megatron_ddk.console import CommandFailed
 from megatron_ddk.data.corpus import MalformedLineError, check_input_files, input_format
 from megatron_ddk.data.indexed_writer import IndexedWriter, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
@@ -288,8 +289,9 @@ def encode_batch(batch: tuple):
     return path, sum(map(len, raws)), num_parsed, errors, packed
 
 
-class WorkerDiedError(RuntimeError):
-    """An encoding worker process ended without returning its batch (killed, out of memory)."""
+class WorkerDiedError(CommandFailed):
+    """An encoding worker process ended without returning its batch (killed, out of memory);
+    a command ends with one `error:` line and exit code 1 (console.py)."""
 
 
 def _span(batches: Sequence[tuple]) -> str:

@@ -3,7 +3,7 @@ and whether a domain is large enough for the split that was asked for.
 
 Three disjoint sets per domain, three roles: train (what the mixture draws), valid (DDK's
 steering signal), test (reports only). The units drawn are documents, or the pieces of them that
-data/pieces.py cut (tools/build_domains.py --max-piece-bytes); each unit knows its source (the
+data/pieces.py cut (`megatron-ddk build-domains` --max-piece-bytes); each unit knows its source (the
 input document it came from). One seeded permutation of the units, reordered so that every
 source gives its first unit before any source gives a second (then second units, and so on),
 decides both held-out sets: units are taken in that order into valid until they hold
@@ -66,7 +66,7 @@ class HeldOutSpec:
 
     min_documents: int = 1
     """Fewest documents (or pieces) each held-out set must hold (--min-heldout-documents;
-    tools/build_domains.py and the pipeline default to 16)."""
+    `megatron-ddk build-domains` and the pipeline default to 16)."""
 
     def __post_init__(self) -> None:
         if self.min_documents < 1:

@@ -1,6 +1,6 @@
 """The domain manifest: which Megatron-Core datasets make up each DDK domain.
 
-One YAML file (written by tools/build_domains.py, documented in docs/data.md):
+One YAML file (written by `megatron-ddk build-domains`, documented in docs/data.md):
 
     version: 2
     tokenizer: {model: tokenizer/ddk.model, hash: "sha256:...", vocab_size: 8000}
@@ -20,7 +20,7 @@ One YAML file (written by tools/build_domains.py, documented in docs/data.md):
         num_test_sources: 41
         initial_weight: null
 
-A "document" of a set is what the set's dataset holds: with tools/build_domains.py
+A "document" of a set is what the set's dataset holds: with `megatron-ddk build-domains`
 --max-piece-bytes, a piece of an input document (docs/data.md); the *_sources counts say how
 many distinct input documents the pieces came from.
 
@@ -174,7 +174,7 @@ class DomainManifest:
         if split == "test" and not self.has_test_split():
             raise ValueError(
                 f"manifest {self.path or '<unsaved>'} (version {self.version}) has no test "
-                "split: rebuild it with tools/build_domains.py (it writes train, valid and test "
+                "split: rebuild it with `megatron-ddk build-domains` (it writes train, valid and test "
                 "sets per domain), or evaluate on the validation set with --split valid")
 
     def names(self) -> List[str]:
@@ -223,11 +223,11 @@ def _dataset_counts(path: str, where: str, prefix: str) -> tuple:
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
             raise _fail(path, where, f"file {prefix}{suffix} does not exist; rebuild with "
-                        "tools/build_domains.py or fix the path")
+                        "`megatron-ddk build-domains` or fix the path")
     try:
         return check_dataset(prefix)
     except ValueError as err:
-        raise _fail(path, where, f"{err} (tools/build_domains.py)") from None
+        raise _fail(path, where, f"{err} (`megatron-ddk build-domains`)") from None
 
 
 def check_vocab_size(manifest: "DomainManifest", tokenizer_vocab_size: int) -> None:
@@ -238,7 +238,7 @@ def check_vocab_size(manifest: "DomainManifest", tokenizer_vocab_size: int) -> N
             f"manifest {manifest.path or '<unsaved>'}: tokenizer.vocab_size is "
             f"{manifest.vocab_size} but the tokenizer {manifest.tokenizer_model} has "
             f"{tokenizer_vocab_size} entries; rebuild the domains with this tokenizer "
-            f"(tools/build_domains.py), or set tokenizer.vocab_size: {tokenizer_vocab_size} in "
+            f"(`megatron-ddk build-domains`), or set tokenizer.vocab_size: {tokenizer_vocab_size} in "
             "the manifest if only that number is wrong")
 
 
@@ -336,9 +336,9 @@ def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> D
     """Read and validate a manifest; paths in the result are absolute."""
     if os.path.isdir(path):
         raise ValueError(f"manifest {path} is a folder; give the manifest.yaml file inside it "
-                         f"(written by tools/build_domains.py)")
+                         f"(written by `megatron-ddk build-domains`)")
     if not os.path.isfile(path):
-        raise ValueError(f"manifest {path} does not exist; build one with tools/build_domains.py")
+        raise ValueError(f"manifest {path} does not exist; build one with `megatron-ddk build-domains`")
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     try:
@@ -367,7 +367,7 @@ def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> D
     with_test = [d.name for d in domains if d.test_prefix is not None]
     if with_test and len(with_test) != len(domains):
         raise _fail(path, "domains", f"only {with_test} have a test split; every domain needs "
-                    "one or none does (rebuild with tools/build_domains.py)")
+                    "one or none does (rebuild with `megatron-ddk build-domains`)")
     names = [d.name for d in domains]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -1,4 +1,4 @@
-"""Megatron-LM's tools/preprocess_data.py command line (core_v0.16.1) on megatron_ddk's engine.
+"""Megatron-LM's `megatron-ddk preprocess` command line (core_v0.16.1) on megatron_ddk's engine.
 
 build_parser() accepts every flag Megatron-LM's tool takes (its own and its tokenizer
 arguments, with the same defaults and meanings); job_from_args() turns them into an EncodeJob,

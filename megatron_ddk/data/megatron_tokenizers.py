@@ -3,7 +3,7 @@
 A BatchEncoder turns a list of texts into a list of token-id lists, and names the end-of-document
 id (eod) and the vocabulary size (which decides the .bin dtype: uint16 below 65500, else int32,
 as Megatron-Core's DType.optimal_dtype). Each type reproduces what Megatron-LM core_v0.16.1's
-tools/preprocess_data.py gets from its tokenizer (`--tokenizer-type`, default new tokenizer
+`megatron-ddk preprocess` gets from its tokenizer (`--tokenizer-type`, default new tokenizer
 system; `--legacy-tokenizer` for megatron/training/tokenizer):
 
 - SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer: ids = the model's plain
@@ -220,7 +220,7 @@ def build_encoder(spec: TokenizerSpec, num_threads: int = 1) -> BatchEncoder:
         raise UnsupportedTokenizer(
             f"--tokenizer-type {kind} is not supported by megatron-ddk's preprocess_data.py "
             f"(supported: {', '.join(SUPPORTED_TYPES)}); use Megatron-LM's own "
-            "tools/preprocess_data.py for it")
+            "`megatron-ddk preprocess` for it")
     if kind in SP_TYPES:
         if spec.legacy_tokenizer and kind == "SentencePieceTokenizer":
             raise UnsupportedTokenizer(

@@ -42,7 +42,7 @@ def _check_exists(model_path: str) -> str:
     if not model_path or not os.path.exists(model_path):
         raise ValueError(
             f"tokenizer model {model_path!r} does not exist; pass the path of a SentencePiece "
-            ".model or a tokenizer.json (train one with tools/train_tokenizer.py)"
+            ".model or a tokenizer.json (train one with `megatron-ddk train-tokenizer`)"
         )
     return os.path.abspath(model_path)
 

@@ -3,7 +3,7 @@ lm-evaluation-harness load: weights (models/hf_export.py) + tokenizer (data/hf_t
 
     python -m megatron_ddk.evaluation.export --load CKPT --out DIR [--tokenizer PATH |
         --no-tokenizer] [--add-bos-token] [--dtype auto] [--vocab-size N]
-    (tools/export_hf.py is the same command)
+    (`megatron-ddk export-hf` is the same command)
 
 The tokenizer is, by default, the one the checkpoint was trained with: training records its
 hash and path (megatron_ddk.json: tokenizer_hash, tokenizer_model); a converted HF checkpoint
@@ -183,7 +183,7 @@ def export_checkpoint(load: str, out: str, *, tokenizer: Optional[str] = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of tools/export_hf.py (docs/hf.md)."""
+    """Flags of `megatron-ddk export-hf` (docs/hf.md)."""
     p = argparse.ArgumentParser(prog="export_hf.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint root or iter_NNNNNNN folder")

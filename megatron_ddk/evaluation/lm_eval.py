@@ -86,7 +86,7 @@ def check_tasks(manager, tasks: Sequence[str]) -> None:
         raise ValueError("unknown lm-eval task(s): " + "; ".join(
             f"{t} (did you mean {', '.join(h)}?)" if h else t for t, h in hints.items())
             + ". Local tasks (ddk_ppl, ddk_mc, ddk_ppl_<domain>, ...) need --manifest (built "
-            "from its test split) or --include-path (tools/build_lm_eval_tasks.py's folder)")
+            "from its test split) or --include-path (`megatron-ddk lm-eval-tasks`'s folder)")
     for name in tasks:
         try:
             get_task_dict([name], manager)
@@ -159,6 +159,10 @@ def run_lm_eval(checkpoint: Optional[str], tasks: Sequence[str], limit: Optional
         raise ValueError("no lm-eval task given (--tasks T1,T2)")
     if (checkpoint is None) == (hf_dir is None):
         raise ValueError("give exactly one of a checkpoint (--load) and an exported folder")
+    model_path = checkpoint if checkpoint is not None else hf_dir
+    if not os.path.exists(model_path):  # before lm-eval looks for its tasks (network)
+        raise ValueError(f"{model_path} does not exist (--load: a checkpoint root or "
+                         "iter_NNNNNNN folder)")
     if limit is not None and float(limit) >= 1:
         limit = int(limit)  # lm-eval: < 1 is a fraction of each task, >= 1 a count
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

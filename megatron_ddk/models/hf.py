@@ -1,7 +1,7 @@
 """Hugging Face <-> Megatron-Core name and shape mapping (LLaMA, Qwen2 / Qwen-1.5, Mistral).
 
 Pure functions over plain dicts and tensors: no file I/O, no torch.distributed, no transformers.
-tools/convert_hf_checkpoint.py and tools/export_hf.py do the reading and writing.
+`megatron-ddk convert-hf` and `megatron-ddk export-hf` do the reading and writing.
 
 Megatron side: the local-spec GPTModel state dict of the whole model at TP=1, PP=1 (what
 build_gpt_model creates in a world-1 process); dist_checkpointing reshards it to any TP/PP at load

@@ -1,6 +1,6 @@
 """Per-GPU memory of a distillation run: pure arithmetic on ModelConfig and a parallel layout.
 
-Used by tools/plan_memory.py to check, before a cluster job is queued, that a preset's TP x PP x DP
+Used by `megatron-ddk plan-memory` to check, before a cluster job is queued, that a preset's TP x PP x DP
 layout fits the GPUs. Everything here is a closed formula; nothing is measured. Sizes in bytes.
 
 Parameters (per model, per pipeline stage, per tensor-parallel rank) follow Megatron-Core's

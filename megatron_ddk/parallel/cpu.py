@@ -2,19 +2,19 @@
 
 Megatron-Core assumes CUDA in a handful of ways (measured, see docs/cpu_backend.md):
 
-1. ``torch.cuda.current_device()`` used as a device argument (~175 sites);
-2. unconditional ``torch.cuda.synchronize`` / ``empty_cache`` / ``current_stream`` / ``stream``;
+1. ``torch.cuda.current_device()` used as a device argument (~175 sites);
+2. unconditional ``torch.cuda.synchronize` / ``empty_cache` / ``current_stream` / ``stream``;
 3. the CUDA RNG tracker (``tensor_parallel.random``) reading CUDA generator states;
-4. hard-coded ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")`` / ``pin_memory()`` sites;
+4. hard-coded ``device="cuda"` / ``.cuda()` / ``.to("cuda")` / ``pin_memory()` sites;
 5. optimizer and grad-clipping checks of ``param.type() == 'torch.cuda.FloatTensor'``.
 
-:func:`activate` covers all five: a small set of ``torch.cuda`` stand-ins, a torch function mode
+:func:`activate` covers all five: a small set of ``torch.cuda` stand-ins, a torch function mode
 that maps CUDA device arguments to the CPU, and an RNG tracker with real per-name streams on the
 CPU generator (so tensor-parallel ranks get different dropout streams and activation recompute
 replays the same numbers). It is called only by :func:`megatron_ddk.parallel.initialize` and only
 when CUDA is absent; nothing else in the code base special-cases the CPU.
 
-Every attribute it replaces (on ``torch.cuda``, ``torch.cuda.nvtx`` and Megatron-Core's
+Every attribute it replaces (on ``torch.cuda``, ``torch.cuda.nvtx` and Megatron-Core's
 ``tensor_parallel.random``, including its global tracker) is saved first; :func:`deactivate`
 (called by :func:`megatron_ddk.parallel.destroy`) leaves the function mode and puts every original
 back, so a process can activate and deactivate the backend any number of times.
@@ -174,7 +174,7 @@ def _cpu_rng_tracker_class():
     class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
         """Megatron's named RNG streams, kept as CPU generator states.
 
-        Entering ``fork(name)`` swaps the process's CPU generator to that stream and saves it
+        Entering ``fork(name)` swaps the process's CPU generator to that stream and saves it
         back on exit, so a tensor-parallel rank draws from its own stream exactly as it would on
         a GPU, and activation recompute can replay a stream.
         """

@@ -24,15 +24,10 @@ from megatron_ddk.config.loader import ConfigError
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.pipeline.config import ArmSpec, ModelStageSpec, PipelineConfig, deep_merge
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
 PRETRAIN_SEEDS = {"teacher": 101, "student": 202}
 """Default train.seed of the pre-training stages: distinct from the arms' seeds, so the
 continuations read the corpus in another order than the runs that made their starting points."""
-
-
-def _tool(name: str) -> str:
-    return os.path.join(ROOT, "tools", name)
 
 
 def _latest_checkpoint(save: str) -> bool:

@@ -1,7 +1,7 @@
 """The pipeline's stages as commands: data, models, arms x seeds, evaluations, report, exports.
 
-`build_stages(plan)` returns them in run order; each is an ordinary megatron-ddk or tools/
-command (docs/pipeline.md lists them), so any stage can be rerun by hand from its log's first
+`build_stages(plan)` returns them in run order; each is an ordinary `megatron-ddk`
+subcommand (docs/pipeline.md lists them), so any stage can be rerun by hand from its log's first
 line.
 """
 
@@ -11,7 +11,7 @@ import os
 import shutil
 from typing import Any, Callable, Dict, List
 
-from megatron_ddk.pipeline.plan import PY, PipelinePlan, _tool
+from megatron_ddk.pipeline.plan import PY, PipelinePlan
 from megatron_ddk.pipeline.stage import Stage
 
 
@@ -38,7 +38,7 @@ def data_stages(plan: PipelinePlan) -> List[Stage]:
         sizes = cfg.data.demo_sizes_mb
         mb = max(sizes) if sizes else cfg.data.demo_corpus_mb
         # small demos: smaller sources and documents qualify
-        argv = [PY, _tool("build_demo_corpus.py"), "--output-dir", plan.corpus, "--max-mb",
+        argv = [PY, "-m", "megatron_ddk.cli", "demo-corpus", "--output-dir", plan.corpus, "--max-mb",
                 str(mb), "--min-mb", str(min(0.3, (min(sizes) if sizes else mb) / 2)),
                 "--max-doc-kb", str(min(32.0, mb * 1000 / 16))]
         if sizes:
@@ -54,7 +54,7 @@ def data_stages(plan: PipelinePlan) -> List[Stage]:
                  os.path.join(plan.data_dir, "tokenizer", "tokenizer.model"))
     if tok.model and not tok.train:
         inputs.append(tok_model)
-    args = [PY, _tool("build_domains.py"), "--input", plan.corpus,
+    args = [PY, "-m", "megatron_ddk.cli", "build-domains", "--input", plan.corpus,
             "--output-dir", os.path.dirname(plan.manifest), "--tokenizer-model", tok_model,
             "--valid-samples", str(cfg.data.valid_samples), "--valid-seq-length", str(split_len),
             "--test-samples", str(cfg.data.test_samples), "--test-seq-length", str(split_len),
@@ -101,7 +101,7 @@ def model_stage(plan: PipelinePlan, name: str, deps: List[str]) -> Stage:
         return _train(plan, name, lambda: plan.pretrain_config(name), settings, deps, False)
     if spec.source == "huggingface":
         save = plan.ckpt(name)
-        argv = [PY, _tool("convert_hf_checkpoint.py"), "--hf-dir", os.path.abspath(spec.hf_dir),
+        argv = [PY, "-m", "megatron_ddk.cli", "convert-hf", "--hf-dir", os.path.abspath(spec.hf_dir),
                 "--save", save]
         return Stage(name=name, command=lambda _r: argv, settings={"argv": argv},
                      inputs=[os.path.abspath(spec.hf_dir)], deps=deps, outputs=[_latest(save)],
@@ -162,9 +162,9 @@ def _label(plan: PipelinePlan, arm: str, seed: int) -> str:
 
 
 def report_stage(plan: PipelinePlan, timing_path: str) -> Stage:
-    """tools/make_report.py over every evaluation and arm run folder."""
+    """`megatron-ddk report` over every evaluation and arm run folder."""
     first = plan.cfg.seeds[0]
-    argv = [PY, _tool("make_report.py"), "--out", os.path.join(plan.out, "report.md"),
+    argv = [PY, "-m", "megatron_ddk.cli", "report", "--out", os.path.join(plan.out, "report.md"),
             "--timing", timing_path, "--title", f"megatron-ddk pipeline: {plan.out}",
             "--eval", f"teacher={eval_path(plan, 'teacher')}",
             "--eval", f"student_before={eval_path(plan, 'student_before')}"]
@@ -196,7 +196,7 @@ def export_stages(plan: PipelinePlan) -> List[Stage]:
         for seed in plan.cfg.seeds:
             name = plan.arm_name(arm, seed)
             out = os.path.join(plan.out, "hf", f"{arm.name}-seed{seed}")
-            argv = [PY, _tool("export_hf.py"), "--load", plan.ckpt(name), "--out", out,
+            argv = [PY, "-m", "megatron_ddk.cli", "export-hf", "--load", plan.ckpt(name), "--out", out,
                     "--dtype", plan.cfg.export.dtype]
             stages.append(Stage(name=f"export/{name}", command=lambda _r, a=argv: a,
                                 settings={"argv": argv}, deps=[name],

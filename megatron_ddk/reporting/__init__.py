@@ -1,5 +1,5 @@
 """Reports of distillation runs: read run folders and eval results (report.py), draw PNG plots
-(plots.py, matplotlib Agg). Used by tools/plot_run.py and tools/make_report.py; docs/report.md
+(plots.py, matplotlib Agg). Used by `megatron-ddk plot` and `megatron-ddk report`; docs/report.md
 explains the output.
 
 Importing this package does not import matplotlib; import megatron_ddk.reporting.plots for that.

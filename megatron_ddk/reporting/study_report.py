@@ -1,6 +1,6 @@
 """The arms x seeds part of a report: numbers (study.py), plots (study_plots.py), Markdown.
 
-Used by tools/make_report.py whenever evaluation names carry a seed (ARM@SEED).
+Used by `megatron-ddk report` whenever evaluation names carry a seed (ARM@SEED).
 """
 
 from __future__ import annotations

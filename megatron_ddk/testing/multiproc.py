@@ -114,7 +114,7 @@ def _teardown():
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300,
                     threads: Optional[int] = None) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` in `world_size` new processes (module docstring).
+    """Run ``fn(rank, world_size, *args)` in `world_size` new processes (module docstring).
 
     Args:
         fn: a module-level (picklable) function.

@@ -1,8 +1,8 @@
 """A tiny but real end-to-end set-up for tests and smoke runs: corpus, tokenizer, domain
 datasets, manifest, a briefly pre-trained teacher, and run configs around them.
 
-Everything is built with the project's own tools (tools/build_demo_corpus.py,
-tools/build_domains.py, `python -m megatron_ddk.train`), so a test that uses it exercises the
+Everything is built with the project's own tools (`megatron-ddk demo-corpus`,
+`megatron-ddk build-domains`, `python -m megatron_ddk.train`), so a test that uses it exercises the
 same path a user does. Sizes are chosen for seconds on 2 CPU cores.
 """
 
@@ -53,9 +53,9 @@ def build_tiny_domains(folder: str, max_mb: float = 0.12, vocab_size: int = 512,
     """Corpus (4 real-text domains) -> tokenizer -> train/valid/test datasets -> manifest;
     returns its path. test_samples defaults to valid_samples (0: no test split)."""
     corpus = os.path.join(folder, "corpus")
-    run_tool(["tools/build_demo_corpus.py", "--output-dir", corpus, "--max-mb", str(max_mb),
+    run_tool(["-m", "megatron_ddk.cli", "demo-corpus", "--output-dir", corpus, "--max-mb", str(max_mb),
               "--min-mb", str(max_mb / 2), "--max-doc-kb", "8"])
-    run_tool(["tools/build_domains.py", "--input", corpus, "--output-dir",
+    run_tool(["-m", "megatron_ddk.cli", "build-domains", "--input", corpus, "--output-dir",
               os.path.join(folder, "datasets"), "--tokenizer-model",
               os.path.join(folder, "tokenizer", "tiny.model"), "--train-tokenizer",
               "--vocab-size", str(vocab_size), "--valid-samples", str(valid_samples),

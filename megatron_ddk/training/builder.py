@@ -75,7 +75,7 @@ def load_data_manifest(cfg: RunConfig):
     checked (data.manifest.load_manifest_and_tokenizer)."""
     if not cfg.data.manifest:
         raise ValueError("data.manifest is not set: give the domain manifest YAML written by "
-                         "tools/build_domains.py")
+                         "`megatron-ddk build-domains`")
     return load_manifest_and_tokenizer(cfg.data.manifest)
 
 

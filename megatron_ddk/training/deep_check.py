@@ -36,7 +36,7 @@ def _manifest_errors(cfg: RunConfig) -> Tuple[Optional[Any], List[str]]:
 
     if not cfg.data.manifest:
         return None, ["data.manifest is not set: give the domain manifest YAML written by "
-                      "tools/build_domains.py"]
+                      "`megatron-ddk build-domains`"]
     try:
         manifest = load_manifest(cfg.data.manifest)
     except (ValueError, OSError) as exc:

@@ -1,5 +1,5 @@
 """Entry functions of `megatron-ddk train` and `megatron-ddk eval` (python -m megatron_ddk.train
-too) and of tools/cache_teacher_logits.py.
+too) and of `megatron-ddk cache-teacher`.
 
 Each is straight-line: load and check the config (static, then host), start the parallel context,
 run, destroy the context in a `finally`. User errors propagate as ValueError (NonFiniteLossError
@@ -141,7 +141,7 @@ def eval_main(config: str, overrides: List[str], load: str, output: Optional[str
 
 
 def cache_teacher_main(config: str, overrides: List[str], out: str, **kwargs) -> int:
-    """tools/cache_teacher_logits.py: write the offline teacher store of the config's teacher
+    """`megatron-ddk cache-teacher`: write the offline teacher store of the config's teacher
     (training/teacher_cache.py; kwargs go to cache_teacher_logits) and print its table."""
     cfg = prepare_config(config, overrides)
     ctx = start_parallel(cfg)

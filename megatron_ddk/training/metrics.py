@@ -21,7 +21,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from megatron_ddk.atomic import remove_stale_tmp, write_atomic
 
@@ -124,12 +124,16 @@ class RunLogger:
         enabled: False on every rank but the logging rank.
         tensorboard: also write TensorBoard scalars under run_dir/tensorboard.
         resume_step: the step a resumed run continues from; 0 means a fresh run.
+        wandb: a factory of the Weights & Biases writer (training/wandb_log.py), called on the
+            logging rank only; None: no wandb.
     """
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resume_step: int = 0,
+                 wandb: Optional[Callable[[], Any]] = None):
         self.run_dir = run_dir
         self.enabled = enabled
         self._tb = None
+        self._wandb = None
         self._jsonl = None
         if not enabled:
             return
@@ -145,6 +149,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step or None)
+        if wandb is not None:
+            self._wandb = wandb()
 
     def write_metadata(self, config_yaml: str, extra: Dict[str, Any]) -> None:
         """run_config.yaml and metadata.json (git commit, versions, tokenizer hash, ...)."""
@@ -164,7 +170,9 @@ class RunLogger:
         self._jsonl.flush()
 
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "") -> None:
-        """TensorBoard scalars (skips None)."""
+        """TensorBoard (and wandb) scalars (skips None)."""
+        if self._wandb is not None:
+            self._wandb.log(step, {prefix + key: value for key, value in values.items()})
         if self._tb is None:
             return
         for key, value in values.items():
@@ -176,6 +184,9 @@ class RunLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def step_line(rec: Dict[str, Any], train_iters: int, elapsed: float, remaining: float) -> str:

@@ -37,6 +37,7 @@ from megatron_ddk.training.optimizer import build_training_objects
 from megatron_ddk.training.schedule import forward_backward
 from megatron_ddk.training.teacher_cache import open_run_store
 from megatron_ddk.training.timing import StageTimer
+from megatron_ddk.training.wandb_log import wandb_factory
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Trainer:
         if load:
             self._resume(load)
         self.log = RunLogger(cfg.logging.run_dir, ctx.is_logging_rank, cfg.logging.tensorboard,
-                             resume_step=self.step)
+                             resume_step=self.step, wandb=wandb_factory(cfg, self.step))
         self.log.write_metadata(config_to_yaml(cfg), dict(
             self.meta, world_size=ctx.world_size, tp=ctx.tp_size, pp=ctx.pp_size,
             dp=ctx.dp_size, train_iters=self.iters))

@@ -1,4 +1,4 @@
-"""tools/build_domains.py rebuilds through a staging folder: a rebuild that fails part-way (a
+"""`megatron-ddk build-domains` rebuilds through a staging folder: a rebuild that fails part-way (a
 malformed line in the second domain, a bad tokenizer path, a rename failing in the swap) leaves
 the previous manifest and every dataset byte for byte; a killed build's staging folder is
 removed by the next one; a rebuild that succeeds replaces the files (and the stale index
@@ -10,12 +10,13 @@ import os
 
 import pytest
 
-from megatron_ddk.testing.tiny_run import load_script
 
 
 @pytest.fixture(scope="module")
 def build_domains():
-    return load_script("tools/build_domains.py", "build_domains_tool")
+    from megatron_ddk.commands import build_domains
+
+    return build_domains
 
 
 def _snapshot(folder) -> dict:
@@ -60,11 +61,11 @@ def test_failed_rebuild_keeps_the_previous_build(tmp_path, corpus, tiny_tokenize
     # 1. a malformed line in the second domain, found after the first domain was tokenized
     with open(corpus / "beta.jsonl", "a") as f:
         f.write("{not json\n")
-    with pytest.raises(SystemExit, match=r"beta\.jsonl:31: invalid JSON"):
+    with pytest.raises(ValueError, match=r"beta\.jsonl:31: invalid JSON"):
         build_domains.main(_argv(corpus, out, tiny_tokenizer))
     assert _snapshot(out) == before
     # 2. a tokenizer path that does not exist
-    with pytest.raises(SystemExit, match="absent.model"):
+    with pytest.raises(ValueError, match="absent.model"):
         build_domains.main(_argv(corpus, out, str(tmp_path / "absent.model"),
                                  "--skip-malformed"))
     assert _snapshot(out) == before

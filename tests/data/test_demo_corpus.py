@@ -10,15 +10,11 @@ import os
 
 import pytest
 
-_TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "build_demo_corpus.py")
-
-
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("build_demo_corpus", _TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from megatron_ddk.commands import build_demo_corpus
+
+    return build_demo_corpus
 
 
 @pytest.fixture(scope="module")

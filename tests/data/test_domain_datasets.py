@@ -187,7 +187,7 @@ def test_test_split_of_a_manifest_without_one(tmp_path):
         d.test_prefix = d.num_test_tokens = d.num_test_documents = None
     manifest.version, manifest.path = 1, str(tmp_path / "old.yaml")
     with pytest.raises(ValueError, match=r"old\.yaml \(version 1\) has no test split: rebuild "
-                       r"it with tools/build_domains.py"):
+                       r"it with `megatron-ddk build-domains`"):
         build_heldout_samples(manifest, TinyTokenizer(), SEQ, str(tmp_path / "c"), "test")
     assert len(build_heldout_samples(manifest, TinyTokenizer(), SEQ, str(tmp_path / "c"),
                                      "valid", 2)[0]) == 2

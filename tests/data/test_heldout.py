@@ -174,9 +174,9 @@ def test_byte_bound_lists_every_domain(tmp_path, make_jsonl):
 
 
 def _tool():
-    from megatron_ddk.testing.tiny_run import load_script
+    from megatron_ddk.commands import build_domains
 
-    return load_script("tools/build_domains.py", "build_domains_tool")
+    return build_domains
 
 
 class _Result:
@@ -185,16 +185,14 @@ class _Result:
 
 
 def _build(capsys, tmp_path, corpus, tok, *flags):
-    """tools/build_domains.py main() in this process (its exit code, stdout, stderr)."""
+    """`megatron-ddk build-domains` main() in this process (its exit code, stdout, stderr)."""
     args = ["--input", str(corpus), "--output-dir", str(tmp_path / "out"), "--workers", "1",
             "--min-heldout-documents", "1", *tok, *flags]
     try:
-        _tool().main(args)
-        code = 0
-    except SystemExit as exc:  # sys.exit("error: ...") prints the message to stderr
-        code = 1 if isinstance(exc.code, str) else int(exc.code or 0)
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
+        code = _tool().main(args)
+    except ValueError as err:  # cli.run_tool: one `error:` line, exit 2
+        code = 2
+        print(f"error: {err}", file=sys.stderr)
     out = capsys.readouterr()
     return _Result(code, out.out, out.err)
 
@@ -211,7 +209,7 @@ def test_build_domains_preflight_after_tokenizing(tmp_path, tiny_tokenizer, make
     make_jsonl(corpus / "small2.jsonl", make_texts(10, seed=3))
     tok = ["--tokenizer-model", tiny_tokenizer]
     res = _build(capsys, tmp_path, corpus, tok, "--valid-samples", "12", "--valid-seq-length", "63")
-    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.returncode == 2, res.stdout + res.stderr
     assert "2 domain(s) too small" in res.stderr
     assert "domain small1:" in res.stderr and "domain small2:" in res.stderr
     assert "domain big:" not in res.stderr
@@ -220,7 +218,7 @@ def test_build_domains_preflight_after_tokenizing(tmp_path, tiny_tokenizer, make
                    for f in fs)
     dry = _build(capsys, tmp_path, corpus, tok, "--valid-samples", "12", "--valid-seq-length", "63",
                  "--dry-run")
-    assert dry.returncode == 1 and "max --valid-samples" in dry.stdout
+    assert dry.returncode == 2 and "max --valid-samples" in dry.stdout
     row = next(ln for ln in dry.stdout.split("preflight:")[1].splitlines()
                if ln.startswith("small2"))
     fit = int(row.split()[-1].replace(",", ""))

@@ -177,7 +177,7 @@ def test_version_1_manifest_is_read_without_a_test_split(built):
     loaded.require_split("valid")
     assert loaded.domains[0].heldout_prefix("valid") == loaded.domains[0].valid_prefix
     with pytest.raises(ValueError, match=r"manifest .*manifest\.yaml \(version 1\) has no test "
-                       r"split: rebuild it with tools/build_domains.py .* --split valid"):
+                       r"split: rebuild it with `megatron-ddk build-domains` .* --split valid"):
         loaded.require_split("test")
     with pytest.raises(ValueError, match="domain code has no test split"):
         loaded.domains[0].heldout_prefix("test")

@@ -166,14 +166,9 @@ def test_interval_is_shuffled_across_domains():
 
 
 def _simulator():
-    import importlib.util
-    import os
+    from megatron_ddk.commands import simulate_mixture
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "simulate_mixture.py")
-    spec = importlib.util.spec_from_file_location("simulate_mixture", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return simulate_mixture
 
 
 def _totals(text):
@@ -223,10 +218,10 @@ def test_simulator_replays_interval_records_only(tmp_path, capsys):
     assert _totals(capsys.readouterr().out) == {"y": 10, "x": 10}
     steps_only = tmp_path / "steps.jsonl"
     steps_only.write_text(json.dumps(recs[1]) + "\n" + json.dumps(recs[3]) + "\n")
-    with pytest.raises(SystemExit, match="no interval records"):
+    with pytest.raises(ValueError, match="no interval records"):
         sim.main(["--domains", "x=100,y=100", "--weights", str(steps_only), "--steps", "4",
                   "--interval", "2", "--global-batch-size", "5"])
-    with pytest.raises(SystemExit, match=r"no weight for domain\(s\) \['z'\]"):
+    with pytest.raises(ValueError, match=r"no weight for domain\(s\) \['z'\]"):
         sim.main(["--domains", "x=100,z=100", "--weights", str(path), "--steps", "4",
                   "--interval", "2", "--global-batch-size", "5"])
 

@@ -16,22 +16,23 @@ import sys
 import pytest
 import sentencepiece
 
-from megatron_ddk.testing.tiny_run import load_script
 from tests.data.test_preprocess_engine import megatron_reference, same_files
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _tool():
-    return load_script("tools/preprocess_data.py", "preprocess_data_tool")
+    from megatron_ddk.commands import preprocess_data
+
+    return preprocess_data
 
 
 def _run_main(argv):
-    """Run the tool in-process; returns the exit message ('' on success)."""
+    """Run the command in-process; returns its error line ('' on success)."""
     try:
         _tool().main(argv)
-    except SystemExit as exit_:
-        return str(exit_.code)
+    except ValueError as err:  # `error: ...`, exit 2 (cli.run_tool)
+        return f"error: {err}"
     return ""
 
 
@@ -227,11 +228,11 @@ def test_refused_with_a_message(tmp_path, corpus, tiny_tokenizer, monkeypatch, e
 
 def test_sentencepiece_path_imports_no_torch(tmp_path, corpus, tiny_tokenizer):
     """Fast start-up: tokenizing with a SentencePiece model never imports torch/megatron.core."""
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['preprocess_data.py', '--input', {corpus!r}, '--output-prefix', "
+    code = ("import sys\n"
+            "from megatron_ddk.cli import main\n"
+            f"assert main(['preprocess', '--input', {corpus!r}, '--output-prefix', "
             f"{str(tmp_path / 'o')!r}, '--tokenizer-type', 'Llama2Tokenizer', "
-            f"'--tokenizer-model', {tiny_tokenizer!r}, '--append-eod', '--workers', '2']\n"
-            "runpy.run_path('tools/preprocess_data.py', run_name='__main__')\n"
+            f"'--tokenizer-model', {tiny_tokenizer!r}, '--append-eod', '--workers', '2']) == 0\n"
             "print('heavy:', sorted(m for m in ('torch', 'megatron.core', 'transformers') "
             "if m in sys.modules))\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

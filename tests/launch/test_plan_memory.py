@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-import tools.plan_memory as tool
+from megatron_ddk.cli import run_tool
 from megatron_ddk.data.manifest import DomainEntry, DomainManifest, save_manifest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -69,20 +69,20 @@ def _bf16_gib(padded_vocab):
 def test_vocabulary_from_the_manifest(tmp_path, capsys):
     manifest = _manifest(str(tmp_path), 2000)
     cfg = _config(str(tmp_path))
-    assert tool.main(["--config", cfg, "--manifest", manifest]) == 0
+    assert run_tool("plan-memory", ["--config", cfg, "--manifest", manifest]) == 0
     out = capsys.readouterr().out
     # 2000 padded to a multiple of make_vocab_size_divisible_by (128) x TP (1): 2048
     assert "padded vocabulary 2,048" in out
     assert f"vocabulary 2,000 entries from manifest {manifest}" in out
     assert _weights_gib(out) == pytest.approx(_bf16_gib(2048), abs=0.006)  # 0.27 GiB
     # the same manifest named by the config's data.manifest: the same plan
-    assert tool.main(["--config", _config(str(tmp_path), manifest=manifest)]) == 0
+    assert run_tool("plan-memory", ["--config", _config(str(tmp_path), manifest=manifest)]) == 0
     again = capsys.readouterr().out
     assert f"vocabulary 2,000 entries from manifest {manifest}" in again
     assert _weights_gib(again) == _weights_gib(out)
     # a bigger tokenizer: bigger plan
     big = _manifest(str(tmp_path / "big"), 100_000)
-    assert tool.main(["--config", cfg, "--manifest", big]) == 0
+    assert run_tool("plan-memory", ["--config", cfg, "--manifest", big]) == 0
     out = capsys.readouterr().out
     assert "padded vocabulary 100,096" in out
     assert _weights_gib(out) == pytest.approx(_bf16_gib(100_096), abs=0.006)  # 1.01 GiB
@@ -90,19 +90,19 @@ def test_vocabulary_from_the_manifest(tmp_path, capsys):
 
 def test_pinned_rows_are_noted_and_bad_combinations_refused(tmp_path, capsys):
     small = _manifest(str(tmp_path / "small"), 2000)
-    assert tool.main(["--config", QWEN_14_TO_18, "--manifest", small]) == 0
+    assert run_tool("plan-memory", ["--config", QWEN_14_TO_18, "--manifest", small]) == 0
     out = capsys.readouterr().out
     assert "padded vocabulary 152,064" in out
     assert "padded_vocab_size pins 152,064 rows, 76.0x the tokenizer" in out
     huge = _manifest(str(tmp_path / "huge"), 200_000)
-    assert tool.main(["--config", QWEN_14_TO_18, "--manifest", huge]) == 2
+    assert run_tool("plan-memory", ["--config", QWEN_14_TO_18, "--manifest", huge]) == 2
     assert "is smaller than the tokenizer vocabulary 200000" in capsys.readouterr().err
     cfg = _config(str(tmp_path), vocab_size=3000)
-    assert tool.main(["--config", cfg, "--manifest", small]) == 2
+    assert run_tool("plan-memory", ["--config", cfg, "--manifest", small]) == 2
     assert "model.vocab_size=3000 but the manifest" in capsys.readouterr().err
-    assert tool.main(["--config", _config(str(tmp_path)), "--manifest", small,
+    assert run_tool("plan-memory", ["--config", _config(str(tmp_path)), "--manifest", small,
                       "--vocab-size", "2000"]) == 2
     assert "pass one" in capsys.readouterr().err
-    assert tool.main(["--config", _config(str(tmp_path)), "--manifest",
+    assert run_tool("plan-memory", ["--config", _config(str(tmp_path)), "--manifest",
                       str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml does not exist" in capsys.readouterr().err

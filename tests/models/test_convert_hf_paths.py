@@ -15,9 +15,7 @@ TOOLS = os.path.join(ROOT, "tools")
 
 
 def _tool():
-    if TOOLS not in sys.path:
-        sys.path.insert(0, TOOLS)
-    import convert_hf_checkpoint
+    from megatron_ddk.commands import convert_hf_checkpoint
 
     return convert_hf_checkpoint
 

@@ -26,12 +26,10 @@ VOCAB, SEQ, BATCH = 300, 24, 2  # 300 is not a multiple of 128: padding is exerc
 
 
 def _tools():
-    if TOOLS not in sys.path:
-        sys.path.insert(0, TOOLS)
-    import convert_hf_checkpoint
-    import export_hf
+    from megatron_ddk.commands import convert_hf_checkpoint
+    from megatron_ddk.evaluation import export
 
-    return convert_hf_checkpoint, export_hf
+    return convert_hf_checkpoint, export
 
 
 def _tokens():

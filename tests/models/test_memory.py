@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from megatron_ddk.cli import run_tool
 from megatron_ddk.config import load_config
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.models.memory import (
@@ -255,13 +256,11 @@ def test_loss_copies_match_the_plan():
 
 
 def test_plan_memory_cli(capsys):
-    import tools.plan_memory as tool
-
-    assert tool.main(["--config", QWEN_14_TO_18]) == 0
+    assert run_tool("plan-memory", ["--config", QWEN_14_TO_18]) == 0
     out = capsys.readouterr().out
     assert "TP=2 x PP=1 x DP=16 = 32 GPUs" in out and "fits in 80 GiB" in out
     assert "teacher 14.167 B parameters" in out
-    assert tool.main(["--config", QWEN_14_TO_18, "--tp", "1", "--recompute", "none",
+    assert run_tool("plan-memory", ["--config", QWEN_14_TO_18, "--tp", "1", "--recompute", "none",
                       "--attention", "materialized", "--micro-batch-size", "4"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
-    assert tool.main(["--config", QWEN_14_TO_18, "--tp", "3"]) == 2   # 32 GPUs / (3 x 1)
+    assert run_tool("plan-memory", ["--config", QWEN_14_TO_18, "--tp", "3"]) == 2   # 32 GPUs / (3 x 1)

@@ -9,15 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import pytest
 
+from megatron_ddk.cli import run_tool
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import make_report  # noqa: E402
-
 from megatron_ddk.reporting import load_eval, load_run  # noqa: E402
 from megatron_ddk.reporting.fidelity import average_ranks, fidelity_check, spearman  # noqa: E402
 from megatron_ddk.reporting.plots import plot_interval_ppl, ratio_error_bars  # noqa: E402
@@ -165,7 +162,7 @@ def test_report_holds_the_table_and_the_plot_its_error_bars(tmp_path):
     argv = ["--out", str(out), "--eval", f"teacher={write_eval(tmp_path / 't.json', TEACHER)}",
             "--eval", f"student_before={write_eval(tmp_path / 's.json', STUDENT)}",
             "--run", f"DDK={ddk}"]
-    assert make_report.main(argv) == 0
+    assert run_tool("report", argv) == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["fidelity"]["available"] and rep["fidelity"]["flagged"] == ["b", "c"]
     text = out.read_text()
@@ -177,5 +174,5 @@ def test_report_holds_the_table_and_the_plot_its_error_bars(tmp_path):
     assert above[0] == pytest.approx(2.8 * math.exp(T975_3 * 0.02) - 2.8)
     assert plot_interval_ppl(run, str(tmp_path / "p.png"))
     nodir = tmp_path / "no" / "report.md"
-    assert make_report.main(["--out", str(nodir)] + argv[2:6]) == 0
+    assert run_tool("report", ["--out", str(nodir)] + argv[2:6]) == 0
     assert "Not available: no --run named 'DDK'." in nodir.read_text()

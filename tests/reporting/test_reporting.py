@@ -14,12 +14,12 @@ import sys
 
 import pytest
 
+from megatron_ddk.cli import run_tool
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import make_report  # noqa: E402
-import plot_run  # noqa: E402
-
+from megatron_ddk.commands import (
+    plot_run,  # noqa: E402
+)
 from megatron_ddk.config.schema import DDKConfig  # noqa: E402
 from megatron_ddk.ddk import DDKController  # noqa: E402
 from megatron_ddk.reporting import load_run, weight_direction  # noqa: E402
@@ -106,7 +106,7 @@ def report(tmp_path_factory):
     out = tmp / "out" / "report.md"
     argv = ["--out", str(out), "--title", "T"] + sum((["--eval", e] for e in evals), [])
     argv += ["--run", f"KD={kd}", "--run", f"DDK={ddk}", "--timing", str(tmp / "timing.json")]
-    assert make_report.main(argv) == 0
+    assert run_tool("report", argv) == 0
     return out, json.loads((tmp / "out" / "report.json").read_text())
 
 
@@ -250,9 +250,9 @@ def test_eval_errors(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"domains": {"a": {"loss": "high"}}}')
     out = str(tmp_path / "r.md")
-    assert make_report.main(["--out", out, "--eval", f"T={good}", "--eval", f"O={other}"]) == 2
+    assert run_tool("report", ["--out", out, "--eval", f"T={good}", "--eval", f"O={other}"]) == 2
     assert "o.json has domains" in capsys.readouterr().err
-    assert make_report.main(["--out", out, "--eval", f"B={bad}"]) == 2
+    assert run_tool("report", ["--out", out, "--eval", f"B={bad}"]) == 2
     assert "bad.json: domains.a.loss: expected a finite number" in capsys.readouterr().err
 
 
@@ -279,7 +279,7 @@ def test_refuses_evaluations_on_other_samples(tmp_path, capsys, changes, field, 
     ref = write_eval(tmp_path / "teacher.json", PPL["teacher"])
     other = write_eval(tmp_path / "kd.json", PPL["KD"], changes=changes)
     out = tmp_path / "o" / "report.md"
-    assert make_report.main(["--out", str(out), "--eval", f"teacher={ref}",
+    assert run_tool("report", ["--out", str(out), "--eval", f"teacher={ref}",
                              "--eval", f"KD={other}"]) == 2
     err = capsys.readouterr().err
     assert f"{other} (KD) was evaluated on other samples than {ref} (teacher): {field}" in err
@@ -292,7 +292,7 @@ def test_refuses_evaluations_on_other_samples(tmp_path, capsys, changes, field, 
 def test_refuses_an_eval_that_records_no_samples(tmp_path, capsys, missing):
     ref = write_eval(tmp_path / "teacher.json", PPL["teacher"])
     old = write_eval(tmp_path / "old.json", PPL["KD"], changes={missing: None})
-    assert make_report.main(["--out", str(tmp_path / "r.md"), "--eval", f"T={ref}",
+    assert run_tool("report", ["--out", str(tmp_path / "r.md"), "--eval", f"T={ref}",
                              "--eval", f"O={old}"]) == 2
     err = capsys.readouterr().err
     name = missing if "." not in missing else "domains." + missing
@@ -310,6 +310,6 @@ def test_report_states_its_split(report, tmp_path):
     valid = [f"{n}={write_eval(tmp_path / f'{n}.json', p, changes={'split': 'valid'})}"
              for n, p in PPL.items()]
     out = tmp_path / "v" / "report.md"
-    assert make_report.main(["--out", str(out)] + sum((["--eval", e] for e in valid), [])) == 0
+    assert run_tool("report", ["--out", str(out)] + sum((["--eval", e] for e in valid), [])) == 0
     assert "## Per-domain valid perplexity" in out.read_text()
     assert "DDK's steering set" in out.read_text()

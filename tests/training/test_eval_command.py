@@ -210,7 +210,7 @@ def test_per_sample_losses_match_a_dense_reference_and_dp2(evals, evals_dp2):
 
 
 def test_manifest_without_test_split(evals):
-    assert "(version 1) has no test split: rebuild it with tools/build_domains.py" in \
+    assert "(version 1) has no test split: rebuild it with `megatron-ddk build-domains`" in \
         evals["v1_error"] and "--split valid" in evals["v1_error"]
     # the valid split of the old manifest is the same samples as the new one's
     assert evals["v1_valid"]["fingerprint"] == evals["valid"]["fingerprint"]

@@ -4,7 +4,6 @@ per domain, as the run itself recorded them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -14,11 +13,9 @@ K, STEPS, GBS, SEQ = 4, 12, 8, 32
 
 
 def _simulator():
-    path = os.path.join(tiny_run.ROOT, "tools", "simulate_mixture.py")
-    spec = importlib.util.spec_from_file_location("simulate_mixture", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from megatron_ddk.commands import simulate_mixture
+
+    return simulate_mixture
 
 
 def _totals(text):

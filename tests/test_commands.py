@@ -1,0 +1,90 @@
+"""Every `megatron-ddk` subcommand and every tools/*.py wrapper as a user runs them: --help
+answers, and a user error ends with exit code 2 and one `error:` line naming the input
+(console.py's rules). One table; each row is a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ddk import cli
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+MISSING = "/nonexistent/ddk-input"
+"""An input that does not exist: every error line must name it."""
+
+USER_ERRORS = {
+    "train": ["--config", f"{MISSING}.yaml"],
+    "eval": ["--config", f"{MISSING}.yaml", "--load", MISSING],
+    "lm-eval": ["--load", MISSING, "--tasks", "arc_easy"],
+    "pipeline": ["--config", f"{MISSING}.yaml"],
+    "check-config": ["--config", f"{MISSING}.yaml"],
+    "init": ["DIR", "--template", "ddk-input-template"],
+    "build-domains": ["--input", MISSING, "--output-dir", "OUT", "--tokenizer-model",
+                      f"{MISSING}.model"],
+    "preprocess": ["--input", f"{MISSING}.jsonl", "--output-prefix", "OUT/x",
+                   "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                   f"{MISSING}.model"],
+    "train-tokenizer": ["--input", MISSING, "--output-prefix", "OUT/tok"],
+    "demo-corpus": ["--output-dir", "OUT/c", "--domains", "ddk-input-domain"],
+    "convert-hf": ["--hf-dir", MISSING, "--save", "OUT/ckpt"],
+    "export-hf": ["--load", MISSING, "--out", "OUT/hf"],
+    "cache-teacher": ["--config", f"{MISSING}.yaml", "--out", "OUT/store"],
+    "simulate-mixture": ["--manifest", f"{MISSING}.yaml", "--synthetic", "--steps", "10"],
+    "plan-memory": ["--config", f"{MISSING}.yaml"],
+    "plan-teacher-store": ["--ks", "ddk-input-k"],
+    "report": ["--out", "OUT/report.md", "--eval", f"x={MISSING}.json"],
+    "plot": [MISSING],
+    "lm-eval-tasks": ["--manifest", f"{MISSING}.yaml", "--out", "OUT/tasks"],
+    "quickstart": ["--out", "OUT/q", "ddk-input-section.field=1"],
+}
+"""One user error per subcommand; the error line must contain "ddk-input"."""
+
+WRAPPERS = {f[:-3]: f for f in sorted(os.listdir(os.path.join(ROOT, "tools")))
+            if f.endswith(".py")}
+
+
+def _run(argv, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable] + argv, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+def _subcommands():
+    return [a for a in cli.build_parser()._subparsers._group_actions[0].choices]
+
+
+def test_the_table_covers_every_subcommand_and_every_wrapper():
+    assert set(USER_ERRORS) == set(_subcommands())
+    modules = {module for module, _ in cli.TOOLS.values()}
+    assert {name for name in WRAPPERS if name not in ("check_wheels", "config_reference")} \
+        == modules - {"init"}
+
+
+@pytest.mark.parametrize("name", sorted(USER_ERRORS))
+def test_subcommand_help_and_user_error(name, tmp_path):
+    res = _run(["-m", "megatron_ddk.cli", name, "--help"], tmp_path)
+    assert res.returncode == 0 and "usage:" in res.stdout, (name, res.stderr[-2000:])
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in USER_ERRORS[name]]
+    res = _run(["-m", "megatron_ddk.cli", name] + args, tmp_path)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2, (name, res.returncode, res.stderr[-3000:])
+    assert len(lines) == 1 and "ddk-input" in lines[0], (name, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr, (name, res.stderr[-3000:])
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_tools_wrapper_help(wrapper, tmp_path):
+    res = _run([os.path.join(ROOT, "tools", WRAPPERS[wrapper]), "--help"], tmp_path)
+    assert res.returncode == 0 and "usage:" in res.stdout, (wrapper, res.stderr[-2000:])
+
+
+def test_tools_wrapper_user_error_is_the_subcommands(tmp_path):
+    res = _run([os.path.join(ROOT, "tools", "build_domains.py")]
+               + [a.replace("OUT", str(tmp_path)) for a in USER_ERRORS["build-domains"]],
+               tmp_path)
+    assert res.returncode == 2 and res.stderr.count("error:") == 1, res.stderr[-2000:]
+    assert MISSING in res.stderr
