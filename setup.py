@@ -26,8 +26,11 @@ EXTRAS = {
         "ruff>=0.17,<0.18",  # scripts/test.sh: ruff check (pyproject.toml); tested 0.17.6
         "import-linter>=2.16,<3",  # scripts/test.sh: lint-imports (layers); tested 2.17
         "lm-eval[hf]>=0.4.13,<0.5",  # tests/evaluation; adds ~7 min to a cold install here
+        "wandb>=0.31,<0.32",  # tests/training/test_wandb.py (offline mode); tested 0.31.0
     ],
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4,<1"],
+    # logging.wandb_project: Weights & Biases logging (training/wandb_log.py); tested 0.31.0
+    "wandb": ["wandb>=0.31,<0.32"],
     # scripts/gpu_check.sh on an offline GPU host: what its GPU tests need (wheel folder recipe).
     "gpu": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=4.45,<6",
             "safetensors>=0.4,<1"],
