@@ -64,7 +64,7 @@ def num_params(cfg, padded_vocab: int) -> int:
 
 def predicted_peak_bytes(student, teacher, padded_vocab: int, *, seq: int, mbs: int,
                          num_microbatches: int, bf16: bool, impl: str) -> int:
-    """tools/plan_memory.py's per-GPU total for this run on one GPU, without its fixed overhead
+    """megatron-ddk plan-memory's per-GPU total for this run on one GPU, without its fixed overhead
     (CUDA context, allocator slack), i.e. what torch.cuda.max_memory_allocated can be held to."""
     from megatron_ddk.models.memory import Layout, plan_stages
 

@@ -151,7 +151,7 @@ class Row:
     """Seconds per step in the student's forward + backward (schedule time minus teacher)."""
 
     predicted_gib: Optional[float] = None
-    """tools/plan_memory.py's prediction for the row without its fixed overhead (GiB)."""
+    """megatron-ddk plan-memory's prediction for the row without its fixed overhead (GiB)."""
 
 
 def measure(runner, args, seq: int, vocab: int) -> dict:

@@ -64,7 +64,7 @@ def _throughput(data: Optional[dict]) -> List[str]:
         if r.get("peak_gib") is not None and r.get("predicted_gib"):
             out.append(f"- peak memory {r['run']} seq {r['seq']}: {r['peak_gib']:.1f} GiB "
                        f"allocated vs {r['predicted_gib']:.1f} GiB predicted by "
-                       f"tools/plan_memory.py ({r['peak_gib'] / r['predicted_gib']:.2f}x)")
+                       f"megatron-ddk plan-memory ({r['peak_gib'] / r['predicted_gib']:.2f}x)")
     return out
 
 

@@ -22,7 +22,7 @@ MFU counts the student's training FLOPs (3x forward) and the teacher's forward F
 (training/flops.FlopCounter), plus the amortised evaluation forward for DDK, against the dense
 bf16 peak (also for the FP8 rows). The teacher / student column splits each step's time into the
 teacher's forward and the student's forward + backward (training/timing.StageTimer); the memory
-columns give the peak allocated and tools/plan_memory.py's prediction (models/memory.py, without
+columns give the peak allocated and megatron-ddk plan-memory's prediction (models/memory.py, without
 its fixed overhead). The FP8 column compares the FP8 teacher's logits with the bf16 teacher's on
 the same batch: relative L2 and mean KL(bf16 || FP8) per token, in fp32.
 """

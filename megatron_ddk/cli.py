@@ -40,6 +40,7 @@ TOOLS: Dict[str, Tuple[str, str]] = {
     "plot": ("plot_run", "plots of one or more run folders"),
     "lm-eval-tasks": ("build_lm_eval_tasks", "lm-eval task folder from a manifest's test split"),
     "quickstart": ("quickstart", "the quickstart pipeline on the embedded demo corpus"),
+    "config-reference": ("config_reference", "every config field with its type, default, meaning"),
 }
 """Tool subcommands: name -> (module in megatron_ddk.commands, one-line help)."""
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Domain corpora -> Megatron indexed datasets + manifest: a thin wrapper around
-# tools/build_domains.py (see docs/data.md).
+# megatron-ddk build-domains (see docs/data.md).
 #
 #   # the embedded demo: corpus from text on this machine, tokenizer, datasets, manifest
 #   bash scripts/preprocess_domains.sh --demo data/demo [extra build_domains.py flags]
@@ -34,8 +34,8 @@ if [[ "${1:-}" == "--demo" ]]; then
     --valid-samples "${VALID_SAMPLES:-64}"
     --valid-seq-length "${VALID_SEQ_LENGTH:-256}"
   )
-  "$PYTHON" "$ROOT/tools/build_demo_corpus.py" "${CORPUS_ARGS[@]}"
-  exec "$PYTHON" "$ROOT/tools/build_domains.py" "${DOMAIN_ARGS[@]}" "$@"
+  "$PYTHON" -m megatron_ddk.cli demo-corpus "${CORPUS_ARGS[@]}"
+  exec "$PYTHON" -m megatron_ddk.cli build-domains "${DOMAIN_ARGS[@]}" "$@"
 fi
 
-exec "$PYTHON" "$ROOT/tools/build_domains.py" "$@"
+exec "$PYTHON" -m megatron_ddk.cli build-domains "$@"

@@ -13,4 +13,4 @@ setup_start=$(date +%s)
 source "$ROOT/scripts/setup_env.sh" test
 echo "[quickstart] environment ready in $(( $(date +%s) - setup_start )) s"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-exec python tools/quickstart.py "$@"
+exec megatron-ddk quickstart "$@"
