@@ -90,10 +90,14 @@ def write_atomic(path: str, data: Union[str, bytes]) -> None:
         raise
 
 
-def check_writable_folder(path: str, field: str) -> None:
+def check_writable_folder(path: str, field: str, create: bool = True) -> None:
     """Create folder `path` if needed and prove a file can be written in it; ValueError in one
     line naming the config field and the path otherwise (a file in the way, a read-only or
-    permission-denied location, a full disk)."""
+    permission-denied location, a full disk). create=False changes nothing on disk: the folder,
+    or the nearest folder above it that exists, must be a writable folder."""
+    if not create:
+        _check_creatable(path, field)
+        return
     probe = os.path.join(path, f".write_probe{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -105,3 +109,16 @@ def check_writable_folder(path: str, field: str) -> None:
         where = f" ({err.filename})" if err.filename and err.filename not in (path, probe) else ""
         raise ValueError(f"{field}={path}: cannot write there: {reason}{where}; choose a "
                          f"writable folder") from None
+
+
+def _check_creatable(path: str, field: str) -> None:
+    """check_writable_folder without writing: the first existing folder on the way is writable."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise ValueError(f"{field}={path}: {here} is a file, not a folder; choose a writable "
+                         f"folder")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}={path}: cannot write there: {here} is not writable; choose a "
+                         f"writable folder")

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="store_true", help="also run this host's checks")
     p.add_argument("--deep", action="store_true", help="also check the manifest and the "
                    "checkpoints the config names (vocabulary, tokenizer, shapes, save folder)")
+    p.add_argument("--static", action="store_true", help="only the checks that need no files "
+                   "(schema, cross-field rules, batch sizes): a preset off the cluster; without "
+                   "it, exactly what train checks before it builds anything")
     for name, (_module, text) in TOOLS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed here, parsed by the tool
     return parser

@@ -108,8 +108,9 @@ def test_pipeline_subcommand_maps_stage_failure_and_user_error(monkeypatch, stde
 
 def test_check_config_through_main(stderr_lines):
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    assert cli.main(["check-config", "--config", PRESET]) == 0
-    assert cli.main(["check-config", "--config", PRESET, "train.lr=-1"]) == 2
+    assert cli.main(["check-config", "--static", "--config", PRESET]) == 0
+    assert cli.main(["check-config", "--static", "--config", PRESET, "train.lr=-1"]) == 2
+    assert cli.main(["check-config", "--config", PRESET]) == 2  # /path/to/ placeholders
     assert cli.main(["check-config", "--config", PRESET + ".missing"]) == 2
     lines = stderr_lines()
     assert lines[0] == f"{PRESET}: static checks passed"

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from megatron_ddk.console import run_or_exit
-from megatron_ddk.data.hf_tokenizer import copy_tokenizer_files, tokenizer_size
+from megatron_ddk.data.hf_tokenizer import copy_tokenizer_files, hf_tokenizer_file, tokenizer_size
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
 
@@ -218,11 +218,8 @@ def _copy_tokenizer(hf_dir: str, save: str) -> Optional[str]:
     """Copy the tokenizer files (hf_tokenizer.HF_TOKENIZER_FILES) to SAVE/tokenizer/; return the
     file to hash (and to preprocess with)."""
     out = os.path.join(save, "tokenizer")
-    present = copy_tokenizer_files(hf_dir, out)
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if name in present:
-            return os.path.join(out, name)
-    return None
+    copy_tokenizer_files(hf_dir, out)
+    return hf_tokenizer_file(out)
 
 
 def _load_weights(plan: ConversionPlan, model) -> None:

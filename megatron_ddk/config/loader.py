@@ -2,11 +2,12 @@
 
 Unknown keys and ill-typed values are errors that name the dotted field, the bad value and what is
 allowed. Static cross-field checks live in validate.py; this module only maps data to dataclasses.
-It imports nothing from megatron_ddk but the schema.
+It imports nothing from megatron_ddk but the schema and atomic.py.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
@@ -14,6 +15,7 @@ from typing import Any, List, Literal, Optional, Sequence, Union
 
 import yaml
 
+from megatron_ddk.atomic import write_atomic
 from megatron_ddk.config.schema import TEACHER_FROM_CHECKPOINT, RunConfig
 
 
@@ -205,20 +207,24 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
         data = loaded or {}
-    data = apply_overrides(data, overrides)
+    return config_from_data(data, overrides, path or "config")
+
+
+def config_from_data(data: dict, overrides: Sequence[str] = (), where: str = "config"
+                     ) -> RunConfig:
+    """A RunConfig from plain data (a parsed YAML file, or what the pipeline generates) and
+    overrides; errors are prefixed with `where`. load_config's path after reading the file."""
+    data = apply_overrides(copy.deepcopy(data), overrides)
     _default_teacher(data)
     try:
         return from_dict(RunConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def dump_config(cfg: RunConfig, path: str) -> None:
-    """Write the resolved config as YAML, atomically (temp file + rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    """Write the resolved config as YAML, atomically (atomic.write_atomic)."""
+    write_atomic(path, config_to_yaml(cfg))
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

@@ -48,6 +48,19 @@ SAMPLE_TEXTS = (
 """Text the export's tokenizer must tokenize exactly as the project's tokenizer does."""
 
 
+TOKENIZER_MODEL_FILES = ("tokenizer.model", "tokenizer.json")
+"""The file of a Hugging Face folder that identifies its tokenizer, in order of preference: the
+one `megatron-ddk convert-hf` records the hash of and preprocessing uses."""
+
+
+def hf_tokenizer_file(folder: str) -> Optional[str]:
+    """The tokenizer file of a Hugging Face model folder (TOKENIZER_MODEL_FILES), or None."""
+    for name in TOKENIZER_MODEL_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
 @dataclass
 class TokenizerSource:
     """A tokenizer to export."""

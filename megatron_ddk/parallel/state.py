@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatron_ddk.config.optional import have_cuda
 from megatron_ddk.lifeline import children_die_with_this_process, exit_with_launcher
+from megatron_ddk.parallel.launcher import launcher_env
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +95,7 @@ class ParallelContext:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
 
-def _launcher_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun, else SLURM, else a single process."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
+_launcher_env = launcher_env  # the launcher's (rank, world_size, local_rank)
 
 
 def _start_process_group(backend: str, timeout_minutes: int) -> None:

@@ -19,10 +19,12 @@ from typing import Any, Dict, List, Tuple
 
 import yaml
 
-from megatron_ddk.config import load_config, static_checks, to_dict
+from megatron_ddk.atomic import write_atomic
+from megatron_ddk.config import to_dict
 from megatron_ddk.config.loader import ConfigError
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.pipeline.config import ArmSpec, ModelStageSpec, PipelineConfig, deep_merge
+from megatron_ddk.training.prepare import prepare_run
 
 PY = sys.executable
 PRETRAIN_SEEDS = {"teacher": 101, "student": 202}
@@ -142,10 +144,7 @@ class PipelinePlan:
     def write_config(self, name: str, data: Dict[str, Any]) -> str:
         path = os.path.join(self.configs, name.replace("/", "_") + ".yaml")
         os.makedirs(self.configs, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-        os.replace(tmp, path)
+        write_atomic(path, yaml.safe_dump(data, sort_keys=False))
         return path
 
     def check(self) -> None:
@@ -174,6 +173,8 @@ class PipelinePlan:
                 raise ConfigError(f"{name}.checkpoint: {spec.checkpoint!r} does not exist")
             if spec.source == "huggingface" and not (spec.hf_dir and os.path.isdir(spec.hf_dir)):
                 raise ConfigError(f"{name}.hf_dir: {spec.hf_dir!r} is not a folder")
+            if spec.source == "huggingface":
+                self._check_hf_folder(name)
         checks: List[Tuple[str, Dict[str, Any]]] = []
         for name in ("teacher", "student"):
             if getattr(cfg, name).source == "pretrain":
@@ -187,25 +188,64 @@ class PipelinePlan:
         if clash:
             raise ConfigError(f"seeds {clash} equal a pre-training stage's train.seed: the arms "
                               f"would re-read the pre-training sample order; choose other seeds")
-        for where, data in checks:
-            overrides = [f"data.manifest={data['data']['manifest']}"]
+        for where, data in checks:  # the files do not exist yet: what train checks without them
             try:
-                static_checks(_from_data(data, overrides), self.cfg.launch.nproc_per_node)
-            except ConfigError as exc:
+                prepare_run(data, world_size=self.cfg.launch.nproc_per_node,
+                            resolve_files=False, create_folders=False)
+            except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         self._check_checkpoint_tokenizers()
 
-    def _check_checkpoint_tokenizers(self) -> None:
-        """Given checkpoints must be of the tokenizer the data will use (when it is known)."""
+    def _known_tokenizer(self):
+        """The hash of the tokenizer the data will use, when it is known before any stage."""
         from megatron_ddk.data.tokenizer import tokenizer_hash
 
-        known = None
         if self.cfg.data.manifest:
             from megatron_ddk.data.manifest import load_manifest
 
-            known = load_manifest(self.manifest).tokenizer_hash
-        elif self.cfg.tokenizer.model and not self.cfg.tokenizer.train:
-            known = tokenizer_hash(self.cfg.tokenizer.model)
+            return load_manifest(self.manifest).tokenizer_hash
+        if self.cfg.tokenizer.model and not self.cfg.tokenizer.train:
+            return tokenizer_hash(self.cfg.tokenizer.model)
+        return None
+
+    def _check_hf_folder(self, name: str) -> None:
+        """A Hugging Face teacher / student: its architecture is one convert-hf supports and its
+        tokenizer is the one the data will use (read from the folder, before any stage)."""
+        import json
+
+        from megatron_ddk.data.hf_tokenizer import hf_tokenizer_file
+        from megatron_ddk.data.tokenizer import tokenizer_hash
+        from megatron_ddk.models.hf import hf_architecture
+
+        hf_dir = os.path.abspath(getattr(self.cfg, name).hf_dir)
+        path = os.path.join(hf_dir, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{name}.hf_dir: {hf_dir} has no config.json; give a Hugging "
+                              f"Face model folder")
+        with open(path) as f:
+            try:
+                hf_architecture(json.load(f), where=path)
+            except ValueError as exc:
+                raise ConfigError(f"{name}.hf_dir: {exc}") from None
+        tok = hf_tokenizer_file(hf_dir)
+        if tok is None:
+            raise ConfigError(f"{name}.hf_dir: {hf_dir} has no tokenizer.model or tokenizer.json;"
+                              f" the converted {name} needs its tokenizer")
+        fix = f"set tokenizer: {{train: false, model: {tok}}}"
+        if self.cfg.tokenizer.train:
+            raise ConfigError(f"{name}.hf_dir: {hf_dir} brings its own tokenizer ({tok}) but "
+                              f"tokenizer.train is true, so the data would use a new one; "
+                              f"teacher, student and data must share a tokenizer: {fix}")
+        known, theirs = self._known_tokenizer(), tokenizer_hash(tok)
+        if known is not None and known != theirs:
+            given = self.manifest if self.cfg.data.manifest else self.cfg.tokenizer.model
+            raise ConfigError(f"{name}.hf_dir: its tokenizer {tok} ({theirs}) is not the "
+                              f"pipeline's ({given}, {known}); {fix}"
+                              + (" and rebuild the manifest" if self.cfg.data.manifest else ""))
+
+    def _check_checkpoint_tokenizers(self) -> None:
+        """Given checkpoints must be of the tokenizer the data will use (when it is known)."""
+        known = self._known_tokenizer()
         for name in ("teacher", "student"):
             if getattr(self.cfg, name).source != "checkpoint":
                 continue
@@ -219,17 +259,3 @@ class PipelinePlan:
                 raise ConfigError(
                     f"{name}.checkpoint {self.ckpt(name)} was trained with tokenizer {saved} but "
                     f"the data use {known}; teacher, student and data must share a tokenizer")
-
-
-def _from_data(data: Dict[str, Any], overrides: List[str]):
-    """A RunConfig from generated plain data (through a temp YAML, the trainer's own path)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    try:
-        return load_config(f.name, overrides)
-    except ConfigError as exc:  # the temporary file's name means nothing to the user
-        raise ConfigError(str(exc).replace(f"{f.name}: ", "")) from None
-    finally:
-        os.remove(f.name)

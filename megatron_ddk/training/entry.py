@@ -1,14 +1,14 @@
 """Entry functions of `megatron-ddk train` and `megatron-ddk eval` (python -m megatron_ddk.train
 too) and of `megatron-ddk cache-teacher`.
 
-Each is straight-line: load and check the config (static, then host), start the parallel context,
-run, destroy the context in a `finally`. User errors propagate as ValueError (NonFiniteLossError
+Each is straight-line: prepare the config (training/prepare.py: the same path check-config runs),
+run the host checks, start the parallel context, run, destroy the context in a `finally`. User errors propagate as ValueError (NonFiniteLossError
 for a diverged loss); the caller turns them into one line and an exit code (console.run_command,
 the one mapping). Training also installs the pre-emption handler (SIGTERM / SIGUSR1: save a
 checkpoint at the next step and exit 0).
 
-cli.py imports this module only when one of these commands runs: importing the trainer (torch,
-Megatron-Core) takes seconds, `megatron-ddk --help` a tenth of one.
+This module imports torch and Megatron-Core only after the config passed prepare_run: importing
+the trainer takes seconds, reporting a typo in a config a fraction of one.
 """
 
 from __future__ import annotations
@@ -22,16 +22,10 @@ import warnings
 from typing import List, Optional
 
 from megatron_ddk.atomic import check_writable_folder, write_atomic
-from megatron_ddk.config import RunConfig, load_config, static_checks
-from megatron_ddk.config.host import host_checks
+from megatron_ddk.config import RunConfig
 from megatron_ddk.console import results
-from megatron_ddk.models.teacher_config import resolve_teacher
-from megatron_ddk.parallel import ParallelContext, destroy, initialize
-from megatron_ddk.parallel.state import _launcher_env
-from megatron_ddk.training.evaluation_command import evaluate_checkpoint
-from megatron_ddk.training.run_folder import check_save_folder, resolve_load
-from megatron_ddk.training.teacher_cache import cache_teacher_logits, format_summary
-from megatron_ddk.training.trainer import Trainer
+from megatron_ddk.parallel.launcher import launcher_env
+from megatron_ddk.training.prepare import prepare_run
 
 logger = logging.getLogger("megatron_ddk")
 
@@ -84,26 +78,19 @@ def _setup_logging(cfg, rank: int) -> None:
 
 def prepare_config(config: str, overrides: List[str], load: Optional[str] = None,
                    training: bool = False) -> RunConfig:
-    """Load the config, resolve the teacher (from its checkpoint) and checkpoint.load: auto, run
-    the static checks, the output-folder checks, (training) the save-folder guard, the host
-    checks, then set up this rank's logging."""
-    if load:
-        overrides = list(overrides) + [f"checkpoint.load={load}"]
-    cfg = resolve_load(resolve_teacher(load_config(config, overrides)))
-    rank, world, _ = _launcher_env()
-    static_checks(cfg, world)
-    check_writable_folder(cfg.logging.run_dir, "logging.run_dir")
-    if training:
-        if cfg.checkpoint.save:
-            check_writable_folder(cfg.checkpoint.save, "checkpoint.save")
-        check_save_folder(cfg)
+    """prepare_run (what check-config runs), then the host checks and this rank's logging."""
+    cfg = prepare_run(config, overrides, load=load, training=training)
+    from megatron_ddk.config.host import host_checks  # imports torch
+
     host_checks(cfg)
-    _setup_logging(cfg, rank)
+    _setup_logging(cfg, launcher_env()[0])
     return cfg
 
 
-def start_parallel(cfg: RunConfig) -> ParallelContext:
+def start_parallel(cfg: RunConfig):
     """torch.distributed and Megatron-Core's groups for the config's TP x PP layout."""
+    from megatron_ddk.parallel import initialize
+
     return initialize(cfg.parallel.tensor_model_parallel_size,
                       cfg.parallel.pipeline_model_parallel_size, seed=cfg.train.seed,
                       backend=cfg.parallel.distributed_backend,
@@ -113,6 +100,9 @@ def start_parallel(cfg: RunConfig) -> ParallelContext:
 def train_main(config: str, overrides: List[str], load: Optional[str] = None) -> int:
     """Train a run (one process or one torchrun rank); returns the Trainer's exit code."""
     cfg = prepare_config(config, overrides, load, training=True)
+    from megatron_ddk.parallel import destroy
+    from megatron_ddk.training.trainer import Trainer
+
     ctx = start_parallel(cfg)
     _install_stop_signals(cfg.checkpoint.save_on_signal)
     try:
@@ -128,6 +118,9 @@ def eval_main(config: str, overrides: List[str], load: str, output: Optional[str
     cfg = prepare_config(config, list(overrides) + ["distill.teacher=null", "ddk.policy=static"])
     if output:  # before the evaluation, not after it
         check_writable_folder(os.path.dirname(os.path.abspath(output)), "--output")
+    from megatron_ddk.parallel import destroy
+    from megatron_ddk.training.evaluation_command import evaluate_checkpoint
+
     ctx = start_parallel(cfg)
     try:
         result = evaluate_checkpoint(cfg, ctx, load, split=split, num_samples=samples)
@@ -144,6 +137,9 @@ def cache_teacher_main(config: str, overrides: List[str], out: str, **kwargs) ->
     """`megatron-ddk cache-teacher`: write the offline teacher store of the config's teacher
     (training/teacher_cache.py; kwargs go to cache_teacher_logits) and print its table."""
     cfg = prepare_config(config, overrides)
+    from megatron_ddk.parallel import destroy
+    from megatron_ddk.training.teacher_cache import cache_teacher_logits, format_summary
+
     ctx = start_parallel(cfg)
     try:
         summary = cache_teacher_logits(cfg, ctx, out, **kwargs)

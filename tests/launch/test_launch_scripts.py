@@ -112,14 +112,17 @@ def test_launch_sh_runs_torchrun_with_config_and_overrides(fake_repo):
 
 def test_sbatch_resumes_forwards_usr1_and_requeues(fake_repo, tmp_path):
     repo, out, env = fake_repo
-    save = tmp_path / "ckpt"
-    save.mkdir()
+    save, teacher = tmp_path / "ckpt", tmp_path / "teacher"
+    (save / "iter_0001000").mkdir(parents=True)
     (save / "latest_checkpointed_iteration.txt").write_text("1000")
+    (teacher / "iter_0000010").mkdir(parents=True)  # check-config runs train's checks: the
+    (teacher / "latest_checkpointed_iteration.txt").write_text("10")  # teacher must exist
     env.update(SLURM_JOB_ID="12345", SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost",
                SLURM_SUBMIT_DIR=str(repo), GPUS_PER_NODE="2", FAKE_WAIT="1")
     env.pop("MASTER_PORT")  # derived from the job id: 20000 + 12345 % 20000
     proc = subprocess.Popen(["bash", "scripts/slurm_distill.sbatch", PRESET,
-                             f"checkpoint.save={save}"], cwd=repo, env=env,
+                             f"checkpoint.save={save}", f"distill.teacher_load={teacher}",
+                             f"logging.run_dir={tmp_path / 'run'}"], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 90
@@ -133,10 +136,11 @@ def test_sbatch_resumes_forwards_usr1_and_requeues(fake_repo, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, log
-    assert "static checks passed" in log and "resuming from" in log
+    assert "train's checks passed" in log and "resuming from" in log
     assert "rendezvous localhost:32345" in log
     for lines in _ranks(out):
         assert lines[0] == (f"--config {PRESET} checkpoint.save={save} "
+                            f"distill.teacher_load={teacher} logging.run_dir={tmp_path / 'run'} "
                             f"checkpoint.load={save} checkpoint.finetune=false")
         assert lines[2] == f"saved on signal {int(signal.SIGUSR1)}"
     assert (out / "scontrol.txt").read_text().split() == ["requeue", "12345"]

@@ -132,3 +132,40 @@ def test_domain_too_small_fails_in_the_data_stage_with_numbers(tmp_path):
     err = proc.stderr + proc.stdout
     assert "stage datasets failed" in err and "--valid-samples" in err, err[-2000:]
     assert not (tmp_path / "out" / "runs").exists()  # nothing was trained
+
+
+def _hf_folder(tmp_path, name, arch="LlamaForCausalLM", tokenizer=None):
+    """A Hugging Face model folder as the plan check reads it: config.json and a tokenizer."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": [arch], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 2, "vocab_size": 60, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}))
+    if tokenizer:
+        (folder / "tokenizer.model").write_bytes(open(tokenizer, "rb").read())
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", ["trains_a_tokenizer", "other_tokenizer", "gpt2", "same"])
+def test_hugging_face_teacher_is_checked_before_the_first_stage(tmp_path, case):
+    ours = _tokenizer(tmp_path, "ours", "the quick brown fox jumps over the lazy dog\n" * 200)
+    other = _tokenizer(tmp_path, "other", "lorem ipsum dolor sit amet consectetur\n" * 200)
+    hf = _hf_folder(tmp_path, "teacher_hf", arch="GPT2LMHeadModel" if case == "gpt2" else
+                    "LlamaForCausalLM", tokenizer=ours if case == "same" else other)
+    tok = (["tokenizer.train=true"] if case == "trains_a_tokenizer" else
+           ["tokenizer.train=false", f"tokenizer.model={ours}"])
+    cfg = load_pipeline_config(MY_DATA, ["teacher.source=huggingface", f"teacher.hf_dir={hf}"]
+                               + tok, corpus=_corpus(tmp_path), out=str(tmp_path / "out"))
+    fix = rf"set tokenizer: \{{train: false, model: {hf}/tokenizer.model\}}"
+    expected = {"trains_a_tokenizer": r"brings its own tokenizer .* tokenizer.train is true.*" + fix,
+                "other_tokenizer": r"its tokenizer .* is not the pipeline's .*" + fix,
+                "gpt2": r"architecture GPT2LMHeadModel is not supported"}
+    if case == "same":
+        PipelinePlan(cfg).check()
+        assert not os.path.exists(tmp_path / "out" / "runs")  # nothing ran
+        return
+    with pytest.raises(ConfigError, match="teacher.hf_dir: " + ".*" + expected[case]):
+        PipelinePlan(cfg).check()
+    assert not os.path.exists(tmp_path / "out" / "data")  # before the first stage
