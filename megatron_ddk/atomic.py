@@ -4,7 +4,14 @@ Every writer of a file that must never be seen half-written (manifest, datasets,
 evaluation JSON) writes `<path>.tmp<pid>[.ext]` and renames it into place with os.replace. A
 writer killed before the rename leaves that temporary file behind; the next writer of the same
 output calls `remove_stale_tmp(path)` first, which deletes the leftovers of writers that are no
-longer alive (a live writer's file is never touched). Imports nothing from megatron_ddk.
+longer alive (a live writer's file is never touched).
+
+Whole folders (an export, a task folder, a checkpoint iteration) are built under a temporary
+sibling and published with `swap_folder`: the old folder is renamed aside, the new one into
+place, then the old one deleted, so at every moment one complete version exists under the final
+name or under `<path>.old<pid>`; `recover_folder` (run by the next writer) puts an aside version
+back when a crash came between the two renames. `atomic_folder` is both steps for one process.
+Imports nothing from megatron_ddk.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import List, Union
+import shutil
+from contextlib import contextmanager
+from typing import Iterator, List, Union
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +98,74 @@ def write_atomic(path: str, data: Union[str, bytes]) -> None:
             pass
         raise
 
+
+
+def _fsync_tree(folder: str) -> None:
+    for here, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def swap_folder(tmp: str, path: str) -> None:
+    """Publish the finished folder `tmp` as `path` (module docstring): its files are synced, an
+    existing `path` goes to `<path>.old<pid>` and is deleted only after the new one is in place."""
+    _fsync_tree(tmp)
+    if not os.path.isdir(path):
+        os.replace(tmp, path)
+        return
+    old = f"{path}.old{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(path: str) -> List[str]:
+    """Clean up after writers of folder `path` that died: their `<path>.tmp<pid>` folders are
+    deleted, and a `<path>.old<pid>` folder is renamed back when `path` itself is missing (a crash
+    between swap_folder's renames), else deleted. Returns what was removed or restored."""
+    folder, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r"\.(tmp|old)(\d+)$")
+    done = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return done
+    for name in names:
+        match = pattern.match(name)
+        full = os.path.join(folder, name)
+        if not match or pid_alive(int(match.group(2))) or not os.path.isdir(full):
+            continue
+        if match.group(1) == "old" and not os.path.exists(path):
+            os.replace(full, path)
+            logger.warning("restored %s from %s (a writer died while replacing it)", path, full)
+        else:
+            shutil.rmtree(full, ignore_errors=True)
+            logger.info("removed %s, left by a writer that is no longer running", full)
+        done.append(full)
+    return done
+
+
+@contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Build folder `path` in one go: yields an empty temporary sibling to fill; when the block
+    ends without an error it replaces `path` (swap_folder), otherwise it is deleted and `path`
+    is as it was."""
+    path = os.path.abspath(path)
+    recover_folder(path)
+    tmp = tmp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        swap_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 def check_writable_folder(path: str, field: str, create: bool = True) -> None:
     """Create folder `path` if needed and prove a file can be written in it; ValueError in one

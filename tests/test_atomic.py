@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from megatron_ddk import atomic
 from megatron_ddk.atomic import remove_stale_tmp, stale_tmp_files, write_atomic
@@ -98,3 +99,62 @@ def test_manifest_dataset_and_metrics_writers_clean_up(tmp_path):
     RunLogger(os.path.dirname(metrics), enabled=True, tensorboard=False).close()
     assert os.listdir(os.path.dirname(metrics)) == ["metrics.jsonl"]
     assert not os.path.exists(f"{metrics}.tmp{dead}")
+
+
+# ---- whole folders ------------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_atomic_folder_replaces_the_whole_folder_or_nothing(tmp_path):
+    from megatron_ddk.atomic import atomic_folder
+
+    out = tmp_path / "export"
+    with atomic_folder(str(out)) as tmp:
+        (tmp_path / tmp / "a.txt").write_text("one")
+    assert _tree(out) == {"a.txt": "one"}
+    with pytest.raises(RuntimeError):
+        with atomic_folder(str(out)) as tmp:
+            (tmp_path / tmp / "b.txt").write_text("half")
+            raise RuntimeError("killed half-way")
+    assert _tree(out) == {"a.txt": "one"}  # the previous version, untouched
+    with atomic_folder(str(out)) as tmp:
+        (tmp_path / tmp / "b.txt").write_text("two")
+    assert _tree(out) == {"b.txt": "two"}  # replaced as a whole: no a.txt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporaries left
+
+
+def test_a_crash_between_the_two_renames_is_recovered(tmp_path):
+    from megatron_ddk.atomic import atomic_folder, recover_folder
+
+    out, pid = tmp_path / "tasks", _dead_pid()
+    aside = tmp_path / f"tasks.old{pid}"  # swap_folder moved the old version aside, then died
+    aside.mkdir()
+    (aside / "tasks.json").write_text("old")
+    half = tmp_path / f"tasks.tmp{pid}"
+    half.mkdir()
+    (half / "partial").write_text("x")
+    assert sorted(recover_folder(str(out))) == sorted([str(aside), str(half)])
+    assert _tree(out) == {"tasks.json": "old"} and not half.exists()
+    # an aside copy beside a complete folder is only deleted; a live writer's files are kept
+    (tmp_path / f"tasks.old{pid}").mkdir()
+    live = tmp_path / f"tasks.tmp{os.getpid()}"
+    live.mkdir()
+    recover_folder(str(out))
+    assert not (tmp_path / f"tasks.old{pid}").exists() and live.exists()
+    live.rmdir()
+    with atomic_folder(str(out)) as tmp:
+        (tmp_path / tmp / "tasks.json").write_text("new")
+    assert _tree(out) == {"tasks.json": "new"}

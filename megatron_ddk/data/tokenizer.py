@@ -27,6 +27,8 @@ import logging
 import os
 from typing import Iterable, Optional, Sequence
 
+from megatron_ddk.atomic import write_atomic
+
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "tokenizer_metadata.json"
@@ -157,14 +159,13 @@ def build_tokenizer(model_path: str, eos_token: Optional[str] = None):
     return tok
 
 
-def _write_vocab(proto: bytes, path: str) -> None:
+def _vocab_text(proto: bytes) -> str:
     """<prefix>.vocab as spm_train writes it: 'piece<TAB>score' per id."""
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(sp.get_piece_size()):
-            f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n")
+    return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
+                   for i in range(sp.get_piece_size()))
 
 
 def write_tokenizer_metadata(model_path: str) -> str:
@@ -226,12 +227,8 @@ def train_sentencepiece(
             "too large for the sample, lower --vocab-size or give more text"
         ) from None
     proto = model.getvalue()
-    tmp = f"{output_prefix}.tmp{os.getpid()}"
-    with open(tmp + ".model", "wb") as f:
-        f.write(proto)
-    _write_vocab(proto, tmp + ".vocab")
-    os.replace(tmp + ".vocab", output_prefix + ".vocab")
-    os.replace(tmp + ".model", output_prefix + ".model")
+    write_atomic(output_prefix + ".vocab", _vocab_text(proto))
+    write_atomic(output_prefix + ".model", proto)  # last: the model marks a finished training
     write_tokenizer_metadata(output_prefix + ".model")
     logger.info("wrote %s.model (%s)", output_prefix, tokenizer_hash(output_prefix + ".model"))
     return output_prefix + ".model"

@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from typing import List, Optional
+
+from megatron_ddk.atomic import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -102,24 +103,13 @@ def _choose_tokenizer(load: str, folder: str, meta: dict, tokenizer: Optional[st
     return source, check_hash(source, expected)
 
 
-def _prepare_out(out: str) -> str:
-    """A fresh temporary sibling of out; refuses to replace a folder no export wrote."""
+def _check_out(out: str) -> None:
+    """Refuse to replace a folder no export wrote."""
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or (
             os.listdir(out) and not os.path.isfile(os.path.join(out, PROVENANCE_FILE)))):
         raise ValueError(f"--out {out} exists and was not written by an export; remove it or "
                          f"choose another folder")
-    tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def _finish(tmp: str, out: str) -> None:
-    out = os.path.abspath(out)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def export_checkpoint(load: str, out: str, *, tokenizer: Optional[str] = None,
@@ -149,8 +139,8 @@ def export_checkpoint(load: str, out: str, *, tokenizer: Optional[str] = None,
         raise ValueError(f"{folder} records no padded_vocab_size; set model.padded_vocab_size")
     source, tok_hash = (None, None) if no_tokenizer else _choose_tokenizer(
         load, folder, meta, tokenizer)
-    tmp = _prepare_out(out)
-    try:
+    _check_out(out)
+    with atomic_folder(out) as tmp:
         special = {}
         if source is not None:
             special = write_hf_tokenizer(source, tmp, tok_hash, add_bos_token)
@@ -175,10 +165,6 @@ def export_checkpoint(load: str, out: str, *, tokenizer: Optional[str] = None,
         result = ExportResult(os.path.abspath(out), folder, iteration, arch, vocab, padded,
                               out_dtype, source.model_file if source else None, tok_hash, files)
         wx.write_json(os.path.join(tmp, PROVENANCE_FILE), asdict(result))
-        _finish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

@@ -29,6 +29,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
+from megatron_ddk.atomic import write_atomic
 from megatron_ddk.console import results
 
 logger = logging.getLogger(__name__)
@@ -209,13 +210,9 @@ def run_lm_eval(checkpoint: Optional[str], tasks: Sequence[str], limit: Optional
 
 
 def write_result(result: Dict[str, Any], path: str) -> None:
-    """JSON (numbers and strings; anything else as its str) via a temporary file + rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, path)
+    """JSON (numbers and strings; anything else as its str), written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, json.dumps(result, indent=1, default=str))
 
 
 def format_metrics(result: Dict[str, Any]) -> str:

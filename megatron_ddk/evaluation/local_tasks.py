@@ -27,11 +27,12 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from megatron_ddk.atomic import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +270,7 @@ def build_local_tasks(manifest_path: str, out: str,
             os.path.join(out, "tasks.json")):
         raise ValueError(f"{out} exists and was not written by build_lm_eval_tasks; remove it or "
                          f"choose another folder")
-    tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(out) as tmp:
         rng = np.random.default_rng(s.seed)
         domains = {d.name: _write_domain(tmp, out, d, codec, manifest, s, rng)
                    for d in manifest.domains}
@@ -287,10 +285,4 @@ def build_local_tasks(manifest_path: str, out: str,
                 "tasks": {PPL_GROUP: ppl, MC_GROUP: mc}}
         with open(os.path.join(tmp, "tasks.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any, Dict, Optional
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.api
 
+from megatron_ddk.atomic import recover_folder, swap_folder, write_atomic
 from megatron_ddk.models.checkpoint_layout import (  # noqa: F401  (re-exported names)
     CONFIG_FILE,
     DIST_CONFIG_FILE,
@@ -147,22 +149,11 @@ def _publish(root: str, tmp: str, final: str, iteration: int, metadata: Dict[str
     if config_yaml is not None:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             f.write(config_yaml)
-    if os.path.isdir(final):  # re-saving an iteration after a resume: swap, never half-delete
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    latest_tmp = os.path.join(root, LATEST_FILE + ".tmp")
-    with open(latest_tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, os.path.join(root, LATEST_FILE))
+    recover_folder(final)  # an earlier re-save of this iteration that died mid-swap
+    swap_folder(tmp, final)  # re-saving an iteration after a resume: swap, never half-delete
+    write_atomic(os.path.join(root, LATEST_FILE), str(iteration))
     for name in os.listdir(root):  # leftovers of saves that crashed before their rename
-        if name.startswith("iter_") and (name.endswith(".tmp") or name.endswith(".old")):
+        if re.match(r"^iter_\d+\.(tmp|old\d*)$", name):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ import os
 import time
 from typing import List, Optional
 
+from megatron_ddk.atomic import write_atomic
 from megatron_ddk.pipeline.config import PipelineConfig, load_pipeline_config
 from megatron_ddk.pipeline.plan import PipelinePlan
 from megatron_ddk.pipeline.stage import Stage, StageRunner
@@ -42,10 +43,7 @@ def _with_existing_deps(stages: List[Stage]) -> List[Stage]:
 
 def _write_timing(path: str, runner: StageRunner) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({k: round(v, 1) for k, v in runner.timing.items()}, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({k: round(v, 1) for k, v in runner.timing.items()}, indent=1))
 
 
 def run_pipeline(cfg: PipelineConfig) -> str:

@@ -16,6 +16,8 @@ import os
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
+from megatron_ddk.atomic import write_atomic
+
 
 def hash_json(value: Any) -> str:
     """sha256 of a JSON-able value in canonical form (sorted keys)."""
@@ -67,7 +69,4 @@ class Stamp:
         """Update and write the stamp atomically."""
         self.data.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1))
