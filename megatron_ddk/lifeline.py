@@ -96,6 +96,17 @@ def exit_with_launcher(use_prctl: bool = True, poll_seconds: float = 1.0) -> Opt
     return how
 
 
+def watch_parent(poll_seconds: float = 0.5) -> None:
+    """SIGKILL this process when its parent dies, by a daemon thread polling os.getppid() (a
+    pool worker's initializer: unlike prctl it does not depend on which thread of the parent
+    forked it). A parent already gone kills it at once."""
+    parent = os.getppid()
+    threading.Thread(target=_watch_parent, args=(parent, poll_seconds), daemon=True,
+                     name="megatron-ddk-parent-watch").start()
+    if parent == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def die_with_parent() -> None:
     """Ask the kernel for SIGKILL when this process's parent dies (a Manager initializer)."""
     _set_pdeathsig(signal.SIGKILL)

@@ -66,6 +66,7 @@ from megatron_ddk.data.corpus import MalformedLineError, check_input_files, inpu
 from megatron_ddk.data.indexed_writer import IndexedWriter, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
 from megatron_ddk.data.pieces import document_splitter
+from megatron_ddk.lifeline import watch_parent
 
 BATCH_BYTES = 1 << 19
 """Text per batch (whole lines; a longer line is a batch of its own)."""
@@ -199,6 +200,7 @@ def _worker_init(job: EncodeJob) -> None:
     # Ctrl-C reaches the whole process group: the main process stops the pool, the workers
     # must not die with a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent()  # a SIGKILLed main process must not leave its workers encoding
     if "encoder" not in _STATE:  # spawn start method: nothing inherited
         _init_state(job)
 

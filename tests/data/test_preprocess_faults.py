@@ -133,7 +133,7 @@ def test_cli_empty_input_and_allow_empty(tmp_path, tiny_tokenizer):
     cmd = [sys.executable, "tools/preprocess_data.py", "--input", str(path), "--output-prefix",
            str(prefix), "--tokenizer-model", tiny_tokenizer, "--workers", "1", "--append-eod"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1
+    assert res.returncode == 2  # a user error (docs/commands.md)
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: input {path} holds no document with text (0 documents read); check the input, "
         "or pass --allow-empty to write an empty dataset")
@@ -156,3 +156,51 @@ def test_empty_after_skipping_malformed_lines(tmp_path, tiny_tokenizer):
     res = tokenize_to_datasets([str(path)], {"text": str(tmp_path / "o")}, tiny_tokenizer,
                                skip_malformed=True, allow_empty=True)
     assert res.num_documents == {"text": 0} and os.path.getsize(tmp_path / "o.bin") == 0
+
+
+def test_sigkill_of_the_main_process_ends_its_workers_and_the_rerun_cleans_up(
+        tmp_path, tiny_tokenizer, make_jsonl, make_texts):
+    """preprocess_data.py --workers 2 SIGKILLed while its workers encode: the workers exit
+    within seconds (they watch their parent), and the next run removes the killed run's
+    temporary files and writes the dataset."""
+    src = make_jsonl(tmp_path / "big.jsonl", make_texts(20000, seed=6))
+    prefix = tmp_path / "out" / "big"
+    argv = [sys.executable, "tools/preprocess_data.py", "--input", src, "--output-prefix",
+            str(prefix), "--tokenizer-model", tiny_tokenizer, "--workers", "2", "--append-eod"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    try:
+        kids, deadline = [], time.time() + 60
+        while len(kids) < 2 and proc.poll() is None and time.time() < deadline:
+            kids = _children(proc.pid)
+            time.sleep(0.005)
+        assert len(kids) >= 2, "the run never started its workers"
+        while not any(".tmp" in n for n in (os.listdir(prefix.parent)
+                                            if prefix.parent.exists() else [])):
+            assert time.time() < deadline
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{k}") and _state(k) != "Z" for k in kids):
+        assert time.time() < deadline, f"workers {kids} outlived their killed parent"
+        time.sleep(0.1)
+    left = [n for n in os.listdir(prefix.parent) if ".tmp" in n]
+    assert left, "the killed run left no temporary files to clean (the test killed too late)"
+    res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(prefix.parent)) == ["big_text_document.bin",
+                                                 "big_text_document.idx"]
+
+
+def _state(pid: int) -> str:
+    """The process state letter of /proc/PID/stat ('Z': a zombie, exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
