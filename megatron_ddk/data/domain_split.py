@@ -39,8 +39,10 @@ from megatron_ddk.data.heldout import (
     set_summary,
     shortfall,
 )
+from megatron_ddk.data.indexed_writer import (DATASET_FILES, commit_dataset, dataset_tokenizer,
+                                             remove_quietly)
 from megatron_ddk.data.manifest import DomainEntry
-from megatron_ddk.data.preprocess import commit_dataset, remove_quietly, tokenize_to_datasets
+from megatron_ddk.data.preprocess import tokenize_to_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def write_groups(src_prefix: str, groups: Sequence[np.ndarray], prefix: str,
             builder.add_document(ids, [ids.size])
             num_tokens += ids.size
         builder.finalize(tmp + ".idx")
-        commit_dataset(tmp, prefix)
+        commit_dataset(tmp, prefix, dataset_tokenizer(src_prefix))
     except BaseException:
         builder.data_file.close()
         remove_quietly(tmp + ".bin", tmp + ".idx")
@@ -99,7 +101,7 @@ class TokenizedDomain:
 
     def discard(self) -> None:
         """Remove the temporary dataset."""
-        remove_quietly(self.all_prefix + ".bin", self.all_prefix + ".idx")
+        remove_quietly(*(self.all_prefix + s for s in DATASET_FILES))
 
     @property
     def num_sources(self) -> int:
@@ -180,7 +182,7 @@ def _write_split(tokenized: TokenizedDomain, valid_ids, test_ids, spec: HeldOutS
             [np.array([i]) for i in test_ids], "test")
         out["num_test_sources"] = set_summary(test_ids, tokenized.lengths, tokenized.sources)[1]
     else:
-        remove_quietly(prefix["test"] + ".idx", prefix["test"] + ".bin")  # a stale one
+        remove_quietly(*(prefix["test"] + s for s in DATASET_FILES))  # a stale one
     return out
 
 

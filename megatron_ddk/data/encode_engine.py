@@ -63,9 +63,10 @@ import numpy as np
 from megatron_ddk.atomic import remove_stale_tmp
 from megatron_ddk.console import CommandFailed
 from megatron_ddk.data.corpus import MalformedLineError, check_input_files, input_format
-from megatron_ddk.data.indexed_writer import IndexedWriter, token_dtype
+from megatron_ddk.data.indexed_writer import IndexedWriter, commit_dataset, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
 from megatron_ddk.data.pieces import document_splitter
+from megatron_ddk.data.tokenizer import tokenizer_hash
 from megatron_ddk.lifeline import watch_parent
 
 BATCH_BYTES = 1 << 19
@@ -402,6 +403,14 @@ def prepare(job: EncodeJob) -> None:
                          "needs; pick a tokenizer with one or drop --append-eod")
 
 
+def tokenizer_record(job: EncodeJob) -> dict:
+    """What a dataset records of its tokenizer: the model file's hash (data/tokenizer.py, the
+    manifest's kind of hash; None for vocab/merge-file tokenizers) and the vocabulary size."""
+    model = job.tokenizer.tokenizer_model
+    return {"tokenizer_hash": tokenizer_hash(model) if model else None,
+            "vocab_size": int(_STATE["encoder"].vocab_size)}
+
+
 def _record_errors(stats: EncodeStats, path: str, errors, skip: bool) -> None:
     for line_no, reason in errors:
         where = f"{path}:{line_no}: {reason}"
@@ -412,10 +421,11 @@ def _record_errors(stats: EncodeStats, path: str, errors, skip: bool) -> None:
         stats.first_malformed = stats.first_malformed or where
 
 
-def run_encode(job: EncodeJob, progress: Optional[Callable[[int, int, int], None]] = None,
-               commit: Optional[Callable[[str, str], None]] = None) -> EncodeStats:
-    """Run the job; progress(docs, bytes, tokens) after each batch; commit(tmp, prefix) renames
-    each finished dataset into place. Returns the counts."""
+def run_encode(job: EncodeJob, progress: Optional[Callable[[int, int, int], None]] = None
+               ) -> EncodeStats:
+    """Run the job; progress(docs, bytes, tokens) after each batch; each finished dataset is
+    renamed into place with the record of its tokenizer (indexed_writer.commit_dataset).
+    Returns the counts."""
     if _STATE.get("job") is not job:
         prepare(job)
         _STATE["job"] = job
@@ -435,7 +445,7 @@ def run_encode(job: EncodeJob, progress: Optional[Callable[[int, int, int], None
         for k in keys:
             writers[k].finalize()
         for k in keys:
-            (commit or _default_commit)(tmp[k], job.prefixes[k])
+            commit_dataset(tmp[k], job.prefixes[k], tokenizer_record(job))
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -486,12 +496,3 @@ def _check_not_empty(job: EncodeJob, stats: EncodeStats) -> None:
     raise EmptyInputError(f"input {', '.join(job.paths)} holds no document with text{keys} "
                           f"({detail}); check the input, or pass --allow-empty to write an empty "
                           "dataset", detail)
-
-
-def _default_commit(tmp_prefix: str, prefix: str) -> None:
-    try:
-        os.remove(prefix + ".idx")
-    except FileNotFoundError:
-        pass
-    os.replace(tmp_prefix + ".bin", prefix + ".bin")
-    os.replace(tmp_prefix + ".idx", prefix + ".idx")

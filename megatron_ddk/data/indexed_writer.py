@@ -10,7 +10,8 @@ The .idx layout (Megatron-Core's _IndexWriter): b"MMIDIDX\\x00\\x00", <Q version
 <Q sequence count, <Q document count (boundaries, leading 0 included), int32 sequence lengths,
 int64 sequence byte offsets, int64 document boundaries (sequence indices).
 
-Everything goes to <tmp_prefix>.bin/.idx; commit_dataset (preprocess.py) renames into place.
+Everything goes to <tmp_prefix>.bin/.idx; commit_dataset renames into place, with the record of
+the tokenizer the dataset was built with (<prefix>.tokenizer.json; dataset_tokenizer reads it).
 check_dataset reads a dataset's header and sizes back (manifest loading, dataset building): a
 truncated .bin or a corrupt .idx is named there instead of failing deep inside Megatron-Core.
 Imports numpy only (no torch, no megatron.core).
@@ -18,11 +19,14 @@ Imports numpy only (no torch, no megatron.core).
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from typing import Optional
 
 import numpy as np
+
+from megatron_ddk.atomic import remove_stale_tmp, write_atomic
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
@@ -151,3 +155,47 @@ def check_dataset(prefix: str) -> tuple:
                          f"{'truncated' if bin_size < bin_expected else 'longer than its index'}"
                          "; rebuild the dataset")
     return max(int(num_docs) - 1, 0), tokens
+
+
+TOKENIZER_RECORD = ".tokenizer.json"
+"""Beside <prefix>.bin/.idx: {"tokenizer_hash": "sha256:..." or null, "vocab_size": N}."""
+
+DATASET_FILES = (".bin", ".idx", TOKENIZER_RECORD)
+"""The files of a dataset at <prefix> (the record may be absent: datasets built before it)."""
+
+
+def remove_quietly(*paths: str) -> None:
+    """Remove files that may not exist."""
+    for p in paths:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
+def commit_dataset(tmp_prefix: str, prefix: str, tokenizer: Optional[dict] = None) -> None:
+    """Rename a finished temporary dataset into place: any old .idx goes first, then the record
+    of its tokenizer (when known) is written, then the new .bin, then the new .idx, so a crash in
+    between never leaves a complete-looking pair, nor a pair with another dataset's record.
+    Temporary files of `prefix` left by a killed writer are removed too."""
+    remove_stale_tmp(prefix)
+    remove_quietly(prefix + ".idx", prefix + TOKENIZER_RECORD)
+    if tokenizer is not None:
+        write_atomic(prefix + TOKENIZER_RECORD, json.dumps(tokenizer, sort_keys=True))
+    os.replace(tmp_prefix + ".bin", prefix + ".bin")
+    os.replace(tmp_prefix + ".idx", prefix + ".idx")
+
+
+def dataset_tokenizer(prefix: str) -> Optional[dict]:
+    """The tokenizer record of a dataset, or None for one built before datasets recorded it."""
+    path = prefix + TOKENIZER_RECORD
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read ({err}); rebuild the dataset") from None
+    if not isinstance(rec, dict) or "vocab_size" not in rec:
+        raise ValueError(f"{path} is not a tokenizer record; rebuild the dataset")
+    return rec

@@ -43,13 +43,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import yaml
 
 from megatron_ddk.atomic import write_atomic
-from megatron_ddk.data.indexed_writer import check_dataset
+from megatron_ddk.data.indexed_writer import check_dataset, dataset_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -217,17 +217,28 @@ def _check_int(path: str, where: str, value: Any) -> int:
     return value
 
 
-def _dataset_counts(path: str, where: str, prefix: str) -> tuple:
+def _dataset_counts(path: str, where: str, prefix: str, tokenizer: Tuple[str, int]) -> tuple:
     """(documents, tokens) of a dataset from its .idx; ValueError when a file is missing,
-    truncated or corrupt (indexed_writer.check_dataset)."""
+    truncated or corrupt (indexed_writer.check_dataset), or when the dataset records another
+    tokenizer than the manifest's (hash, vocab_size)."""
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
             raise _fail(path, where, f"file {prefix}{suffix} does not exist; rebuild with "
                         "`megatron-ddk build-domains` or fix the path")
     try:
-        return check_dataset(prefix)
+        counts = check_dataset(prefix)
+        rec = dataset_tokenizer(prefix)
     except ValueError as err:
         raise _fail(path, where, f"{err} (`megatron-ddk build-domains`)") from None
+    if rec is not None:
+        found = (rec.get("tokenizer_hash") or tokenizer[0], rec["vocab_size"])
+        if found != tuple(tokenizer):
+            raise _fail(path, where, f"dataset {prefix} was built with tokenizer {found[0]} "
+                        f"(vocabulary {found[1]}) but the manifest names {tokenizer[0]} "
+                        f"(vocabulary {tokenizer[1]}): its token ids mean other text; rebuild "
+                        "the datasets with the manifest's tokenizer (`megatron-ddk "
+                        "build-domains`)")
+    return counts
 
 
 def check_vocab_size(manifest: "DomainManifest", tokenizer_vocab_size: int) -> None:
@@ -313,18 +324,20 @@ def _parse_domain(path: str, folder: str, i: int, raw: Any, version: int) -> Dom
     return entry
 
 
-def _check_counts(path: str, entry: DomainEntry) -> None:
-    """The manifest's counts must match the datasets on disk."""
+def _check_counts(path: str, entry: DomainEntry, tokenizer: Tuple[str, int]) -> None:
+    """The manifest's counts (and tokenizer) must match the datasets on disk."""
     where = f"domains ({entry.name})"
     docs = tokens = 0
     for j, prefix in enumerate(entry.train_prefixes):
-        d, t = _dataset_counts(path, f"{where}.train_prefixes[{j}]", prefix)
+        d, t = _dataset_counts(path, f"{where}.train_prefixes[{j}]", prefix, tokenizer)
         docs, tokens = docs + d, tokens + t
-    vdocs, vtokens = _dataset_counts(path, f"{where}.valid_prefix", entry.valid_prefix)
+    vdocs, vtokens = _dataset_counts(path, f"{where}.valid_prefix", entry.valid_prefix,
+                                     tokenizer)
     found = {"num_train_documents": docs, "num_train_tokens": tokens,
              "num_valid_documents": vdocs, "num_valid_tokens": vtokens}
     if entry.test_prefix is not None:
-        tdocs, ttokens = _dataset_counts(path, f"{where}.test_prefix", entry.test_prefix)
+        tdocs, ttokens = _dataset_counts(path, f"{where}.test_prefix", entry.test_prefix,
+                                         tokenizer)
         found.update(num_test_documents=tdocs, num_test_tokens=ttokens)
     for key, value in found.items():
         if getattr(entry, key) != value:
@@ -373,7 +386,7 @@ def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> D
     if dupes:
         raise _fail(path, "domains", f"duplicate domain name(s) {dupes}")
     for entry in domains:
-        _check_counts(path, entry)
+        _check_counts(path, entry, (tok["hash"], vocab_size))
     return DomainManifest(
         path=path, tokenizer_model=_resolve(folder, tok["model"], path, "tokenizer.model"),
         tokenizer_hash=tok["hash"], vocab_size=vocab_size, domains=domains, version=version,

@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_ddk.atomic import pid_alive, remove_stale_tmp
+from megatron_ddk.atomic import pid_alive
+from megatron_ddk.data.indexed_writer import commit_dataset, remove_quietly  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -52,25 +53,6 @@ class PreprocessResult:
 
     seconds: float = 0.0
     """Wall time of the run (after the one-off imports and tokenizer load)."""
-
-
-def remove_quietly(*paths: str) -> None:
-    """Remove files that may not exist."""
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def commit_dataset(tmp_prefix: str, prefix: str) -> None:
-    """Rename a finished temporary dataset into place: any old .idx goes first, then the new
-    .bin, then the new .idx, so a crash in between never leaves a complete-looking pair.
-    Temporary files of `prefix` left by a killed writer are removed too."""
-    remove_stale_tmp(prefix)
-    remove_quietly(prefix + ".idx")
-    os.replace(tmp_prefix + ".bin", prefix + ".bin")
-    os.replace(tmp_prefix + ".idx", prefix + ".idx")
 
 
 def tokenize_to_datasets(
@@ -107,7 +89,7 @@ def tokenize_to_datasets(
     bar = Progress(bar=True, desc=os.path.basename(next(iter(prefixes.values()), ""))) \
         if progress else None
     try:
-        stats = run_encode(job, progress=bar, commit=commit_dataset)
+        stats = run_encode(job, progress=bar)
     finally:
         if bar is not None:
             bar.close()

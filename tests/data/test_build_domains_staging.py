@@ -108,10 +108,9 @@ def test_rebuild_without_test_split_removes_the_old_one(tmp_path, corpus, tiny_t
     build_domains.main(_argv(corpus, out, tiny_tokenizer))
     assert (out / "alpha" / "test_text_document.bin").exists()
     build_domains.main(_argv(corpus, out, tiny_tokenizer, "--test-samples", "0"))
-    assert sorted(os.listdir(out / "alpha")) == ["train_text_document.bin",
-                                                 "train_text_document.idx",
-                                                 "valid_text_document.bin",
-                                                 "valid_text_document.idx"]
+    assert sorted(os.listdir(out / "alpha")) == [  # the old test set and its record are gone
+        f"{split}_text_document{suffix}" for split in ("train", "valid")
+        for suffix in (".bin", ".idx", ".tokenizer.json")]
 
 
 def test_dry_run_and_trained_tokenizer_are_staged(tmp_path, corpus, build_domains):
@@ -128,3 +127,34 @@ def test_dry_run_and_trained_tokenizer_are_staged(tmp_path, corpus, build_domain
     assert sorted(os.listdir(tok.parent)) == ["ddk.model", "ddk.vocab", "tokenizer_metadata.json"]
     m = load_manifest(str(out / "manifest.yaml"))
     assert m.tokenizer_model == str(tok) and m.tokenizer_hash == tokenizer_hash(str(tok))
+
+
+def test_every_dataset_records_its_tokenizer_and_another_is_refused_by_name(
+        tmp_path, corpus, tiny_tokenizer, build_domains):
+    """A manifest edited to name a new tokenizer (hash and vocabulary size updated) over
+    datasets built with the old one is refused when loaded, naming the dataset."""
+    import json
+
+    import yaml
+
+    from megatron_ddk.data.manifest import load_manifest
+    from megatron_ddk.data.tokenizer import tokenizer_hash, train_sentencepiece
+
+    out = tmp_path / "out"
+    build_domains.main(_argv(corpus, out, tiny_tokenizer))
+    manifest = load_manifest(str(out / "manifest.yaml"))
+    for d in manifest.domains:
+        for prefix in d.train_prefixes + [d.valid_prefix, d.test_prefix]:
+            with open(prefix + ".tokenizer.json") as f:
+                assert json.load(f) == {"tokenizer_hash": tokenizer_hash(tiny_tokenizer),
+                                        "vocab_size": 800}
+    other = train_sentencepiece(["lorem ipsum dolor sit amet, consectetur adipiscing"] * 200,
+                                str(tmp_path / "other"), vocab_size=300, num_threads=1)
+    raw = yaml.safe_load(open(out / "manifest.yaml"))
+    raw["tokenizer"].update(model=other, hash=tokenizer_hash(other), vocab_size=300)
+    with open(out / "manifest.yaml", "w") as f:
+        yaml.safe_dump(raw, f)
+    with pytest.raises(ValueError, match=r"dataset .*alpha.* was built with tokenizer "
+                                         r"sha256:\w+ \(vocabulary 800\) but the manifest names "
+                                         r"sha256:\w+ \(vocabulary 300\)"):
+        load_manifest(str(out / "manifest.yaml"))

@@ -95,7 +95,7 @@ def test_failed_run_keeps_old_output_and_leaves_no_temp(tmp_path, tiny_tokenizer
         f.write("not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:301"):
         tokenize_to_datasets([bad], {"text": prefix}, tiny_tokenizer, workers=2)
-    assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx", "ds.tokenizer.json"]
     assert {s: open(prefix + s, "rb").read() for s in (".bin", ".idx")} == before
 
 
@@ -185,9 +185,8 @@ def test_build_domain_split_is_disjoint_and_complete(tmp_path, tiny_tokenizer, m
     assert entry.num_train_tokens == sum(len(sp.encode(t)) + 1 for t in train)
     assert entry.num_test_tokens == sum(len(sp.encode(t)) + 1 for t in test)
     assert sorted(os.listdir(tmp_path / "out" / "dom")) == [
-        "test_text_document.bin", "test_text_document.idx",
-        "train_text_document.bin", "train_text_document.idx",
-        "valid_text_document.bin", "valid_text_document.idx"]
+        f"{split}_text_document{suffix}" for split in ("test", "train", "valid")
+        for suffix in (".bin", ".idx", ".tokenizer.json")]
 
 
 def test_build_domain_errors(tmp_path, tiny_tokenizer, make_jsonl):

@@ -194,7 +194,8 @@ def test_sigkill_of_the_main_process_ends_its_workers_and_the_rerun_cleans_up(
     res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(prefix.parent)) == ["big_text_document.bin",
-                                                 "big_text_document.idx"]
+                                                 "big_text_document.idx",
+                                                 "big_text_document.tokenizer.json"]
 
 
 def _state(pid: int) -> str:
