@@ -27,6 +27,8 @@ EXTRAS = {
         "import-linter>=2.16,<3",  # scripts/test.sh: lint-imports (layers); tested 2.17
         "lm-eval[hf]>=0.4.13,<0.5",  # tests/evaluation; adds ~7 min to a cold install here
         "wandb>=0.31,<0.32",  # tests/training/test_wandb.py (offline mode); tested 0.31.0
+        "pyarrow>=26,<27", "zstandard>=0.25,<0.26",  # = "formats" (tests/data)
+        "scikit-learn>=1.9,<1.10",  # = "cluster" (tests/data)
     ],
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4,<1"],
     # logging.wandb_project: Weights & Biases logging (training/wandb_log.py); tested 0.31.0
@@ -36,6 +38,11 @@ EXTRAS = {
             "safetensors>=0.4,<1"],
     # `megatron-ddk lm-eval` (lm-evaluation-harness, transformers backend); tested: 0.4.13.
     "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.45,<6", "safetensors>=0.4,<1"],
+    # Corpora as users have them (megatron_ddk/data/sources/): Parquet and datasets.save_to_disk
+    # folders (pyarrow), .jsonl.zst (zstandard); tested: pyarrow 26.0.1, zstandard 0.25.0.
+    "formats": ["pyarrow>=26,<27", "zstandard>=0.25,<0.26"],
+    # Automatic domains (build-domains --domains auto:K); tested: scikit-learn 1.9.1.
+    "cluster": ["scikit-learn>=1.9,<1.10"],
     # GPU hosts only: builds against the installed CUDA torch.
     "te": ["transformer-engine[pytorch]>=2.0"],
 }

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluation -> report -> export (resumable)",
                     config="pipeline YAML (docs/pipeline.md)",
                     overrides="section.key=value overrides of the pipeline")
-    p.add_argument("--corpus", default=None, help="folder of per-domain .jsonl/.txt files")
+    p.add_argument("--corpus", default=None, help="a per-domain corpus folder, or a file / "
+                   "folder / glob of a mixed corpus (data.domain_field or data.cluster)")
     p.add_argument("--out", default=None, help="output folder (default: the config's out)")
     p.add_argument("--smoke", action="store_true", help="apply the config's smoke section")
 

@@ -29,6 +29,15 @@ writes nothing. --dry-run stops after measuring and prints that table.
 
 With --train-tokenizer, a SentencePiece model is first trained on the domains (equal shares by
 default) and written to --tokenizer-model (see tools/train_tokenizer.py for its flags).
+
+A mixed corpus (docs/data.md, "Four ways in") is first read in one streaming pass into one spill
+file per domain under the staging folder (megatron_ddk/data/sources/), then built as above:
+
+    megatron-ddk build-domains --input 'shards/*.jsonl.zst' --domain-field meta.redpajama_set_name ...
+    megatron-ddk build-domains --input train.parquet --domains auto:4-12 ...
+
+writing domain_sources.json (label -> domain) and, for auto:K, cluster_assignment.npy/.json and
+clusters.json/.md beside the datasets.
 """
 
 from __future__ import annotations
@@ -49,14 +58,20 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="corpus folder of per-domain JSONL")
+    p.add_argument("--input", required=True, action="extend", nargs="+",
+                   help="a corpus folder of per-domain files (<domain>.jsonl / .txt); or, with "
+                   "--domain-field or --domains auto:K, files, folders and globs of a mixed "
+                   "corpus (.jsonl, .jsonl.gz, .jsonl.zst, .txt, .parquet, datasets "
+                   "save_to_disk folders); repeatable")
     p.add_argument("--output-dir", required=True, help="where datasets and manifest go")
     p.add_argument("--manifest", default=None, help="default: <output-dir>/manifest.yaml")
     p.add_argument("--tokenizer-model", required=True,
                    help="SentencePiece .model or tokenizer.json (written with --train-tokenizer)")
     p.add_argument("--train-tokenizer", action="store_true",
                    help="train a SentencePiece model on the domains first, at --tokenizer-model")
-    p.add_argument("--domains", default=None, help="comma-separated subset/order of domains")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated subset/order of domains; or auto:K / auto:A-B to "
+                   "cluster the documents into K domains (A to B: the best silhouette)")
     p.add_argument("--valid-samples", type=int, default=500,
                    help="validation samples per domain (paper: 500)")
     p.add_argument("--valid-seq-length", type=int, default=4096,
@@ -84,12 +99,67 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-malformed", action="store_true",
                    help="skip and count malformed lines instead of stopping")
+    _add_source_args(p)
     add_training_args(p)
     return p.parse_args(argv)
 
 
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixed corpora (docs/data.md)")
+    g.add_argument("--text-key", "--json-keys", dest="text_key", default="text",
+                   help="record field holding the document (Megatron-LM's --json-keys; "
+                   "default text)")
+    g.add_argument("--domain-field", default=None,
+                   help="dotted path of the record field naming its domain, e.g. "
+                   "meta.redpajama_set_name: each value becomes a domain")
+    g.add_argument("--default-domain", default=None,
+                   help="domain of records without --domain-field (default: an error naming "
+                   "file and line)")
+    g.add_argument("--domain-map", default=None,
+                   help="rename / merge labels: a .yaml/.json file of label: domain, or "
+                   "Github=code,StackExchange=code")
+    g.add_argument("--min-domain-documents", type=int, default=0,
+                   help="labels with fewer documents are small (default 0: none)")
+    g.add_argument("--small-domains", choices=["other", "refuse"], default="other",
+                   help="small labels: merged into a domain 'other' (default), or refused")
+    g.add_argument("--cluster-sample", type=int, default=20000,
+                   help="documents the clustering is fitted on (auto:K; default 20000)")
+
+
+def source_options(args: argparse.Namespace):
+    """The SourceOptions of a mixed corpus, or None for a per-domain folder read as it is."""
+    from megatron_ddk.data.corpus import discover_domains
+    from megatron_ddk.data.sources.cluster import ClusterSpec, parse_auto
+    from megatron_ddk.data.sources.labels import SmallDomainRule, parse_domain_map
+    from megatron_ddk.data.sources.prepare import SourceOptions
+
+    auto = parse_auto(args.domains)
+    folder = len(args.input) == 1 and os.path.isdir(args.input[0])
+    if auto and args.domain_field:
+        raise ValueError("give --domain-field or --domains auto:K, not both")
+    if not auto and not args.domain_field:
+        if not folder:
+            raise ValueError(f"--input {' '.join(args.input)}: a mixed corpus (files, globs, "
+                             "several inputs) needs --domain-field FIELD or --domains auto:K; a "
+                             "per-domain corpus is one folder of <domain>.jsonl / .txt files")
+        if args.text_key == "text" and not args.domain_map:
+            return None
+    if args.min_domain_documents < 0 or args.cluster_sample < 1:
+        raise ValueError("--min-domain-documents must be >= 0 and --cluster-sample >= 1")
+    opts = SourceOptions(
+        inputs=list(args.input), text_key=args.text_key, domain_field=args.domain_field,
+        default_domain=args.default_domain, domain_map=parse_domain_map(args.domain_map),
+        small=SmallDomainRule(args.min_domain_documents, args.small_domains),
+        skip_malformed=args.skip_malformed)
+    if auto:
+        opts.cluster = ClusterSpec(*auto, sample=args.cluster_sample, seed=args.seed)
+    elif not args.domain_field:
+        opts.by_file = discover_domains(args.input[0])
+    return opts
+
+
 def _select(domains, spec: Optional[str]):
-    if not spec:
+    if not spec or spec.strip().startswith("auto"):
         return domains
     by_name = {d.name: d for d in domains}
     wanted = [n.strip() for n in spec.split(",") if n.strip()]
@@ -183,15 +253,18 @@ def _staged_tokenizer(args: argparse.Namespace, stage, domains) -> list:
 
 def _dataset_moves(stage, entries) -> list:
     """(staged file, final file) of every dataset; (None, final) removes an old test set."""
+    from megatron_ddk.data.indexed_writer import DATASET_FILES
+
     moves = []
     for e in entries:
         prefixes = [*e.train_prefixes, e.valid_prefix]
         prefixes += [e.test_prefix] if e.test_prefix else []
         for prefix in prefixes:
-            moves += [(prefix + s, stage.final(prefix + s)) for s in (".bin", ".idx")]
+            moves += [(prefix + s if os.path.exists(prefix + s) else None,
+                       stage.final(prefix + s)) for s in DATASET_FILES]
         if not e.test_prefix:
             test = stage.final(os.path.join(os.path.dirname(e.valid_prefix), "test_text_document"))
-            moves += [(None, test + s) for s in (".idx", ".bin")]
+            moves += [(None, test + s) for s in DATASET_FILES]
     return moves
 
 
@@ -203,7 +276,16 @@ def _finalize(stage, entries) -> None:
         e.test_prefix = stage.final(e.test_prefix) if e.test_prefix else None
 
 
-def _build_staged(args, stage, domains, spec, weights, manifest_path: str) -> Optional[str]:
+def _report_moves(stage, made: List[str]) -> list:
+    """(staged, final) of the report files a mixed corpus made; (None, final) for the others."""
+    from megatron_ddk.data.sources.prepare import REPORT_FILES
+
+    return [(os.path.join(stage.folder, n) if n in made else None,
+             os.path.join(stage.out_dir, n)) for n in REPORT_FILES]
+
+
+def _build_staged(args, stage, domains, spec, weights, manifest_path: str,
+                  reports: Optional[List[str]] = None) -> Optional[str]:
     from megatron_ddk.data.domain_split import split_domain
     from megatron_ddk.data.heldout import check_domains
     from megatron_ddk.data.manifest import DomainManifest, load_manifest, save_manifest
@@ -237,7 +319,7 @@ def _build_staged(args, stage, domains, spec, weights, manifest_path: str) -> Op
     # index caches of the old datasets (keyed by path, not content) with it; the new one last.
     cache = os.path.join(os.path.dirname(manifest_path), "cache")
     stage.swap_in([(None, manifest_path), (None, cache), *tokenizer_moves,
-                   *_dataset_moves(stage, entries)])
+                   *_dataset_moves(stage, entries), *_report_moves(stage, reports or [])])
     try:
         _finalize(stage, entries)
         if tokenizer_moves:
@@ -250,31 +332,55 @@ def _build_staged(args, stage, domains, spec, weights, manifest_path: str) -> Op
     return manifest_path
 
 
-def build(args: argparse.Namespace) -> Optional[str]:
-    """Run the whole pipeline; return the manifest path (None for --dry-run). Everything is
-    built under <output-dir>/.staging-<pid> and swapped in only when every domain succeeded:
-    a failed or interrupted rebuild leaves the previous manifest, datasets and tokenizer as they
-    were."""
-    from megatron_ddk.atomic import check_writable_folder
-    from megatron_ddk.data.corpus import discover_domains
+def _check_bounds(args, domains, spec) -> None:
     from megatron_ddk.data.heldout import byte_bound_problems, check_byte_bounds
-    from megatron_ddk.data.preprocess import StagedBuild
 
-    spec = heldout_spec(args)
-    domains = _select(discover_domains(args.input), args.domains)
-    weights = _initial_weights(args.initial_weights, [d.name for d in domains])
     if args.dry_run:  # measure exactly below instead of stopping at the bound
         for line in byte_bound_problems({d.name: d.paths for d in domains}, spec):
             print(f"note: {line}")
     else:
         check_byte_bounds({d.name: d.paths for d in domains}, spec)  # before any slow step
+
+
+def _prepare(stage, opts):
+    """A mixed corpus read into per-domain spill files in the staging folder: (domains, the
+    report files made)."""
+    from megatron_ddk.data.sources.prepare import prepare_sources
+
+    prepared = prepare_sources(opts, stage.folder, stage.out_dir)
+    for line in prepared.lines:
+        print(line)
+    return prepared.domains, prepared.report_files
+
+
+def build(args: argparse.Namespace) -> Optional[str]:
+    """Run the whole pipeline; return the manifest path (None for --dry-run). Everything is
+    built under <output-dir>/.staging-<pid> and swapped in only when every domain succeeded:
+    a failed or interrupted rebuild leaves the previous manifest, datasets and tokenizer as they
+    were. A mixed corpus is first read into per-domain spill files there (data/sources/)."""
+    from megatron_ddk.atomic import check_writable_folder
+    from megatron_ddk.data.corpus import discover_domains
+    from megatron_ddk.data.preprocess import StagedBuild
+
+    spec = heldout_spec(args)
+    opts = source_options(args)
+    if opts is None:  # a per-domain folder, read as it is
+        domains = _select(discover_domains(args.input[0]), args.domains)
+        weights = _initial_weights(args.initial_weights, [d.name for d in domains])
+        _check_bounds(args, domains, spec)
     manifest_path = os.path.abspath(args.manifest or os.path.join(args.output_dir,
                                                                   "manifest.yaml"))
     check_writable_folder(os.path.abspath(args.output_dir), "--output-dir")
     check_writable_folder(os.path.dirname(manifest_path), "--manifest")
     stage = StagedBuild(args.output_dir)
     try:
-        return _build_staged(args, stage, domains, spec, weights, manifest_path)
+        reports: List[str] = []
+        if opts is not None:
+            domains, reports = _prepare(stage, opts)
+            domains = _select(domains, args.domains)
+            weights = _initial_weights(args.initial_weights, [d.name for d in domains])
+            _check_bounds(args, domains, spec)
+        return _build_staged(args, stage, domains, spec, weights, manifest_path, reports)
     finally:
         stage.close()
 

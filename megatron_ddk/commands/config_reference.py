@@ -29,7 +29,7 @@ SECTIONS = [("model", schema.ModelConfig), ("parallel", schema.ParallelConfig),
             ("ddk", schema.DDKConfig), ("train", schema.TrainConfig),
             ("checkpoint", schema.CheckpointConfig), ("logging", schema.LoggingConfig)]
 PIPELINE_SECTIONS = [("(top level)", pipeline.PipelineConfig), ("data", pipeline.DataSpec),
-                     ("tokenizer", pipeline.TokenizerSpec),
+                     ("data.cluster", pipeline.ClusterSpec), ("tokenizer", pipeline.TokenizerSpec),
                      ("teacher / student", pipeline.ModelStageSpec),
                      ("arms[]", pipeline.ArmSpec), ("evaluation", pipeline.EvaluationSpec),
                      ("export", pipeline.ExportSpec), ("lm_eval", pipeline.LmEvalSpec),

@@ -55,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path, text in files.items():
         write_atomic(path, text)
         print(f"wrote {path}")
-    first = next(iter(files))
+    first = os.path.join(args.dir, "run.yaml" if args.preset else "pipeline.yaml")
     if args.preset:
         print(f"next: edit the /path/to/ placeholders, then `megatron-ddk check-config --config "
               f"{first}` and `megatron-ddk plan-memory --config {first}`")

@@ -46,11 +46,22 @@ def template_files(name: str, dest: str) -> Dict[str, str]:
     for f in sorted(os.listdir(folder)):
         if f.endswith(".yaml"):
             with open(os.path.join(folder, f), encoding="utf-8") as fh:
-                text = fh.read().replace(f"examples/{name}/", dest.rstrip("/") + "/")
-            text = re.sub(r"^out: .*$", f"out: {os.path.join(dest, 'runs')}   "
-                          "# where the pipeline writes (--out overrides)", text, flags=re.M)
+                text = _retarget(fh.read(), name, dest)
+            base = re.search(r"^extends: \.\./(\w+)/pipeline\.yaml", text, flags=re.M)
+            if base:  # the template builds on another: write that one beside it
+                text = text.replace(base.group(0), f"extends: {base.group(1)}.yaml")
+                with open(template_path(base.group(1)), encoding="utf-8") as fh:
+                    files[os.path.join(dest, f"{base.group(1)}.yaml")] = _retarget(
+                        fh.read(), base.group(1), dest)
             files[os.path.join(dest, f)] = text
     return files
+
+
+def _retarget(text: str, name: str, dest: str) -> str:
+    """A shipped template's text with its examples/NAME/ paths and `out:` pointed at dest."""
+    text = text.replace(f"examples/{name}/", dest.rstrip("/") + "/")
+    return re.sub(r"^out: .*$", f"out: {os.path.join(dest, 'runs')}   "
+                  "# where the pipeline writes (--out overrides)", text, flags=re.M)
 
 
 def preset_files(name: str, dest: str) -> Dict[str, str]:

@@ -210,16 +210,17 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig
     return config_from_data(data, overrides, path or "config")
 
 
-def config_from_data(data: dict, overrides: Sequence[str] = (), where: str = "config"
+def config_from_data(data: dict, overrides: Sequence[str] = (), where: str = ""
                      ) -> RunConfig:
     """A RunConfig from plain data (a parsed YAML file, or what the pipeline generates) and
-    overrides; errors are prefixed with `where`. load_config's path after reading the file."""
+    overrides; errors are prefixed with `where` when given. load_config's path after reading
+    the file."""
     data = apply_overrides(copy.deepcopy(data), overrides)
     _default_teacher(data)
     try:
         return from_dict(RunConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def dump_config(cfg: RunConfig, path: str) -> None:

@@ -43,15 +43,40 @@ def have_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+EXTRA_OF = {
+    "wandb": "wandb",
+    "pyarrow": "formats",
+    "pyarrow.parquet": "formats",
+    "pyarrow.ipc": "formats",
+    "zstandard": "formats",
+    "sklearn": "cluster",
+}
+"""Importable module of a pure-Python extra -> the setup.py extra that installs it."""
+
+PACKAGE_OF = {"sklearn": "scikit-learn", "pyarrow.parquet": "pyarrow", "pyarrow.ipc": "pyarrow"}
+"""Importable module -> its package name on PyPI, where they differ."""
+
+
+class MissingDependencyError(ValueError):
+    """An optional package (EXTRA_OF) that a configured feature needs is not installed."""
+
+
 def have_module(module: str) -> bool:
     """True when `module` can be imported (found on sys.path; not imported here)."""
-    return importlib.util.find_spec(module.split(".")[0]) is not None
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except ValueError:  # sys.modules[name] is None: blocked, as a missing package
+        return False
 
 
-def require_extra(module: str, extra: str, purpose: str) -> ModuleType:
-    """Import `module` of the optional extra `extra`; a ValueError (a user error, exit 2) that
-    names the extra and `purpose` (what asked for it) when it is not installed."""
-    if not have_module(module):
-        raise ValueError(f"{purpose} needs the {module!r} package, which is not installed: "
-                         f"pip install 'megatron-ddk[{extra}]'")
-    return importlib.import_module(module)
+def require_extra(module: str, purpose: str) -> ModuleType:
+    """Import `module` (a key of EXTRA_OF) for `purpose` (what asked for it, e.g. "Parquet input
+    x.parquet"); MissingDependencyError (a user error, exit 2) naming the package and the
+    `pip install 'megatron-ddk[EXTRA]'` that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = PACKAGE_OF.get(module, module)
+        raise MissingDependencyError(
+            f"{purpose} needs the {package} package, which is not installed ({err}); install "
+            f"it with: pip install 'megatron-ddk[{EXTRA_OF[module]}]'") from None

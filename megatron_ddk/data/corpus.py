@@ -27,7 +27,18 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
 DOMAIN_SUFFIXES = (".jsonl", ".txt")
 """Suffixes discover_domains picks up in a corpus folder (not .json: summaries, configs)."""
-_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DOMAIN_NAME_RULE = "[A-Za-z0-9][A-Za-z0-9_.-]*"
+"""What a domain name must match (it names a folder and a manifest entry)."""
+_DOMAIN_NAME = re.compile(f"^{DOMAIN_NAME_RULE}$")
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def domain_name(label: str) -> Optional[str]:
+    """A label (a field value, a cluster id) made a domain name: runs of characters outside
+    DOMAIN_NAME_RULE become one "_", leading and trailing "_", "." and "-" are dropped
+    ("Wikipedia (en)" -> "Wikipedia_en", "Pile-CC" stays); None when nothing is left."""
+    name = _NOT_NAME.sub("_", label).strip("_.-")
+    return name if name and _DOMAIN_NAME.match(name) else None
 
 
 class MalformedLineError(ValueError):

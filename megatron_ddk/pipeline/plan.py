@@ -13,6 +13,7 @@ and data (manifest) layers; nothing imports this module but the runner.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from typing import Any, Dict, List, Tuple
@@ -151,9 +152,11 @@ class PipelinePlan:
         """Load and statically check every run config that can be built now (before any stage
         runs): a typo, an unknown policy or an impossible layout fails here, naming the stage."""
         cfg = self.cfg
-        if cfg.data.corpus and not os.path.isdir(self.corpus):
-            raise ConfigError(f"data.corpus: corpus folder {self.corpus} does not exist; give a "
-                              f"folder of per-domain .jsonl/.txt files with --corpus DIR")
+        if cfg.data.corpus and not (os.path.exists(self.corpus) or glob.glob(self.corpus)):
+            raise ConfigError(f"data.corpus: corpus folder or file {self.corpus} does not exist "
+                              "(nor matches a file as a glob); give a folder of per-domain "
+                              ".jsonl/.txt files, or a file, folder or glob of a mixed corpus "
+                              "with data.domain_field / data.cluster, with --corpus PATH")
         if cfg.data.manifest and not os.path.isfile(self.manifest):
             raise ConfigError(f"data.manifest: {self.manifest} does not exist")
         if cfg.tokenizer.model and not os.path.exists(cfg.tokenizer.model):

@@ -32,7 +32,7 @@ def prepare_run(config: Union[str, dict], overrides: Sequence[str] = (), *,
                 load: Optional[str] = None, training: bool = False,
                 world_size: Optional[int] = None, launched: bool = True,
                 resolve_files: bool = True,
-                create_folders: bool = True, where: str = "config") -> RunConfig:
+                create_folders: bool = True, where: str = "") -> RunConfig:
     """The checked RunConfig of a run (module docstring); ConfigError / ValueError otherwise."""
     overrides: List[str] = list(overrides) + ([f"checkpoint.load={load}"] if load else [])
     if isinstance(config, str):

@@ -26,7 +26,7 @@ class WandbWriter:
     """
 
     def __init__(self, cfg: LoggingConfig, config: Dict[str, Any], resume_step: int = 0):
-        wandb = require_extra("wandb", "wandb", "logging.wandb_project")
+        wandb = require_extra("wandb", "logging.wandb_project")
         save_dir = cfg.wandb_save_dir or os.path.join(cfg.run_dir, "wandb")
         os.makedirs(save_dir, exist_ok=True)
         name = cfg.wandb_exp_name or os.path.basename(os.path.abspath(cfg.run_dir))
