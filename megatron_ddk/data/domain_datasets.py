@@ -205,6 +205,26 @@ def default_cache_dir(manifest: DomainManifest) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(manifest.path)), "cache")
 
 
+def resolve_cache_dir(manifest: DomainManifest, cache_dir: Optional[str]) -> str:
+    """The index-cache folder of this manifest's datasets. Megatron-Core keys its caches by
+    dataset path, not content, so a rebuild must never meet an old cache: the default folder is
+    cleared by build-domains when it replaces the datasets; under a given data.cache_dir every
+    build of the datasets gets its own subfolder, named by a fingerprint of the manifest file
+    and of every .idx file's size and modification time (a rebuild writes new .idx files)."""
+    if not cache_dir:
+        return default_cache_dir(manifest)
+    digest = hashlib.sha256()
+    if manifest.path and os.path.isfile(manifest.path):
+        with open(manifest.path, "rb") as f:
+            digest.update(f.read())
+    for d in manifest.domains:
+        for prefix in [*d.train_prefixes, d.valid_prefix, d.test_prefix]:
+            if prefix and os.path.isfile(prefix + ".idx"):
+                st = os.stat(prefix + ".idx")
+                digest.update(f"{prefix}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return os.path.join(cache_dir, f"datasets-{digest.hexdigest()[:16]}")
+
+
 def _recover_interrupted_build(cache_dir: str) -> None:
     """Remove what a builder killed mid-write left (files not named by its marker)."""
     marker = os.path.join(cache_dir, _BUILDING_FILE)
@@ -306,13 +326,13 @@ def build_domain_datasets(manifest: DomainManifest, tokenizer: Any, seq_length: 
         seq_length: tokens per sample (data.seq_length).
         seed: run seed; fixes which tokens form each training sample.
         cache_dir: shared folder for the .npy index caches (all ranks must see it); None:
-            default_cache_dir(manifest).
+            default_cache_dir(manifest) (resolve_cache_dir).
         valid_samples_per_domain: ddk.valid_samples_per_domain.
         group: ranks that build together (None: the default group, or single process).
         valid_seed: fixes the validation document order, independent of the run seed.
     """
     _check_args(seq_length, valid_samples_per_domain, "valid_samples_per_domain")
-    cache_dir = cache_dir or default_cache_dir(manifest)
+    cache_dir = resolve_cache_dir(manifest, cache_dir)
     train_cfg = dataset_config(tokenizer, seq_length, seed, cache_dir, manifest)
     valid_cfg = dataset_config(tokenizer, seq_length, valid_seed, cache_dir, manifest)
     datasets = _on_builder_first(
@@ -334,7 +354,7 @@ def build_heldout_samples(manifest: DomainManifest, tokenizer: Any, seq_length: 
     ValueError when the manifest has no such split."""
     manifest.require_split(split)
     _check_args(seq_length, num_samples, "num_samples")
-    cache_dir = cache_dir or default_cache_dir(manifest)
+    cache_dir = resolve_cache_dir(manifest, cache_dir)
     cfg = dataset_config(tokenizer, seq_length, valid_seed, cache_dir, manifest)
     src = manifest.path or "<manifest>"
     return _on_builder_first(

@@ -49,6 +49,13 @@ def _manifest_errors(cfg: RunConfig) -> Tuple[Optional[Any], List[str]]:
         return manifest, [f"data.manifest {cfg.data.manifest}: tokenizer "
                           f"{manifest.tokenizer_model} has hash {found} but the manifest records "
                           f"{manifest.tokenizer_hash}: rebuild the domains with this tokenizer"]
+    from megatron_ddk.data.manifest import check_vocab_size
+    from megatron_ddk.data.tokenizer import build_tokenizer
+
+    try:  # what a run checks next (manifest.load_manifest_and_tokenizer)
+        check_vocab_size(manifest, build_tokenizer(manifest.tokenizer_model).vocab_size)
+    except ValueError as exc:
+        return manifest, [f"data.manifest: {exc}"]
     return manifest, []
 
 

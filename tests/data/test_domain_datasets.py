@@ -14,7 +14,11 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_ddk.data.domain_datasets import (
-    build_domain_datasets, build_heldout_samples, cache_lock, default_cache_dir,
+    build_domain_datasets,
+    build_heldout_samples,
+    cache_lock,
+    default_cache_dir,
+    resolve_cache_dir,
 )
 from megatron_ddk.data.manifest import DomainEntry, DomainManifest
 from megatron_ddk.data.mixture import IntervalMixture, collate, micro_batches_for_rank
@@ -116,11 +120,11 @@ def test_cache_is_written_once_and_reused(tmp_path):
     manifest, _ = make_manifest(str(tmp_path))
     cache = str(tmp_path / "cache")
     first = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
-    files = sorted(glob.glob(os.path.join(cache, "*")))
+    files = sorted(glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*")))
     assert len([f for f in files if f.endswith("description.txt")]) == 5  # 3 train + 2 valid
     stamps = {f: os.path.getmtime(f) for f in files}
     second = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
-    assert {f: os.path.getmtime(f) for f in glob.glob(os.path.join(cache, "*"))} == stamps
+    assert {f: os.path.getmtime(f) for f in glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*"))} == stamps
     for d in range(2):
         assert [_window(first.train[d][i]) for i in range(len(first.train[d]))] == \
             [_window(second.train[d][i]) for i in range(len(second.train[d]))]
@@ -142,7 +146,7 @@ def test_two_ranks_share_one_cache(tmp_path):
     cache = str(tmp_path / "cache")
     per_rank = run_distributed(_two_rank_build, 2, manifest, cache, timeout=300)
     assert per_rank[0] == per_rank[1]
-    assert len(glob.glob(os.path.join(cache, "*description.txt"))) == 5 + 2  # + 2 test
+    assert len(glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*description.txt"))) == 5 + 2  # + 2 test
     single = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, str(tmp_path / "c1"), 4)
     test = build_heldout_samples(manifest, TinyTokenizer(), SEQ, str(tmp_path / "c1"), "test", 5)
     assert per_rank[0] == [[_window(t[i]) for i in range(len(t))] for t in single.train] + \
@@ -161,7 +165,7 @@ def test_test_split_follows_the_stream_and_training_never_reads_it(tmp_path):
         for suffix in (".bin", ".idx"):
             os.rename(d.test_prefix + suffix, d.test_prefix + suffix + ".away")
     trained = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 6)
-    assert not glob.glob(os.path.join(cache, "*-test-*"))
+    assert not glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*-test-*"))
     for d in manifest.domains:
         for suffix in (".bin", ".idx"):
             os.rename(d.test_prefix + suffix + ".away", d.test_prefix + suffix)
@@ -178,7 +182,7 @@ def test_test_split_follows_the_stream_and_training_never_reads_it(tmp_path):
         # valid for eval = the samples training evaluates on (fixed order, any run seed)
         assert _windows(valid[d]) == _windows(trained.valid[d])
         assert valid[d].fingerprint() != test[d].fingerprint()
-    assert glob.glob(os.path.join(cache, "*-GPTDataset-test-description.txt"))
+    assert glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*-GPTDataset-test-description.txt"))
 
 
 def test_test_split_of_a_manifest_without_one(tmp_path):
@@ -215,7 +219,7 @@ def test_read_only_prebuilt_cache_is_read_without_a_lock(tmp_path, monkeypatch, 
     manifest, _ = make_manifest(str(tmp_path))
     cache = str(tmp_path / "cache")
     first = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
-    os.remove(os.path.join(cache, ".lock"))
+    os.remove(os.path.join(resolve_cache_dir(manifest, cache), ".lock"))
     from megatron_ddk.data import domain_datasets
 
     real_open = os.open
@@ -249,10 +253,10 @@ def _separate_runs(rank, world_size, manifest, root):
     out = {}
     cache = os.path.join(root, "a", "cache")
     if rank == 0:
-        with cache_lock(cache):
+        with cache_lock(resolve_cache_dir(manifest, cache)):
             open(os.path.join(root, "held"), "w").close()
             time.sleep(3.0)
-            out["during"] = sorted(glob.glob(os.path.join(cache, "*.npy")))
+            out["during"] = sorted(glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*.npy")))
             out["released"] = time.time()
     else:
         _wait_for(os.path.join(root, "held"))
@@ -276,8 +280,9 @@ def test_separate_runs_share_a_cache_safely(tmp_path):
     assert second["a"] == reference
     # B: two runs building at once both read complete, identical indexes
     assert first["b"] == second["b"] == reference
-    assert len(glob.glob(str(tmp_path / "b" / "*description.txt"))) == 5
-    assert not os.path.exists(tmp_path / "b" / ".building")
+    b = resolve_cache_dir(manifest, str(tmp_path / "b"))
+    assert len(glob.glob(os.path.join(b, "*description.txt"))) == 5
+    assert not os.path.exists(os.path.join(b, ".building"))
 
 
 def test_build_killed_mid_write_is_cleaned_up(tmp_path):
@@ -286,22 +291,23 @@ def test_build_killed_mid_write_is_cleaned_up(tmp_path):
     manifest, _ = make_manifest(str(tmp_path))
     cache = str(tmp_path / "cache")
     build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
-    before = sorted(os.listdir(cache))
+    before = sorted(os.listdir(resolve_cache_dir(manifest, cache)))
     other = str(tmp_path / "other")
     reference = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 6, other, 4)
-    with open(os.path.join(cache, ".building"), "w") as f:
+    with open(os.path.join(resolve_cache_dir(manifest, cache), ".building"), "w") as f:
         json.dump(before, f)  # what a seed-6 builder would have recorded, then died
+    other = resolve_cache_dir(manifest, other)
     for name in os.listdir(other):
         if name.startswith(".") or "-valid-" in name:
             continue
         data = open(os.path.join(other, name), "rb").read()
         if name.endswith("shuffle_index.npy"):
             data = data[:len(data) // 2]  # cut mid-write
-        with open(os.path.join(cache, name), "wb") as f:
+        with open(os.path.join(resolve_cache_dir(manifest, cache), name), "wb") as f:
             f.write(data)
     rebuilt = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 6, cache, 4)
     assert [_windows(t) for t in rebuilt.train] == [_windows(t) for t in reference.train]
-    assert not os.path.exists(os.path.join(cache, ".building"))
+    assert not os.path.exists(os.path.join(resolve_cache_dir(manifest, cache), ".building"))
 
 
 def test_collate_rank_slices_of_a_mixture_batch(tmp_path):
@@ -326,3 +332,31 @@ def test_collate_rank_slices_of_a_mixture_batch(tmp_path):
     assert seen == batch
     with pytest.raises(ValueError, match="multiple"):
         micro_batches_for_rank(batch, 0, 3, 2)
+
+
+def test_a_given_cache_dir_is_never_reused_across_a_rebuild(tmp_path):
+    """data.cache_dir: the same datasets find their cache again; rebuilt datasets (new .idx
+    files, here with other documents of the same counts) get a fresh subfolder, so
+    Megatron-Core never reads an index cache of the old ones."""
+    import time
+
+    os.makedirs(tmp_path / "d")
+    manifest, raw = make_manifest(str(tmp_path / "d"))
+    cache = str(tmp_path / "cache")
+    first = resolve_cache_dir(manifest, cache)
+    assert first == resolve_cache_dir(manifest, cache) and first.startswith(cache + os.sep)
+    ds = build_domain_datasets(manifest, TinyTokenizer(), SEQ, seed=5, cache_dir=cache,
+                               valid_samples_per_domain=6)
+    before = [tuple(ds.train[0][i]["tokens"].tolist()) for i in range(3)]
+    time.sleep(0.01)
+    prefix = manifest.domains[0].train_prefixes[0]
+    shuffled = [list(reversed(doc[:-1])) + [0] for doc in raw[prefix]]  # same lengths
+    _write(prefix, shuffled)
+    second = resolve_cache_dir(manifest, cache)
+    assert second != first
+    ds = build_domain_datasets(manifest, TinyTokenizer(), SEQ, seed=5, cache_dir=cache,
+                               valid_samples_per_domain=6)
+    after = [tuple(ds.train[0][i]["tokens"].tolist()) for i in range(3)]
+    assert after != before  # the new documents, not a cached view of the old ones
+    manifest.path = str(tmp_path / "d" / "manifest.yaml")
+    assert resolve_cache_dir(manifest, None) == default_cache_dir(manifest)

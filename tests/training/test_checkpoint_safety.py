@@ -127,3 +127,38 @@ def test_resume_from_a_checkpoint_past_train_iters_is_refused(tmp_path):
     for ok in (["train.train_iters=4"], ["train.train_iters=9"],
                ["train.train_iters=2", "checkpoint.finetune=true", "checkpoint.overwrite=true"]):
         check_save_folder(load_config(None, base + ok))
+
+
+def test_deep_check_compares_the_manifest_vocabulary_size_too(tiny, tmp_path):
+    """A manifest whose tokenizer hash is right but vocab_size wrong is named by --deep (the
+    datasets' own records, or the tokenizer's size, disagree)."""
+    import yaml
+
+    from megatron_ddk.config import load_config
+    from megatron_ddk.training.deep_check import deep_errors
+
+    folder = os.path.dirname(tiny["manifest"])
+    raw = yaml.safe_load(open(tiny["manifest"]))
+    raw["tokenizer"]["vocab_size"] = 600
+    edited = os.path.join(folder, "manifest_vocab600.yaml")
+    with open(edited, "w") as f:
+        yaml.safe_dump(raw, f)
+    cfg = tiny_run.run_config(edited, str(tmp_path / "run"), teacher_load=tiny["teacher"])
+    del cfg["distill"]["teacher"]
+    errs = "\n".join(deep_errors(load_config(tiny_run.write_config(cfg, str(tmp_path / "r.yaml")))))
+    assert "data.manifest" in errs and "vocabulary 512" in errs and "600" in errs, errs
+    for d in raw["domains"]:  # and without the datasets' records: the tokenizer's own size
+        for key in ("train_prefixes", "valid_prefix", "test_prefix"):
+            for p in (d[key] if isinstance(d[key], list) else [d[key]]):
+                full = p if os.path.isabs(p) else os.path.join(folder, p)
+                if os.path.exists(full + ".tokenizer.json"):
+                    os.rename(full + ".tokenizer.json", full + ".tokenizer.json.off")
+    try:
+        errs = "\n".join(deep_errors(load_config(str(tmp_path / "r.yaml"))))
+        assert "tokenizer.vocab_size is 600 but the tokenizer" in errs and "512 entries" in errs, \
+            errs
+    finally:
+        for root, _, files in os.walk(folder):
+            for n in files:
+                if n.endswith(".tokenizer.json.off"):
+                    os.rename(os.path.join(root, n), os.path.join(root, n[:-4]))
