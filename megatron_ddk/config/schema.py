@@ -171,7 +171,9 @@ class DataConfig:
 
     cache_dir: Optional[str] = None
     """Folder for Megatron-Core dataset index caches (shared by all ranks, and by every run of
-    the manifest: builds are locked). None: <manifest folder>/cache, one cache per manifest."""
+    the manifest: builds are locked); each build of the datasets gets its own subfolder
+    datasets-<fingerprint>, so a rebuild never reuses stale caches. None: <manifest
+    folder>/cache, one cache per manifest, cleared when build-domains replaces the datasets."""
 
 
 @dataclass
