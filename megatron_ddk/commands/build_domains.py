@@ -325,6 +325,7 @@ def _build_staged(args, stage, domains, spec, weights, manifest_path: str,
         if tokenizer_moves:
             manifest.tokenizer_model = tokenizer_moves[0][1]
         save_manifest(manifest, manifest_path)
+        stage.mark_done()
     except BaseException:
         stage.roll_back()
         raise

@@ -18,6 +18,7 @@ manifest from megatron_ddk.data, nothing from other layers.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -126,8 +127,47 @@ STAGING_PREFIX = ".staging-"
 """build_domains stages a build in <output-dir>/.staging-<pid> and swaps it in at the end."""
 
 
+SWAP_JOURNAL = "swap.jsonl"
+"""In a staging folder: one JSON line per file swap_in moved ({"final", "aside", "staged"}),
+written and synced before the move, then a line {"done": true} once the new manifest is in."""
+
+
+def _journal(folder: str) -> Tuple[List[dict], bool]:
+    """(the moves a build's swap journal records, whether it says the swap completed)."""
+    path = os.path.join(folder, SWAP_JOURNAL)
+    moves, done = [], False
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # the line being written when the build was killed
+                    break
+                done = done or bool(rec.get("done"))
+                if "final" in rec:
+                    moves.append(rec)
+    return moves, done
+
+
+def _undo(moves: List[dict]) -> None:
+    """Put back what an interrupted swap moved, newest first (the old build returns whole)."""
+    for rec in reversed(moves):
+        final, aside = rec["final"], rec.get("aside")
+        if aside is not None and not os.path.lexists(aside):
+            continue  # recorded, killed before the move: nothing to undo
+        if rec.get("staged") or aside is not None:
+            if os.path.isdir(final) and not os.path.islink(final):
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                remove_quietly(final)
+        if aside is not None:
+            os.replace(aside, final)
+
+
 def remove_stale_staging(out_dir: str) -> List[str]:
-    """Delete the staging folders of builds that are no longer running (killed); returns them."""
+    """Delete the staging folders of builds that are no longer running (killed); returns them.
+    A build killed in the middle of its swap (its journal not done) is rolled back first, so
+    the previous manifest and datasets are in place again."""
     removed = []
     try:
         names = os.listdir(out_dir)
@@ -138,6 +178,11 @@ def remove_stale_staging(out_dir: str) -> List[str]:
         full = os.path.join(out_dir, name)
         if (name.startswith(STAGING_PREFIX) and pid.isdigit() and not pid_alive(int(pid))
                 and os.path.isdir(full)):
+            moves, done = _journal(full)
+            if moves and not done:
+                _undo(moves)
+                logger.warning("rolled back the interrupted swap of %s: the previous build is "
+                               "in place", full)
             shutil.rmtree(full, ignore_errors=True)
             removed.append(full)
             logger.info("removed %s, left by a build that is no longer running", full)
@@ -187,6 +232,8 @@ class StagedBuild:
         aside, the staged file (if any) takes its place. All or nothing on an exception."""
         try:
             for staged, final in moves:
+                self._log({"final": final, "aside": self._aside_name(final),
+                           "staged": staged is not None})
                 self._moved.append((final, self._aside(final)))
                 if staged is not None:
                     os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -194,6 +241,25 @@ class StagedBuild:
         except BaseException:
             self.roll_back()
             raise
+
+    def _aside_name(self, path: str) -> Optional[str]:
+        """Where _aside will move `path` (None when there is nothing to move)."""
+        if not os.path.lexists(path):
+            return None
+        if os.path.commonpath([self.out_dir, os.path.abspath(path)]) == self.out_dir:
+            return os.path.join(self._old, f"{len(self._moved)}_{os.path.basename(path)}")
+        return f"{path}.tmp{os.getpid()}.previous"
+
+    def _log(self, rec: dict) -> None:
+        """Append one line to the swap journal, synced before the move it announces."""
+        with open(os.path.join(self.folder, SWAP_JOURNAL), "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def mark_done(self) -> None:
+        """The new build is complete (its manifest written): a later clean-up must not undo it."""
+        self._log({"done": True})
 
     def roll_back(self) -> None:
         """Put every old file swap_in moved aside back in place (the new ones are dropped)."""

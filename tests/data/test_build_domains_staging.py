@@ -158,3 +158,44 @@ def test_every_dataset_records_its_tokenizer_and_another_is_refused_by_name(
                                          r"sha256:\w+ \(vocabulary 800\) but the manifest names "
                                          r"sha256:\w+ \(vocabulary 300\)"):
         load_manifest(str(out / "manifest.yaml"))
+
+
+def test_sigkill_in_the_middle_of_the_final_swap_is_rolled_back(tmp_path, corpus,
+                                                                tiny_tokenizer, build_domains,
+                                                                make_jsonl, make_texts):
+    """A rebuild SIGKILLed after it moved the old manifest and some datasets aside leaves no
+    manifest; the next run's clean-up reads the swap journal and puts the previous build back
+    byte for byte (then a rebuild succeeds)."""
+    import subprocess
+    import sys
+
+    from megatron_ddk.data.manifest import load_manifest
+    from megatron_ddk.data.preprocess import remove_stale_staging
+
+    out = tmp_path / "out"
+    build_domains.main(_argv(corpus, out, tiny_tokenizer))
+    before = _snapshot(out)
+    make_jsonl(corpus / "alpha.jsonl", make_texts(40, seed=9))  # a different rebuild
+    code = (
+        "import os, signal, sys\n"
+        "from megatron_ddk.data import preprocess\n"
+        "real, calls = os.replace, []\n"
+        "def replace(src, dst):\n"
+        "    if '.staging-' in str(src) and '.previous' not in str(src) and\\\n"
+        "            '.staging-' not in str(dst):\n"
+        "        calls.append(dst)\n"
+        "        if len(calls) == 3:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(src, dst)\n"
+        "preprocess.os.replace = replace\n"
+        "from megatron_ddk.commands import build_domains\n"
+        f"build_domains.main({_argv(corpus, out, tiny_tokenizer)!r})\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))))
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert not (out / "manifest.yaml").exists()  # what the kill left
+    assert remove_stale_staging(str(out))
+    assert _snapshot(out) == before
+    build_domains.main(_argv(corpus, out, tiny_tokenizer))
+    assert load_manifest(str(out / "manifest.yaml")).domains[0].num_train_documents > 0
