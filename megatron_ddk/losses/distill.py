@@ -163,10 +163,8 @@ class DistillationLoss:
             tce = vocab_parallel_cross_entropy(teacher_logits.detach(), tok_labels,
                                                tp_group=self.tp_group, vocab_size=self.vocab_size,
                                                chunk_tokens=self.chunk_tokens)
-            tce = torch.where(mask, tce, 0.0).to(torch.float32).sum(dim=0 if sbv else 1)
-            sums = torch.zeros(self.num_domains, dtype=torch.float32, device=tce.device)
-            sums.index_add_(0, domain_id.to(torch.long), tce)
-        return torch.stack([sums, tokens])
+            tce = torch.where(mask, tce, 0.0)
+        return torch.stack([domain_sums(tce, domain_id, self.num_domains, sbv), tokens])
 
     def _topk_ce_and_kl(self, student_logits, teacher_topk, tok_labels, sbv: bool):
         """(CE, top-K KL) per token against a stored teacher ([b, s, ..] batch layout)."""
@@ -183,13 +181,9 @@ class DistillationLoss:
                 sbv: bool) -> Dict[str, torch.Tensor]:
         """[sum, count] tensors: totals ([2]) and per domain ([2, num_domains])."""
         count = num_tokens.to(torch.float32).detach()
-        seq_dim = 0 if sbv else 1  # reduce over the sequence to per-sample sums [b]
-        ids = domain_id.to(torch.long)
-        d = self.num_domains
 
         def per_domain(x: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(d, dtype=torch.float32, device=x.device)
-            return out.index_add_(0, ids, x.detach().to(torch.float32).sum(dim=seq_dim))
+            return domain_sums(x, domain_id, self.num_domains, sbv)
 
         tokens = per_domain(mask.to(torch.float32))
         ce_dom = per_domain(ce)
@@ -201,6 +195,15 @@ class DistillationLoss:
             "domain_lm_loss": torch.stack([ce_dom, tokens]),
             "domain_kd_loss": torch.stack([kl_dom, tokens]),
         }
+
+
+def domain_sums(x: torch.Tensor, domain_id: torch.Tensor, num_domains: int,
+                sbv: bool) -> torch.Tensor:
+    """[num_domains] float32: per-token values x ([s, b] when sbv, else [b, s]) summed over each
+    sample's tokens, then over the samples of each domain (domain_id [b]); detached."""
+    per_sample = x.detach().to(torch.float32).sum(dim=0 if sbv else 1)
+    out = torch.zeros(num_domains, dtype=torch.float32, device=x.device)
+    return out.index_add_(0, domain_id.to(torch.long), per_sample)
 
 
 def distillation_loss_from_config(distill, *, tp_group, num_domains: int,

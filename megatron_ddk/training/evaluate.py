@@ -19,13 +19,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_ddk.config.schema import KL_CHUNK_TOKENS
 from megatron_ddk.data.mixture import collate
 from megatron_ddk.losses.kl import vocab_parallel_cross_entropy
+from megatron_ddk.parallel.reduce import reduce_named
 from megatron_ddk.parallel.state import ParallelContext
-from megatron_ddk.training.schedule import forward_backward
+from megatron_ddk.training.schedule import run_batches
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,8 @@ def evaluate_domains(model, ctx: ParallelContext, valid: Sequence, *, micro_batc
         batches.append(batch)
     # [student CE sum, tokens, teacher CE sum] per (domain, sample)
     stats = torch.zeros(3, num_domains, max(1, max(sizes, default=0)), dtype=torch.float64)
-    it = iter(batches)
 
-    def forward_step(_data_iterator, module):
-        batch = next(it)
-        out = module(batch["tokens"].to(ctx.device), batch["position_ids"].to(ctx.device), None)
+    def loss_of(batch):
         where = (batch["domain_id"], batch["sample_id"])
 
         def loss_func(output):
@@ -119,20 +116,17 @@ def evaluate_domains(model, ctx: ParallelContext, valid: Sequence, *, micro_batc
             zero = torch.zeros((), device=student_logits.device)
             return zero, {}
 
-        return out, loss_func
+        return loss_func
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        forward_backward(ctx, [model], forward_step, num_mb, seq_length, micro_batch_size,
-                         forward_only=True,
-                         adjust_tensor_shapes_fn=model.adjust_tensor_shapes if ctx.pp_size > 1 else None)
+        run_batches(ctx, model, batches, loss_of, seq_length, micro_batch_size,
+                    forward_only=True)
     model.train(was_training)
     if not (ctx.is_last_stage and ctx.tp_rank == 0):
         stats.zero_()  # only one copy of each DP shard's sums enters the reduction
-    if dist.is_initialized():
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    return _result(stats, sizes, with_teacher)
+    return _result(reduce_named({"stats": stats})["stats"], sizes, with_teacher)
 
 
 def _result(stats: torch.Tensor, sizes: Sequence[int], with_teacher: bool) -> DomainEval:

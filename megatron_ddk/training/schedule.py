@@ -1,5 +1,10 @@
 """One call into Megatron-Core's pipeline schedules with this run's explicit process groups.
 
+`run_batches` is the one forward step of the package (training, evaluation, the teacher store's
+producer): it hands the micro-batches to Megatron-Core as its data_iterator and takes the next
+one with next(), as Megatron-LM's pretrain_gpt.py does; the caller only says what the loss of a
+micro-batch's output is.
+
 No pipelining for PP=1, 1F1B otherwise (the only schedule that accepts adjust_tensor_shapes_fn,
 which the two-model pipeline needs). The P2P communicator is built from the context's PP group.
 adjust_tensor_shapes_fn (models/pair.py widens the P2P tensor by the teacher's hidden size) is
@@ -9,9 +14,27 @@ DistillationPair, also inside DDP / Float16Module) supplies it when the caller p
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from megatron_ddk.parallel.state import ParallelContext
+
+
+def run_batches(ctx: ParallelContext, model, batches: List[Dict[str, Any]],
+                loss_of: Callable[[Dict[str, Any]], Callable], seq_length: int,
+                micro_batch_size: int, forward_only: bool = False) -> list:
+    """Forward (and backward) over `batches`, one per micro-batch, on the model's tokens and
+    position ids; loss_of(batch) is the loss function of that micro-batch's output (the
+    schedule's contract: output -> (loss, num_tokens, report) or (loss, report))."""
+    device = ctx.device
+
+    def forward_step(data_iterator, module):
+        batch = next(data_iterator)
+        out = module(batch["tokens"].to(device), batch["position_ids"].to(device), None)
+        return out, loss_of(batch)
+
+    return forward_backward(ctx, [model], forward_step, len(batches), seq_length,
+                            micro_batch_size, forward_only=forward_only,
+                            data_iterator=iter(batches))
 
 
 def forward_backward(ctx: ParallelContext, model_chunks: List, forward_step: Callable,

@@ -27,6 +27,7 @@ from megatron_ddk.data.mixture import IntervalMixture, collate, micro_batches_fo
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.losses.distill import distillation_loss_from_config
 from megatron_ddk.models.pair import DistillationPair
+from megatron_ddk.parallel.reduce import reduce_named
 from megatron_ddk.parallel.state import ParallelContext
 from megatron_ddk.training import builder
 from megatron_ddk.training.checkpoint import load_training_checkpoint, save_training_checkpoint
@@ -34,7 +35,7 @@ from megatron_ddk.training.evaluate import evaluate_domains
 from megatron_ddk.training.flops import FlopCounter
 from megatron_ddk.training.metrics import RunLogger, step_line
 from megatron_ddk.training.optimizer import build_training_objects
-from megatron_ddk.training.schedule import forward_backward
+from megatron_ddk.training.schedule import run_batches
 from megatron_ddk.training.teacher_cache import open_run_store
 from megatron_ddk.training.timing import StageTimer
 from megatron_ddk.training.wandb_log import wandb_factory
@@ -202,26 +203,19 @@ class Trainer:
                                              if v is not None}, prefix=f"ddk/{key}/")
 
     # ------------------------------------------------------------------------------ step
-    def _forward_step(self, batches: List[Dict[str, torch.Tensor]]):
-        it = iter(batches)
+    def _loss_of(self, batch: Dict[str, torch.Tensor]):
+        """The distillation loss of one micro-batch's (student, teacher) output."""
         device = self.ctx.device
+        labels, mask = batch["labels"].to(device), batch["loss_mask"].to(device)
+        domains = batch["domain_id"].to(device)
 
-        def forward_step(_data_iterator, model):
-            batch = next(it)
-            out = model(batch["tokens"].to(device), batch["position_ids"].to(device), None)
-            labels, mask = batch["labels"].to(device), batch["loss_mask"].to(device)
-            domains = batch["domain_id"].to(device)
+        def loss_func(output):
+            student_logits, teacher_logits = output
+            topk = self._read_store(batch) if self.store is not None else None
+            return self.loss(student_logits, labels=labels, loss_mask=mask, domain_id=domains,
+                             teacher_logits=teacher_logits, teacher_topk=topk)
 
-            def loss_func(output):
-                student_logits, teacher_logits = output
-                topk = self._read_store(batch) if self.store is not None else None
-                return self.loss(student_logits, labels=labels, loss_mask=mask,
-                                 domain_id=domains, teacher_logits=teacher_logits,
-                                 teacher_topk=topk)
-
-            return out, loss_func
-
-        return forward_step
+        return loss_func
 
     def _read_store(self, batch: Dict[str, torch.Tensor]):
         """The offline teacher of one micro-batch (last stage), timed as teacher_cache_read."""
@@ -242,10 +236,8 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.timer.start("forward_backward")
-        reports = forward_backward(
-            self.ctx, [self.model], self._forward_step(batches), self.num_microbatches,
-            self.cfg.data.seq_length, self.mbs,
-            adjust_tensor_shapes_fn=self.pair.adjust_tensor_shapes if self.ctx.pp_size > 1 else None)
+        reports = run_batches(self.ctx, self.model, batches, self._loss_of,
+                              self.cfg.data.seq_length, self.mbs)
         self.timer.stop("forward_backward")
         totals = self._reduce_reports(reports)
         if not math.isfinite(totals["loss"]):
@@ -266,21 +258,22 @@ class Trainer:
 
     def _reduce_reports(self, reports) -> Dict[str, float]:
         """Exact means over micro-batches and DP ranks, shared with every rank."""
-        n = len(self.names)
-        buf = torch.zeros(6 + 3 * n, dtype=torch.float64)
-        if self.ctx.is_last_stage and self.ctx.tp_rank == 0:
+        n, keys = len(self.names), ("loss", "lm_loss", "kd_loss")
+        sums = {k: torch.zeros(2, dtype=torch.float64) for k in keys}  # [sum, tokens]
+        sums["domain_lm_loss"] = torch.zeros(2, n, dtype=torch.float64)
+        sums["domain_teacher_lm_loss"] = torch.zeros(n, dtype=torch.float64)
+        if self.ctx.is_last_stage and self.ctx.tp_rank == 0:  # one copy of each DP shard's sums
             for r in reports:
-                for i, key in enumerate(("loss", "lm_loss", "kd_loss")):
-                    buf[2 * i:2 * i + 2] += r[key].detach().double().cpu()
-                buf[6:6 + n] += r["domain_lm_loss"][0].double().cpu()
-                buf[6 + n:6 + 2 * n] += r["domain_lm_loss"][1].double().cpu()
+                for k in keys:
+                    sums[k] += r[k].detach().double().cpu()
+                sums["domain_lm_loss"] += r["domain_lm_loss"].double().cpu()
                 if "domain_teacher_lm_loss" in r:  # ddk.signal: training
-                    buf[6 + 2 * n:] += r["domain_teacher_lm_loss"][0].double().cpu()
-        if dist.is_initialized():
-            dist.all_reduce(buf)
-        self.domain_train += buf[6:].view(3, n).numpy()
-        count = max(float(buf[1]), 1.0)
-        return {k: float(buf[2 * i] / count) for i, k in enumerate(("loss", "lm_loss", "kd_loss"))}
+                    sums["domain_teacher_lm_loss"] += r["domain_teacher_lm_loss"][0].double().cpu()
+        totals = reduce_named(sums)
+        self.domain_train += torch.cat([totals["domain_lm_loss"],
+                                        totals["domain_teacher_lm_loss"][None]]).numpy()
+        count = max(float(totals["loss"][1]), 1.0)
+        return {k: float(totals[k][0] / count) for k in keys}
 
     # ------------------------------------------------------------------------------ loop
     def _should_stop(self, started: float) -> Optional[str]:
