@@ -19,7 +19,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -71,28 +71,39 @@ def check_input_files(paths: Sequence[str], fmt=None) -> None:
         (fmt or input_format)(path)
 
 
+def parse_record(raw: bytes, fmt: str) -> Union[None, str, dict]:
+    """One raw line as a record: txt, the line without its "\\n" / "\\r\\n"; JSONL, the JSON
+    object, or None for a blank line. The one line parser of the package (corpus reading,
+    preprocessing, the mixed-corpus readers). MalformedLineError names the reason (without file
+    and line, which the caller adds)."""
+    if fmt == "txt":
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MalformedLineError(f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
+        return line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
+    if not raw.strip():
+        return None
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError as err:
+        raise MalformedLineError(f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise MalformedLineError(f"invalid JSON ({err.msg}: column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise MalformedLineError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def parse_line(raw: bytes, fmt: str, json_keys: Sequence[str]) -> Optional[Tuple[str, ...]]:
     """The documents on one raw line, one per json key (txt: the line itself).
 
     Returns None for a line to ignore (blank JSONL line). Raises MalformedLineError with the
     reason (without file and line, which the caller adds).
     """
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MalformedLineError(f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
-    if fmt == "txt":
-        if line.endswith("\n"):
-            line = line[:-2] if line.endswith("\r\n") else line[:-1]
-        return (line,)
-    if not line.strip():
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise MalformedLineError(f"invalid JSON ({err.msg}: column {err.colno})") from None
-    if not isinstance(obj, dict):
-        raise MalformedLineError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = parse_record(raw, fmt)
+    if obj is None or isinstance(obj, str):
+        return None if obj is None else (obj,)
     docs = []
     for key in json_keys:
         if key not in obj:

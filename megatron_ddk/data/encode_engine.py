@@ -62,7 +62,8 @@ import numpy as np
 
 from megatron_ddk.atomic import remove_stale_tmp
 from megatron_ddk.console import CommandFailed
-from megatron_ddk.data.corpus import MalformedLineError, check_input_files, input_format
+from megatron_ddk.data.corpus import (MalformedLineError, check_input_files, input_format,
+                                     parse_record)
 from megatron_ddk.data.indexed_writer import IndexedWriter, commit_dataset, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
 from megatron_ddk.data.pieces import document_splitter
@@ -208,23 +209,9 @@ def _worker_init(job: EncodeJob) -> None:
 
 def _parse(raw: bytes, fmt: str, keys, splitter) -> Optional[List[List[str]]]:
     """Sentences per key of one line; None for a blank JSONL line; MalformedLineError."""
-    if fmt == "txt":
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise MalformedLineError(f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
-        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
-        return [splitter(text) if splitter else [text]]
-    if not raw.strip():
-        return None
-    try:
-        obj = json.loads(raw)
-    except UnicodeDecodeError as err:
-        raise MalformedLineError(f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise MalformedLineError(f"invalid JSON ({err.msg}: column {err.colno})") from None
-    if not isinstance(obj, dict):
-        raise MalformedLineError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = parse_record(raw, fmt)
+    if obj is None or isinstance(obj, str):
+        return None if obj is None else [splitter(obj) if splitter else [obj]]
     out = []
     for key in keys:
         if key not in obj:

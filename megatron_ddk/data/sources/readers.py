@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-from megatron_ddk.data.corpus import MalformedLineError, ReadCounts
+from megatron_ddk.data.corpus import MalformedLineError, ReadCounts, parse_record
 from megatron_ddk.config.optional import require_extra
 
 LINE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
@@ -154,29 +154,11 @@ def _open_lines(source: SourceFile):
     return open(source.path, "rb")
 
 
-def _parse_line(raw: bytes, fmt: str) -> Optional[Record]:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MalformedLineError(f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
-    if fmt == "txt":
-        return line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
-    if not line.strip():
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise MalformedLineError(f"invalid JSON ({err.msg}: column {err.colno})") from None
-    if not isinstance(obj, dict):
-        raise MalformedLineError(f"expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def _line_records(source: SourceFile) -> Iterator[Tuple[int, Union[Record, Exception]]]:
     with _open_lines(source) as f:
         for number, raw in enumerate(f, start=1):
             try:
-                record = _parse_line(raw, source.fmt)
+                record = parse_record(raw, source.fmt)
             except MalformedLineError as err:
                 yield number, err
                 continue
