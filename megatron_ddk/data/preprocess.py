@@ -149,6 +149,16 @@ def _journal(folder: str) -> Tuple[List[dict], bool]:
     return moves, done
 
 
+def _put_back(final: str, aside: Optional[str]) -> None:
+    """Drop what is at `final` (file or folder) and move its old version `aside` back."""
+    if os.path.isdir(final) and not os.path.islink(final):
+        shutil.rmtree(final, ignore_errors=True)
+    else:
+        remove_quietly(final)
+    if aside is not None:
+        os.replace(aside, final)
+
+
 def _undo(moves: List[dict]) -> None:
     """Put back what an interrupted swap moved, newest first (the old build returns whole)."""
     for rec in reversed(moves):
@@ -156,12 +166,7 @@ def _undo(moves: List[dict]) -> None:
         if aside is not None and not os.path.lexists(aside):
             continue  # recorded, killed before the move: nothing to undo
         if rec.get("staged") or aside is not None:
-            if os.path.isdir(final) and not os.path.islink(final):
-                shutil.rmtree(final, ignore_errors=True)
-            else:
-                remove_quietly(final)
-        if aside is not None:
-            os.replace(aside, final)
+            _put_back(final, aside)
 
 
 def remove_stale_staging(out_dir: str) -> List[str]:
@@ -264,12 +269,7 @@ class StagedBuild:
     def roll_back(self) -> None:
         """Put every old file swap_in moved aside back in place (the new ones are dropped)."""
         for final, aside in reversed(self._moved):
-            if os.path.isdir(final) and not os.path.islink(final):
-                shutil.rmtree(final, ignore_errors=True)
-            else:
-                remove_quietly(final)
-            if aside is not None:
-                os.replace(aside, final)
+            _put_back(final, aside)
         self._moved.clear()
 
     def close(self) -> None:
