@@ -35,6 +35,18 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def load_checkpoint_model(model_cfg: ModelConfig, ctx: ParallelContext, padded_vocab_size: int,
+                          folder: str, *, bf16: bool = False) -> torch.nn.Module:
+    """This rank's stage of `model_cfg` with the weights of checkpoint `folder` (any saved
+    TP/PP). With bf16 the whole module is cast as Float16Module does in training (torch's
+    norms are built fp32). The one way the package builds a model from a checkpoint."""
+    model = build_gpt_model(model_cfg, ctx, padded_vocab_size, bf16=bf16)
+    load_model(folder, model)
+    if bf16:
+        model.bfloat16()
+    return model
+
+
 def build_teacher(teacher: ModelConfig, ctx: ParallelContext, padded_vocab_size: int, load: str,
                   *, bf16: bool = False, tokenizer_hash: Optional[str] = None):
     """Build the teacher's stage, load its checkpoint (any saved TP/PP), freeze it.
@@ -49,8 +61,7 @@ def build_teacher(teacher: ModelConfig, ctx: ParallelContext, padded_vocab_size:
     if not meta:
         logger.info("teacher %s has no %s (a Megatron-LM checkpoint): built from distill.teacher "
                     "with %d embedding rows", folder, META_FILE, padded_vocab_size)
-    model = build_gpt_model(teacher, ctx, padded_vocab_size, bf16=bf16)
-    load_model(folder, model)
+    model = load_checkpoint_model(teacher, ctx, padded_vocab_size, folder, bf16=bf16)
     logger.info("teacher loaded from %s (%d parameters on this rank)", folder,
                 sum(p.numel() for p in model.parameters()))
     recast_fp8_weights_every_forward(model)  # no-op without FP8; see models/fp8.py

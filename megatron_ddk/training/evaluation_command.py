@@ -29,15 +29,14 @@ from typing import Any, Dict, Optional
 from megatron_ddk.config import RunConfig, static_checks, to_dict
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.data.domain_datasets import build_heldout_samples
-from megatron_ddk.models.build import build_gpt_model
 from megatron_ddk.models.checkpoint import (
     check_compatible,
-    load_model,
     read_metadata,
     resolve_checkpoint,
 )
 from megatron_ddk.models.checkpoint_layout import META_FILE, model_differences
 from megatron_ddk.models.pair import DistillationPair
+from megatron_ddk.models.teacher import load_checkpoint_model
 from megatron_ddk.models.teacher_config import compared_fields, model_from_metadata
 from megatron_ddk.models.vocab import common_padded_vocab_size
 from megatron_ddk.parallel.state import ParallelContext
@@ -101,11 +100,7 @@ def evaluate_checkpoint(cfg: RunConfig, ctx: ParallelContext, load: str, split: 
     padded = meta.get("padded_vocab_size") or common_padded_vocab_size(
         cfg.model, None, manifest.vocab_size, ctx.tp_size)
     check_compatible(meta, to_dict(cfg.model), padded, manifest.tokenizer_hash, load)
-    bf16 = builder.use_bf16(cfg)
-    model = build_gpt_model(cfg.model, ctx, padded, bf16=bf16)
-    load_model(folder, model)
-    if bf16:  # as Float16Module does in training: torch's norms are built fp32, cast them too
-        model.bfloat16()
+    model = load_checkpoint_model(cfg.model, ctx, padded, folder, bf16=builder.use_bf16(cfg))
     res = evaluate_domains(
         DistillationPair(model, None), ctx, samples, micro_batch_size=cfg.train.micro_batch_size,
         seq_length=cfg.data.seq_length, vocab_size=manifest.vocab_size, with_teacher=False,
