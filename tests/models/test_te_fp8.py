@@ -38,7 +38,10 @@ from megatron_ddk.testing import run_distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "bench", "gpu_throughput.py")
 HAVE_GPU_TE = torch.cuda.is_available() and optional.have_transformer_engine()
-gpu_te = pytest.mark.skipif(not HAVE_GPU_TE, reason="needs CUDA and Transformer Engine")
+def gpu_te(test):
+    """Marked gpu; skipped without CUDA and Transformer Engine."""
+    skip = pytest.mark.skipif(not HAVE_GPU_TE, reason="needs CUDA and Transformer Engine")
+    return pytest.mark.gpu(skip(test))
 
 
 def _load_bench():

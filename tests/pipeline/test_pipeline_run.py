@@ -14,6 +14,8 @@ import pytest
 
 from tests.pipeline.corpus import build_corpus
 
+pytestmark = pytest.mark.slow  # whole pipeline runs (minutes on 2 CPU cores)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "examples", "my_data", "pipeline.yaml")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

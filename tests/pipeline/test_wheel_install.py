@@ -22,6 +22,8 @@ import pytest
 
 from tests.pipeline.corpus import build_corpus
 
+pytestmark = pytest.mark.slow  # whole pipeline runs (minutes on 2 CPU cores)
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
