@@ -1,32 +1,28 @@
-"""Benchmark: the offline teacher (top-K store) against online KD and CPT at the quickstart's sizes.
+"""Benchmark: the offline teacher store's encodings at the quickstart's sizes (issue 30's table).
 
-    .venv/bin/python bench/offline_teacher.py                        # quickstart budget
-    .venv/bin/python bench/offline_teacher.py --steps 60 --teacher-steps 120   # shorter
+    .venv/bin/python bench/offline_teacher.py                 # reuses runs/quickstart
+    .venv/bin/python bench/offline_teacher.py --arms v1:32:1:float16,v2:16:1:q8
 
-Sizes are examples/quickstart/*.yaml: teacher 4 x 256, student 2 x 128, seq 256, global batch 16
-(micro-batch 8), a 4,096-token tokenizer. Steps 120 for every arm unless --steps says otherwise.
+Sizes are the quickstart's (megatron_ddk/examples/quickstart/pipeline.yaml): teacher 4 x 256
+(240 steps), student 2 x 128 (80 steps), seq 256, a 4,096-token tokenizer, five demo domains;
+the KD arm continues the student for 60 steps x 8 x 256 tokens. The data, the teacher, the
+starting student and the KD arm's config come from a finished quickstart pipeline folder
+(--pipeline, default runs/quickstart: `megatron-ddk pipeline --config
+megatron_ddk/examples/quickstart/pipeline.yaml`), so nothing is re-trained.
 
-1. Prepare (skipped when --workdir already holds it): the quickstart pipeline's corpus, datasets,
-   teacher (--teacher-steps) and starting student (--student-steps), through `megatron-ddk
-   pipeline` with one 1-step placeholder arm.
-2. In one sequence on this machine: CPT, KD online, the store's producer (tools/cache_teacher_
-   logits.py, covering exactly the samples a KD run of --steps draws: data/teacher_store.
-   max_samples_per_domain), then KD offline at every K of --ks. Each arm is a `python -m
-   megatron_ddk.train` process (KD policy static, the quickstart's lr and finetuned start);
-   reported: the training loop's wall time (metrics.jsonl "end".elapsed_s without the final
-   checkpoint write), the process's wall time, its CPU seconds (user + sys, start-up included:
-   less sensitive to other processes on the cores), and the step-time split (teacher_forward,
-   teacher_cache_read, student, optimizer).
-3. Per K: store bytes per token (the files on disk / tokens covered), the mean relative error of
-   the top-K KL (K ids + one rest bucket, log-probabilities rounded to the store's float16)
-   against the exact KL on held-out tokens (every validation sample of every domain; teacher vs
-   the starting student), and the final per-domain test (else validation) perplexity of each
-   arm (`megatron-ddk eval`), offline vs online.
-4. Storage the paper's 15B tokens would need at each K (tools/plan_teacher_store.py's formula).
+1. The grid (bench/offline_teacher_kl.py): format 1 (today's fixed-K float16 store) and format 2
+   for every K x top_p x codec, on held-out tokens: KL error per token against the dense
+   teacher (mean, p99), entries per token, bytes per token of a real store on disk (none / zstd),
+   read throughput (tokens/s, cold and warm page cache).
+2. Per --arms setting, in one sequence on this machine: the producer (`megatron-ddk
+   cache-teacher ... --cover-runs KD.yaml`: exactly the samples the KD arm draws), the KD arm
+   reading that store (`python -m megatron_ddk.train`), its test-split perplexity (`megatron-ddk
+   eval`), the share of the step spent reading the store (the trainer's teacher_cache_read).
+3. Bytes per token for a 152k vocabulary (Qwen-1.5's 151,646) from the measured entries per
+   token (data/store_codec.bytes_per_token: uncompressed, 18-bit ids), against format 1 at K = 32
+   (196 bytes), and what one training step needs from the store against its step time.
 
-Prints a table and the acceptance ratios: KD offline wall / CPT wall (<= 1.2), teacher_cache_read
-share of the step (<= 10%), offline vs online KD perplexity (within 1%). Also writes
-<workdir>/bench_offline_teacher.json.
+Prints the tables and the acceptance lines; writes <workdir>/bench_offline_teacher.json.
 """
 
 from __future__ import annotations
@@ -43,10 +39,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 PY = sys.executable
+QWEN15_VOCAB = 151_646
 
 
 def sh(args, log):
-    """Run a repo command (OMP_NUM_THREADS unchanged); returns (wall s, cpu s); raises on error."""
+    """Run a repo command; returns (wall s, cpu s); raises on error."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     with open(log, "w") as f:
@@ -58,239 +55,201 @@ def sh(args, log):
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def prepare(work, teacher_steps, student_steps, domains):
-    """Data, teacher and starting student from the quickstart pipeline (one placeholder arm)."""
-    import yaml
-
-    paths = {"manifest": os.path.join(work, "data", "datasets", "manifest.yaml"),
-             "teacher": os.path.join(work, "runs", "teacher", "ckpt"),
-             "student": os.path.join(work, "runs", "student", "ckpt")}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
-    with open(os.path.join(ROOT, "examples", "quickstart", "pipeline.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    cfg.pop("smoke", None)
-    cfg["out"] = work
-    cfg["teacher"]["run"]["train"]["train_iters"] = teacher_steps
-    cfg["student"]["run"]["train"]["train_iters"] = student_steps
-    if domains:
-        cfg["data"]["domains"] = domains
-    cfg["arms"] = [{"name": "prep", "teacher": False,
-                    "run": {"ddk": {"policy": "static"},
-                            "train": {"train_iters": 2, "lr_warmup_iters": 1}}}]
-    cfg["export"] = {"arms": []}
-    os.makedirs(work, exist_ok=True)
-    path = os.path.join(work, "bench_pipeline.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    print(f"preparing {work} (pipeline: data, teacher {teacher_steps} steps, student "
-          f"{student_steps} steps) ...", flush=True)
-    sh(["-m", "megatron_ddk.cli", "pipeline", "--config", path],
-       os.path.join(work, "prepare.log"))
-    missing = [p for p in paths.values() if not os.path.exists(p)]
-    if missing:
-        raise SystemExit(f"the pipeline did not produce {missing}; see {work}/logs/")
-    return paths
+def parse_arm(text):
+    """'online' / 'v1:32:1:float16' / 'v2:16:0.95:q8[:zstd]' -> dict."""
+    if text == "online":
+        return {"fmt": 0, "k": 0, "top_p": 1.0, "codec": "", "compression": "none",
+                "label": "KD online (same run)"}
+    parts = text.split(":")
+    fmt, k, p, codec = int(parts[0][1:]), int(parts[1]), float(parts[2]), parts[3]
+    comp = parts[4] if len(parts) > 4 else "none"
+    label = (f"v1 float16 K={k}" if fmt == 1 else f"v2 {codec} K={k} p={p:g}"
+             + ("" if comp == "none" else f" {comp}"))
+    return {"fmt": fmt, "k": k, "top_p": p, "codec": codec, "compression": comp, "label": label}
 
 
-def arm_config(work, paths, name, steps, teacher=True, store=None):
-    """examples/quickstart/ddk.yaml as KD (policy static) or CPT, paths into `work`."""
-    import yaml
-
-    with open(os.path.join(ROOT, "examples", "quickstart", "ddk.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    run_dir = os.path.join(work, "arms", name)
-    cfg["data"]["manifest"] = paths["manifest"]
-    cfg["data"]["cache_dir"] = os.path.join(work, "cache")
-    cfg["ddk"]["policy"] = "static"
-    cfg["train"]["train_iters"] = steps
-    cfg["checkpoint"] = {"save": os.path.join(run_dir, "ckpt"), "load": paths["student"],
-                         "finetune": True, "overwrite": True}
-    cfg["logging"] = {"run_dir": run_dir, "log_interval": 10, "tensorboard": False}
-    if teacher:
-        cfg["distill"]["teacher_load"] = paths["teacher"]
-        if store:
-            cfg["distill"]["teacher_logits"] = store
-    else:
-        cfg["distill"] = {"teacher": None}
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "run.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    return path, run_dir
+def producer_args(arm, kd_cfg, store):
+    args = ["-m", "megatron_ddk.cli", "cache-teacher", "--config", kd_cfg, "--out", store,
+            "--top-k", str(arm["k"]), "--cover-runs", kd_cfg]
+    if arm["fmt"] == 1:
+        return args + ["--store-format", "1", "--logprob-dtype", arm["codec"]]
+    return args + ["--store-format", "2", "--top-p", str(arm["top_p"]), "--logprob-codec",
+                   arm["codec"], "--compression", arm["compression"]]
 
 
 def end_record(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
-    end = [r for r in recs if r["kind"] == "end"][-1]
-    steps = [r for r in recs if r["kind"] == "step"]
-    return end, steps
+    return [r for r in recs if r["kind"] == "end"][-1]
 
 
-def train_arm(work, paths, name, steps, **kw):
-    path, run_dir = arm_config(work, paths, name, steps, **kw)
-    print(f"  {name} ...", flush=True)
-    wall, cpu = sh(["-m", "megatron_ddk.train", "--config", path],
-                   os.path.join(run_dir, "train.out"))
-    end, _ = end_record(run_dir)
-    # the loop's wall time without the final checkpoint write (the same for every arm)
-    loop = end["elapsed_s"] - end["timing"].get("checkpoint", 0.0)
-    return {"name": name, "config": path, "run_dir": run_dir, "process_wall_s": wall,
-            "cpu_s": cpu, "loop_s": loop, "timing": end["timing"]}
-
-
-def coverage(paths, steps, interval, seed, gbs, seq_length):
-    """Samples per domain a KD (static, natural weights) run of `steps` draws: exactly."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from megatron_ddk.data.manifest import load_manifest
-    from megatron_ddk.data.teacher_store import max_samples_per_domain
-
-    manifest = load_manifest(paths["manifest"])
-    sizes = []
-    for d in manifest.domains:
-        total = 0
-        for prefix in d.train_prefixes:
-            ds = IndexedDataset(prefix, mmap=True)
-            total += max(0, (int(np.sum(ds.sequence_lengths, dtype=np.int64)) - 1) // seq_length)
-            del ds
-        sizes.append(total)
-    need = max_samples_per_domain(sizes, gbs, interval, steps, "static",
-                                  weights=manifest.natural_weights(), seed=seed)
-    return int(need.max()), [int(x) for x in need]
-
-
-def store_bytes(store):
-    total = 0
-    for d, _, files in os.walk(store):
-        total += sum(os.path.getsize(os.path.join(d, f)) for f in files
-                     if f.startswith(("topk_", "rest_")))
-    return total
-
-
-def evaluate(cfg_path, ckpt, out_json, log):
-    """Per-domain test perplexity of a checkpoint (validation when --split is unsupported)."""
-    base = ["-m", "megatron_ddk.cli", "eval", "--config", cfg_path, "--load", ckpt,
-            "--output", out_json]
-    try:
-        sh(base + ["--split", "test"], log)
-        split = "test"
-    except SystemExit:
-        sh(base, log)
-        split = "valid"
-    with open(out_json) as f:
+def test_ppl(path):
+    with open(path) as f:
         res = json.load(f)["domains"]
     tokens = sum(r["tokens"] for r in res.values())
-    mean_loss = sum(r["loss"] * r["tokens"] for r in res.values()) / tokens
-    return {"split": split, "ppl": math.exp(mean_loss),
-            "domains": {n: r["ppl"] for n, r in res.items()}}
+    return math.exp(sum(r["loss"] * r["tokens"] for r in res.values()) / tokens)
+
+
+def run_arm(arm, pipe, work, samples):
+    """Producer, KD arm on its store, test-split evaluation."""
+    name = arm["label"].replace(" ", "_").replace("=", "")
+    store, run_dir = os.path.join(work, "stores", name), os.path.join(work, "arms", name)
+    kd_cfg = os.path.join(pipe, "configs", "KD_seed1234.yaml")
+    os.makedirs(os.path.dirname(store), exist_ok=True)
+    os.makedirs(run_dir, exist_ok=True)
+    header, p_wall, p_cpu, source = {}, 0.0, 0.0, []
+    if arm["fmt"]:
+        print(f"  {arm['label']}: producer ...", flush=True)
+        p_wall, p_cpu = sh(producer_args(arm, kd_cfg, store),
+                           os.path.join(work, f"{name}.store.log"))
+        with open(os.path.join(store, "header.json")) as f:
+            header = json.load(f)
+        source = [f"distill.teacher_logits={store}"]
+    print(f"  {arm['label']}: KD arm ...", flush=True)
+    wall, cpu = sh(["-m", "megatron_ddk.train", "--config", kd_cfg, *source,
+                    f"logging.run_dir={run_dir}", f"checkpoint.save={run_dir}/ckpt"],
+                   os.path.join(run_dir, "train.out"))
+    end = end_record(run_dir)
+    t = end["timing"]
+    step = sum(t.get(k, 0.0) for k in ("student_forward_backward", "teacher_forward",
+                                       "teacher_cache_read", "optimizer"))
+    out = os.path.join(run_dir, "eval.json")
+    sh(["-m", "megatron_ddk.cli", "eval", "--config",
+        os.path.join(pipe, "configs", "eval_KD_seed1234.yaml"), "--load", f"{run_dir}/ckpt",
+        "--split", "test", "--samples", str(samples), "--output", out],
+       os.path.join(run_dir, "eval.log"))
+    return dict(arm, producer_wall_s=p_wall, producer_cpu_s=p_cpu, loop_s=end["elapsed_s"] -
+                t.get("checkpoint", 0.0), cpu_s=cpu, process_wall_s=wall, timing=t,
+                read_share=t.get("teacher_cache_read", 0.0) / step if step else 0.0,
+                store_bytes_per_token=header.get("measured_bytes_per_token", 0.0),
+                entries_per_token=header.get("entries_per_token"), ppl=test_ppl(out),
+                steps=end["step"])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pipeline", default=os.path.join(ROOT, "runs", "quickstart"),
+                   help="a finished quickstart pipeline folder (data, teacher, student, configs)")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench_offline_teacher"))
-    p.add_argument("--steps", type=int, default=120, help="steps of every arm (quickstart: 120)")
-    p.add_argument("--teacher-steps", type=int, default=240)
-    p.add_argument("--student-steps", type=int, default=80)
-    p.add_argument("--ks", default="8,32,128", help="K values of the table")
-    p.add_argument("--default-k", type=int, default=32)
-    p.add_argument("--domains", default="c_headers,english_prose,licenses,python_code",
-                   help="demo-corpus domains to use (the quickstart's four, whose tokenizer "
-                        "trains at 4,096 entries; empty: every domain of the pipeline)")
+    p.add_argument("--ks", default="8,16,20,24,32")
+    p.add_argument("--top-ps", default="1,0.95,0.9,0.8")
+    p.add_argument("--codecs", default="float16,q8,q6,q4")
+    p.add_argument("--grid-samples", type=int, default=32, help="validation samples per domain")
+    p.add_argument("--arms", default="v1:32:1:float16,v2:32:0.95:q8,v2:16:1:q8,v2:16:0.95:q8,"
+                                     "v2:20:1:q4,v2:24:1:q4",
+                   help="store settings trained as KD arms (the first is the baseline)")
+    p.add_argument("--default", default="v2:24:1:q4", help="the setting checked for acceptance")
+    p.add_argument("--skip-grid", action="store_true", help="reuse <workdir>/grid.json")
+    p.add_argument("--reuse-arms", action="store_true",
+                   help="take the arms already in <workdir>/bench_offline_teacher.json (their "
+                        "runs are deterministic) and run only the new ones")
+    p.add_argument("--report-only", action="store_true",
+                   help="print the tables of <workdir>/grid.json and the arms of "
+                        "<workdir>/bench_offline_teacher.json (no runs)")
     args = p.parse_args(argv)
-    work = os.path.abspath(args.workdir)
-    ks = sorted({int(k) for k in args.ks.split(",")} | {args.default_k})
-    paths = prepare(work, args.teacher_steps, args.student_steps,
-                    [d for d in args.domains.split(",") if d])
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
-                           "quickstart", "ddk.yaml")) as f:
-        import yaml
-
-        q = yaml.safe_load(f)
-    gbs, seq = q["train"]["global_batch_size"], q["data"]["seq_length"]
-    n_cover, per_domain = coverage(paths, args.steps, q["ddk"]["interval"],
-                                   q["train"].get("seed", 1234), gbs, seq)
-    print(f"load before the arms: {os.getloadavg()}; store covers {n_cover} samples/domain "
-          f"({per_domain})", flush=True)
-    arms = {"CPT": train_arm(work, paths, "CPT", args.steps, teacher=False),
-            "KD online": train_arm(work, paths, "KD_online", args.steps)}
-    stores = {}
-    for k in ks:
-        store = os.path.join(work, f"store_k{k}")
-        cfg_path = arms["KD online"]["config"]
-        print(f"  producer K={k} ...", flush=True)
-        wall, cpu = sh(["tools/cache_teacher_logits.py", "--config", cfg_path, "--out", store,
-                        "--top-k", str(k), "--max-samples-per-domain", str(n_cover)],
-                       os.path.join(work, f"store_k{k}.log"))
-        with open(os.path.join(store, "header.json")) as f:
-            header = json.load(f)
-        tokens = sum(d["num_covered"] for d in header["domains"].values()) * seq
-        stores[k] = {"producer_wall_s": wall, "producer_cpu_s": cpu, "tokens": tokens,
-                     "bytes_per_token": store_bytes(store) / tokens,
-                     "header_bytes_per_token": header["bytes_per_token"]}
-        arms[f"KD offline K={k}"] = train_arm(work, paths, f"KD_offline_k{k}", args.steps,
-                                              store=store)
-    print(f"load after the arms: {os.getloadavg()}", flush=True)
-    errors = kl_errors(paths, arms["KD online"]["config"], ks)
-    for name, arm in arms.items():
-        arm["eval"] = evaluate(arm["config"], os.path.join(arm["run_dir"], "ckpt"),
-                               os.path.join(arm["run_dir"], "eval.json"),
-                               os.path.join(arm["run_dir"], "eval.log"))
-    report(arms, stores, errors, ks, args, work, n_cover)
-
-
-def kl_errors(paths, cfg_path, ks):
-    """Mean relative error of the top-K KL vs the exact KL on held-out (validation) tokens."""
-    out = subprocess.run([PY, os.path.join(ROOT, "bench", "offline_teacher_kl.py"), "--config",
-                          cfg_path, "--student", paths["student"], "--ks",
-                          ",".join(map(str, ks))], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"bench/offline_teacher_kl.py failed:\n{out.stdout[-3000:]}"
-                         f"\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def report(arms, stores, errors, ks, args, work, n_cover):
-    from megatron_ddk.data.teacher_store import bytes_per_token
-
-    cpt, online = arms["CPT"], arms["KD online"]
-    print(f"\n{args.steps} steps x 16 x 256 tokens per arm (quickstart sizes"
-          f"{'' if args.steps == 120 else '; quickstart uses 120 steps'}); store covers "
-          f"{n_cover} samples per domain\n")
-    head = (f"{'arm':<18} {'loop s':>8} {'x CPT':>6} {'proc s':>8} {'cpu s':>8} {'x CPT':>6} "
-            f"{'teacher_fwd':>11} {'cache_read':>10} {'read %':>7} {'ppl':>8} {'vs online':>9}")
-    print(head)
-    for name, a in arms.items():
-        t = a["timing"]
-        step = t.get("student_forward_backward", 0) + t.get("teacher_forward", 0) + \
-            t.get("teacher_cache_read", 0) + t.get("optimizer", 0)
-        a["read_share"] = t.get("teacher_cache_read", 0.0) / step if step else 0.0
-        print(f"{name:<18} {a['loop_s']:>8.1f} {a['loop_s'] / cpt['loop_s']:>6.2f} "
-              f"{a['process_wall_s']:>8.1f} {a['cpu_s']:>8.1f} {a['cpu_s'] / cpt['cpu_s']:>6.2f} "
-              f"{t.get('teacher_forward', 0):>11.1f} {t.get('teacher_cache_read', 0):>10.2f} "
-              f"{100 * a['read_share']:>6.2f}% {a['eval']['ppl']:>8.3f} "
-              f"{100 * (a['eval']['ppl'] / online['eval']['ppl'] - 1):>+8.2f}%")
-    print(f"\n{'K':>5} {'bytes/token':>12} {'formula':>8} {'producer s':>11} "
-          f"{'KL rel. err':>12} {'15B tokens':>11}")
-    for k in ks:
-        s = stores[k]
-        tb = 15e9 * bytes_per_token(k, 151_646) / 1e12
-        print(f"{k:>5} {s['bytes_per_token']:>12.1f} {s['header_bytes_per_token']:>8d} "
-              f"{s['producer_wall_s']:>11.1f} {errors[str(k)]:>12.4f} {tb:>9.2f} TB")
-    off = arms[f"KD offline K={args.default_k}"]
-    print(f"\nacceptance (default K={args.default_k}):")
-    print(f"  KD offline loop / CPT loop = {off['loop_s'] / cpt['loop_s']:.3f} (target <= 1.2; "
-          f"online {online['loop_s'] / cpt['loop_s']:.3f}); CPU time ratio "
-          f"{off['cpu_s'] / cpt['cpu_s']:.3f}")
-    print(f"  teacher_cache_read = {100 * off['read_share']:.2f}% of the step (target <= 10%)")
-    print(f"  {off['eval']['split']} ppl offline {off['eval']['ppl']:.4f} vs online "
-          f"{online['eval']['ppl']:.4f}: {100 * (off['eval']['ppl'] / online['eval']['ppl'] - 1):+.3f}%"
-          f" (target within 1%)")
+    if args.report_only:
+        with open(os.path.join(os.path.abspath(args.workdir), "bench_offline_teacher.json")) as f:
+            result = json.load(f)
+        with open(os.path.join(os.path.abspath(args.workdir), "grid.json")) as f:
+            result["grid"] = json.load(f)
+        report(result, parse_arm(args.default)["label"])
+        return
+    pipe, work = os.path.abspath(args.pipeline), os.path.abspath(args.workdir)
+    kd_cfg = os.path.join(pipe, "configs", "KD_seed1234.yaml")
+    if not os.path.isfile(kd_cfg):
+        raise SystemExit(f"{kd_cfg} not found: run the quickstart pipeline first "
+                         f"(megatron-ddk pipeline --config "
+                         f"megatron_ddk/examples/quickstart/pipeline.yaml)")
+    os.makedirs(work, exist_ok=True)
+    grid_path = os.path.join(work, "grid.json")
+    print(f"load at start: {os.getloadavg()}", flush=True)
+    if not args.skip_grid:
+        print("grid (bench/offline_teacher_kl.py) ...", flush=True)
+        sh([os.path.join(ROOT, "bench", "offline_teacher_kl.py"), "--config", kd_cfg,
+            "--student", os.path.join(pipe, "runs", "student", "ckpt"), "--ks", args.ks,
+            "--top-ps", args.top_ps, "--codecs", args.codecs, "--samples",
+            str(args.grid_samples), "--out", grid_path], os.path.join(work, "grid.log"))
+    with open(grid_path) as f:
+        grid = json.load(f)
+    old = {}
+    if args.reuse_arms and os.path.isfile(os.path.join(work, "bench_offline_teacher.json")):
+        with open(os.path.join(work, "bench_offline_teacher.json")) as f:
+            old = {a["label"]: a for a in json.load(f)["arms"]}
+    arms = []
+    for text in args.arms.split(","):
+        arm = parse_arm(text)
+        if arm["label"] in old:
+            print(f"  {arm['label']}: reused from the previous run", flush=True)
+            arms.append(dict(old[arm["label"]], reused=True))
+        else:
+            arms.append(run_arm(arm, pipe, work, 64))
+    print(f"load at end: {os.getloadavg()}", flush=True)
+    with open(os.path.join(pipe, "eval", "KD_seed1234.json")):
+        online_ppl = test_ppl(os.path.join(pipe, "eval", "KD_seed1234.json"))
+    result = {"grid": grid, "arms": arms, "online_kd_ppl": online_ppl, "args": vars(args)}
+    report(result, parse_arm(args.default)["label"])
     with open(os.path.join(work, "bench_offline_teacher.json"), "w") as f:
-        json.dump({"arms": arms, "stores": {str(k): v for k, v in stores.items()},
-                   "kl_rel_error": errors, "steps": args.steps}, f, indent=1)
+        json.dump(result, f, indent=1)
+
+
+def projected(row):
+    """Uncompressed bytes per token at Qwen-1.5's vocabulary from the measured entries."""
+    from megatron_ddk.data.store_codec import bytes_per_token as v2_bytes
+    from megatron_ddk.data.teacher_store import bytes_per_token as v1_bytes
+
+    if row["format"] == 1:
+        return float(v1_bytes(row["top_k"], QWEN15_VOCAB, "float16"))
+    return v2_bytes(row["entries_per_token"], QWEN15_VOCAB, row["codec"], row["top_k"])
+
+
+def report(result, default_label):
+    from megatron_ddk.data.teacher_store import bytes_per_token as v1_bytes
+
+    grid, arms = result["grid"], result["arms"]
+    base = arms[0]
+    step_s = base["loop_s"] / base["steps"]
+    step_tokens = 8 * 256  # the KD arm's global batch x seq_length
+    ref152 = v1_bytes(32, QWEN15_VOCAB, "float16")
+    print(f"\ngrid: {grid['tokens']} held-out tokens, dense teacher-student KL "
+          f"{grid['mean_kl']:.4f} nats/token, vocabulary {grid['vocab']}; one step = "
+          f"{step_tokens} tokens in {step_s:.3f} s (the baseline KD arm)\n")
+    print(f"{'setting':<26} {'entries':>7} {'B/tok':>7} {'B/tok zstd':>10} {'B/tok 152k':>10} "
+          f"{'x v1 K32':>8} {'KL err':>8} {'p99':>7} {'mean KL err':>11} {'cold tok/s':>11} "
+          f"{'warm tok/s':>11} {'read % step':>11}")
+    for row in grid["rows"]:
+        st = row["stores"]
+        b152 = projected(row)
+        cold = st["none"]["read_cold_tokens_per_s"]
+        print(f"{row['label']:<26} {row['entries_per_token']:>7.2f} "
+              f"{st['none']['bytes_per_token']:>7.1f} "
+              f"{st['zstd']['bytes_per_token'] if 'zstd' in st else float('nan'):>10.1f} "
+              f"{b152:>10.1f} {b152 / ref152:>8.3f} {row['kl_err_mean']:>8.4f} "
+              f"{row['kl_err_p99']:>7.3f} {100 * row['kl_of_mean_rel']:>10.2f}% {cold:>11.0f} "
+              f"{st['none']['read_warm_tokens_per_s']:>11.0f} "
+              f"{100 * step_tokens / cold / step_s:>10.2f}%")
+    print(f"\n{'KD arm on store':<30} {'entries':>7} {'B/tok':>7} {'producer s':>10} {'loop s':>7} "
+          f"{'read % step':>11} {'test ppl':>9} {'vs v1 K32':>9} {'vs online':>9}")
+    for a in arms:
+        print(f"{a['label']:<30} {a.get('entries_per_token') or a['k']:>7.2f} "
+              f"{a['store_bytes_per_token']:>7.1f} {a['producer_wall_s']:>10.1f} "
+              f"{a['loop_s']:>7.1f} {100 * a['read_share']:>10.2f}% {a['ppl']:>9.3f} "
+              f"{100 * (a['ppl'] / base['ppl'] - 1):>+8.3f}% "
+              f"{100 * (a['ppl'] / result['online_kd_ppl'] - 1):>+8.3f}%")
+    print(f"(KD online, the pipeline's KD@1234: test ppl {result['online_kd_ppl']:.3f})")
+    row = next((r for r in grid["rows"] if r["label"] == default_label.replace(" none", "")),
+               None)
+    arm = next((a for a in arms if a["label"] == default_label), None)
+    print(f"\nacceptance (default {default_label}):")
+    if row is not None:
+        b152 = projected(row)
+        print(f"  bytes/token at 152k vocabulary: {b152:.1f} from {row['entries_per_token']:.2f} "
+              f"measured entries/token = {b152 / ref152:.3f} of format 1 K=32 ({ref152} B) "
+              f"(target <= 0.333)")
+    if arm is not None:
+        print(f"  KD test ppl {arm['ppl']:.3f} vs format-1 float16 K=32 {base['ppl']:.3f}: "
+              f"{100 * (arm['ppl'] / base['ppl'] - 1):+.3f}% (target within 0.3%)")
+        print(f"  store reads: {100 * arm['read_share']:.2f}% of the KD step (trainer's "
+              f"teacher_cache_read; target <= 5%)")
 
 
 if __name__ == "__main__":

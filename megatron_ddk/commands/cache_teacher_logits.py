@@ -1,15 +1,18 @@
 """Cache the teacher's top-K log-probabilities per (domain, sample id) for offline KD / DDK.
 
-    python tools/cache_teacher_logits.py --config examples/quickstart/ddk.yaml \\
-        --out runs/quickstart/teacher_store --top-k 32
-    torchrun --nproc-per-node 8 tools/cache_teacher_logits.py --config RUN.yaml --out DIR \\
+    megatron-ddk cache-teacher --config megatron_ddk/examples/quickstart/ddk.yaml \\
+        --out runs/quickstart/teacher_store
+    torchrun --nproc-per-node 8 -m megatron_ddk.cli cache-teacher --config RUN.yaml --out DIR \\
         --max-samples-per-domain 120000 parallel.tensor_model_parallel_size=4
 
 Runs the run config's teacher (distill.teacher / teacher_load; any TP/PP/DP layout of its
 parallel section) over each domain's training samples and writes a store that a run reads with
-`distill.teacher_logits: DIR` instead of running the teacher (docs/offline_teacher.md). An
-interrupted run, restarted with the same arguments, resumes where it stopped. Exit status 0, or
-2 with one `error:` line on bad input.
+`distill.teacher_logits: DIR` instead of running the teacher (docs/offline_teacher.md). Format 2
+(default): per token the fewest of the top-K entries reaching --top-p, bit-packed ids,
+--logprob-codec log-probabilities, optional --compression zstd. --store-format 1 (or the
+format-1 flag --logprob-dtype) writes the fixed-K format of earlier releases. An interrupted
+run, restarted with the same arguments, resumes where it stopped. Exit status 0, or 2 with one
+`error:` line on bad input.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from typing import List, Optional
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from megatron_ddk.training.teacher_cache import DEFAULT_TOP_K
+    from megatron_ddk.data.store_codec import (
+        DEFAULT_COMPRESSION,
+        DEFAULT_LOGPROB_CODEC,
+        DEFAULT_STORE_FORMAT,
+        DEFAULT_TOP_K,
+        DEFAULT_TOP_P,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +41,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-samples-per-domain", type=int, default=None,
                    help="cache only the first N samples of each domain's draw order (what a "
                         "planned run can consume: tools/simulate_mixture.py reports it)")
-    p.add_argument("--logprob-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+                   help=f"keep per token the fewest entries reaching this probability, at most "
+                        f"--top-k (1: all K; default {DEFAULT_TOP_P})")
+    p.add_argument("--logprob-codec", default=DEFAULT_LOGPROB_CODEC,
+                   help=f"float32 | float16 | q2..q12 (b-bit log-scale codes; default "
+                        f"{DEFAULT_LOGPROB_CODEC})")
+    p.add_argument("--compression", choices=["none", "zstd"], default=DEFAULT_COMPRESSION,
+                   help="zstd per sample chunk (needs pip install 'megatron-ddk[formats]')")
+    p.add_argument("--store-format", type=int, choices=[1, 2], default=None,
+                   help=f"store format (default {DEFAULT_STORE_FORMAT}; 1: fixed K, dense)")
+    p.add_argument("--logprob-dtype", choices=["float16", "float32"], default=None,
+                   help="format 1's log-probability dtype (implies --store-format 1)")
+    p.add_argument("--cover-runs", nargs="+", default=None, metavar="RUN.yaml",
+                   help="cover what any of these run configs (same seed) can draw, per domain, "
+                        "instead of --max-samples-per-domain")
     p.add_argument("--shard-samples", type=int, default=None,
                    help="samples per shard (default: about 64 MiB of store per shard)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides of the config")
@@ -47,7 +70,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_command(cache_teacher_main, args.config, args.overrides, args.out,
                        top_k=args.top_k, domains=args.domains,
                        max_samples_per_domain=args.max_samples_per_domain,
-                       logprob_dtype=args.logprob_dtype, shard_samples=args.shard_samples)
+                       logprob_dtype=args.logprob_dtype, shard_samples=args.shard_samples,
+                       top_p=args.top_p, logprob_codec=args.logprob_codec,
+                       compression=args.compression, store_format=args.store_format,
+                       cover_runs=args.cover_runs)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 """The offline teacher store: the teacher's top-K log-probabilities keyed by (domain, sample id).
 
-One teacher pass (tools/cache_teacher_logits.py, training/teacher_cache.py) writes it; any KD or
+One teacher pass (`megatron-ddk cache-teacher`, training/teacher_cache.py) writes it; any KD or
 DDK run whose samples it covers reads it instead of running the teacher, whatever its mixture
 weights (design.md, "Teacher signal"). Layout of a store folder DIR:
 
-    DIR/header.json                     identity, K, T, dtypes, coverage, teacher valid losses
+    DIR/header.json                     identity, format, encoding, coverage, measured sizes,
+                                        the teacher's validation losses
     DIR/<domain>/covered.npy            [n] int64: the covered sample ids, in the run's draw order
     DIR/<domain>/shard_000000/          shard j: covered ids [j*S, (j+1)*S), renamed into place
-        sample_ids.npy    [m] int64     whole (a crash leaves shard_000000.tmp, never a half
-        checksums.npy     [m] uint32    shard; a rerun redoes it)
-        topk_ids.npy      [m, s, K]     uint16 when the vocabulary fits, else int32
-        topk_logprobs.npy [m, s, K]     float16 (default) or float32: log p_T at temperature T
-        rest_logprob.npy  [m, s]        float32: log of the teacher's mass outside the K ids
+                                        whole (a crash leaves shard_000000.tmp; a rerun redoes it)
 
-Every .npy is memory-mapped by the reader; a token costs K x (2 or 4) + K x (2 or 4) + 4 bytes.
+A shard's files depend on the header's format_version (data/store_shards.py): format 2 (the
+default) stores per token an adaptive number of entries (top_p, capped at K), bit-packed ids and
+quantised log-probabilities (data/store_codec.py), one chunk per sample behind a memory-mapped
+index; format 1 (fixed K, dense uint16|int32 ids and float16|float32 log-probabilities) is still
+read and can still be written. Both read back as fixed-K tensors, unused entries id -1 / -inf.
+
 Coverage: with --max-samples-per-domain N a domain's store holds the first N sample ids of the
 run's epoch-0 draw order (mixture.domain_sample_order): any mixture draws a domain's samples in
-that order, so N bounds what a run may draw from it (tools/simulate_mixture.py reports it).
+that order, so N bounds what a run may draw from it (`megatron-ddk simulate-mixture` reports it).
 
 The identity (teacher checkpoint fingerprint, teacher shape, tokenizer hash, seq_length,
 temperature, seed, vocabulary, domains and their sizes, validation set size) is compared with the
@@ -25,7 +27,8 @@ A mismatch or an uncovered (domain, sample) is a ValueError that names it: never
 fallback. header.json's "complete" turns true only after the last shard and the teacher's
 per-domain validation losses (DDK's ppl_T) are written.
 
-Imports numpy, torch and data.mixture only; must not import models, losses or training.
+Imports numpy, torch and data.mixture / store_codec / store_shards only; must not import
+models, losses or training.
 """
 
 from __future__ import annotations
@@ -33,18 +36,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from megatron_ddk.data import store_codec, store_shards
 from megatron_ddk.data.mixture import IntervalMixture, domain_sample_order
+from megatron_ddk.data.store_codec import StoreEncoding
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""What the writer writes by default; READ_VERSIONS are read."""
+READ_VERSIONS = (1, 2)
 HEADER_FILE = "header.json"
-ARRAYS = ("sample_ids", "checksums", "topk_ids", "topk_logprobs", "rest_logprob")
+ARRAYS = store_shards.V1_ARRAYS
 IDENTITY_FIELDS = ("teacher_fingerprint", "teacher_model", "tokenizer_hash", "seq_length",
                    "temperature", "seed", "vocab_size", "domains", "num_train_samples",
                    "valid_samples_per_domain")
@@ -70,7 +76,7 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 def bytes_per_token(top_k: int, vocab_size: int, logprob_dtype: str = "float16") -> int:
-    """Store bytes per token: K ids + K log-probabilities + the rest's log-mass (fp32)."""
+    """Format-1 bytes per token: K ids + K log-probabilities + the rest's log-mass (fp32)."""
     return top_k * (id_dtype(vocab_size).itemsize + np.dtype(logprob_dtype).itemsize) + 4
 
 
@@ -83,10 +89,16 @@ def max_samples_per_domain(sizes: Sequence[int], global_batch_size: int, interva
     ddk / ddk_no_smoothing: interval 0 draws with `weights` (its initial sampling), exactly;
     every later interval at most ceil(w_max x interval x global_batch_size) per domain, with
     w_max = alpha + (1 - alpha) / N under Eq. 2's smoothing and 1 without it (any weights the
-    run may choose). Capped at the domain's size: a second epoch re-draws the same ids.
+    run may choose); `weights` None (an initial sampling not known before the run, eq1):
+    interval 0 is bounded like the others. Capped at the domain's size: a second epoch
+    re-draws the same ids.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     n = sizes.size
+    adaptive = policy not in ("static", "equal")
+    if adaptive and weights is None:
+        bound = _bound_any(n, global_batch_size, interval, steps, policy, alpha, first=0)
+        return np.minimum(bound, sizes).astype(np.int64)
     fixed = np.full(n, 1.0 / n) if policy == "equal" or weights is None else np.asarray(weights)
     mix = IntervalMixture(sizes, global_batch_size, interval, seed)
     first = steps if policy in ("static", "equal") else min(steps, interval)
@@ -94,13 +106,25 @@ def max_samples_per_domain(sizes: Sequence[int], global_batch_size: int, interva
         k = min(interval, first - t * interval)
         mix.start_interval(fixed, num_steps=k)
         mix.advance(k)
-    need = mix.samples_consumed.astype(np.float64)
-    if policy not in ("static", "equal"):
-        w_max = min(1.0, alpha + (1.0 - alpha) / n) if policy == "ddk" else 1.0
-        for t in range(1, -(-steps // interval)):
-            k = min(interval, steps - t * interval)
-            need += np.ceil(w_max * k * global_batch_size)
+    need = mix.samples_consumed.astype(np.int64)
+    if adaptive:
+        need = need + _bound_any(n, global_batch_size, interval, steps, policy, alpha, first=1)
     return np.minimum(need, sizes).astype(np.int64)
+
+
+def _bound_any(n: int, global_batch_size: int, interval: int, steps: int, policy: str,
+               alpha: float, first: int) -> np.ndarray:
+    """[n] most samples per domain that intervals `first`.. of a DDK run may draw, whatever
+    its weights (interval 0, the initial sampling, is not smoothed: w_max = 1 there)."""
+    w_max = min(1.0, alpha + (1.0 - alpha) / n) if policy == "ddk" else 1.0
+    need = np.zeros(n, dtype=np.float64)
+    for t in range(first, -(-steps // interval)):
+        k = min(interval, steps - t * interval)
+        need += np.ceil(w_max * k * global_batch_size)
+    if first == 0 and policy == "ddk":  # interval 0 is the unsmoothed initial sampling
+        k = min(interval, steps)
+        need += np.ceil(k * global_batch_size) - np.ceil(w_max * k * global_batch_size)
+    return need.astype(np.int64)
 
 
 def sample_checksum(tokens) -> int:
@@ -144,9 +168,13 @@ def read_header(root: str) -> dict:
                          f"tools/cache_teacher_logits.py --config RUN.yaml --out {root}")
     with open(path) as f:
         header = json.load(f)
-    if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {header.get('format_version')} is not "
-                         f"{FORMAT_VERSION}; rebuild the store with this release")
+    if header.get("format_version") not in READ_VERSIONS:
+        raise ValueError(f"{path}: format_version {header.get('format_version')} is not one of "
+                         f"{list(READ_VERSIONS)} this release reads; rebuild the store with it")
+    if header["format_version"] == 2:
+        enc = StoreEncoding.from_dict(header.get("encoding") or {"vocab_size": 0})
+        if enc.compression == "zstd":
+            store_codec.zstd_module()  # a missing package is named before any read
     return header
 
 
@@ -157,10 +185,10 @@ def identity_errors(stored: dict, run: dict, where: str) -> List[str]:
         mine, theirs = run.get(key), stored.get(key)
         if mine is None or theirs is None or mine == theirs:
             continue
-        show = (lambda v: v) if not isinstance(mine, dict) else (
-            lambda v: {k: v.get(k) for k in sorted(set(mine) | set(theirs))
-                       if mine.get(k) != theirs.get(k)})
-        errs.append(f"{key}: store {show(theirs)!r} vs run {show(mine)!r} ({_HINTS[key]})")
+        if isinstance(mine, dict):  # only the entries that differ
+            keys = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+            mine, theirs = ({k: d.get(k) for k in keys} for d in (mine, theirs))
+        errs.append(f"{key}: store {theirs!r} vs run {mine!r} ({_HINTS[key]})")
     return [f"teacher store {where} does not match this run: " + "; ".join(errs)] if errs else []
 
 
@@ -171,34 +199,46 @@ def shard_dir(root: str, domain: str, index: int) -> str:
 class StoreWriter:
     """Writes a store: the header first (complete: false), shards atomically, then finish().
 
-    A folder that already holds a header of the same plan (identity, K, dtypes, coverage) is
-    resumed: shards already renamed into place are kept. Another plan is refused.
+    `encoding` given: format 2 (data/store_codec.py); None: format 1 with `logprob_dtype`.
+    A folder that already holds a header of the same plan (identity, format, encoding,
+    coverage) is resumed: shards already renamed into place are kept. Another plan is refused.
     """
 
     def __init__(self, root: str, identity: dict, top_k: int, logprob_dtype: str,
-                 shard_samples: int, covered: Dict[str, np.ndarray], extra: Optional[dict] = None):
-        if logprob_dtype not in ("float16", "float32"):
-            raise ValueError(f"logprob dtype {logprob_dtype!r}: use float16 or float32")
-        self.root = root
+                 shard_samples: int, covered: Dict[str, np.ndarray], extra: Optional[dict] = None,
+                 encoding: Optional[StoreEncoding] = None):
+        self.root, self.encoding, self.covered = root, encoding, covered
         vocab = int(identity["vocab_size"])
-        self.dtypes = {"sample_ids": "int64", "checksums": "uint32",
-                       "topk_ids": id_dtype(vocab).name, "topk_logprobs": logprob_dtype,
-                       "rest_logprob": "float32"}
         self.header = {
-            "format_version": FORMAT_VERSION, "complete": False, "identity": identity,
-            "top_k": int(top_k), "dtypes": self.dtypes, "shard_samples": int(shard_samples),
-            "bytes_per_token": bytes_per_token(top_k, vocab, logprob_dtype),
+            "complete": False, "identity": identity, "top_k": int(top_k),
+            "shard_samples": int(shard_samples),
             "domains": {name: {"num_covered": int(len(ids)),
                                "num_shards": -(-len(ids) // shard_samples),
                                "covered_sha256": hashlib.sha256(
                                    np.asarray(ids, np.int64).tobytes()).hexdigest()}
                         for name, ids in covered.items()},
             "valid_losses": None, **(extra or {})}
-        self.covered = covered
+        if encoding is None:
+            if logprob_dtype not in ("float16", "float32"):
+                raise ValueError(f"logprob dtype {logprob_dtype!r}: use float16 or float32")
+            self.dtypes = {"sample_ids": "int64", "checksums": "uint32",
+                           "topk_ids": id_dtype(vocab).name, "topk_logprobs": logprob_dtype,
+                           "rest_logprob": "float32"}
+            self.header.update(format_version=1, dtypes=self.dtypes,
+                               bytes_per_token=bytes_per_token(top_k, vocab, logprob_dtype))
+        else:
+            errs = encoding.errors()
+            if errs:
+                raise ValueError("teacher store encoding: " + "; ".join(errs))
+            if encoding.compression == "zstd":
+                store_codec.zstd_module()
+            self.header.update(format_version=2, encoding=encoding.to_dict())
+
+    _PLAN = ("format_version", "identity", "top_k", "dtypes", "encoding", "shard_samples",
+             "domains")
 
     def _plan(self, header: dict) -> dict:
-        return {k: header.get(k) for k in ("identity", "top_k", "dtypes", "shard_samples",
-                                           "domains")}
+        return {k: header.get(k) for k in self._PLAN}
 
     def begin(self) -> bool:
         """Write (or check) the header and covered ids; True when an earlier run is resumed."""
@@ -207,7 +247,7 @@ class StoreWriter:
         if resumed:
             old = read_header(self.root)
             if self._plan(old) != self._plan(self.header):
-                diff = [k for k in self._plan(old) if self._plan(old)[k] != self._plan(self.header)[k]]
+                diff = [k for k in self._PLAN if old.get(k) != self.header.get(k)]
                 raise ValueError(f"{self.root} already holds a teacher store of another plan "
                                  f"(differs in {diff}); write to a new --out folder or delete it")
             self.header["valid_losses"] = old.get("valid_losses")
@@ -227,26 +267,39 @@ class StoreWriter:
         return os.path.isdir(shard_dir(self.root, domain, index))
 
     def write_shard(self, domain: str, index: int, arrays: Dict[str, np.ndarray]) -> None:
-        """Write one shard into <shard>.tmp, then rename it into place (atomic)."""
+        """Write one shard from [m, s, K] top-K arrays into <shard>.tmp, rename it into place."""
         final = shard_dir(self.root, domain, index)
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for key in ARRAYS:
-            arr = np.ascontiguousarray(arrays[key], dtype=self.dtypes[key])
-            with open(os.path.join(tmp, key + ".npy"), "wb") as f:
-                np.save(f, arr)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
+        if self.encoding is None:
+            store_shards.write_v1(final, arrays, self.dtypes)
+        else:
+            store_shards.write_v2(final, arrays, self.encoding)
+
+    def _measure(self) -> dict:
+        """Bytes (all shard files) and entries per token of the finished shards."""
+        seq = int(self.header["identity"]["seq_length"])
+        total_bytes = total_entries = tokens = 0
+        for name, info in self.header["domains"].items():
+            for j in range(info["num_shards"]):
+                folder = shard_dir(self.root, name, j)
+                total_bytes += store_shards.shard_bytes(folder)
+                if self.encoding is not None:
+                    total_entries += int(np.load(os.path.join(folder, "entries.npy")).sum())
+            tokens += info["num_covered"] * seq
+        tokens = max(tokens, 1)
+        out = {"measured_bytes_per_token": total_bytes / tokens}
+        if self.encoding is not None:
+            out["entries_per_token"] = total_entries / tokens
+            out["bytes_per_token"] = total_bytes / tokens
+        return out
 
     def finish(self, valid_losses: Dict[str, float]) -> None:
-        """Record the teacher's validation losses and mark the store complete."""
+        """Record the teacher's validation losses and sizes; mark the store complete."""
         missing = [(d, j) for d, info in self.header["domains"].items()
                    for j in range(info["num_shards"]) if not self.done(d, j)]
         if missing:
             raise RuntimeError(f"{self.root}: shards {missing[:5]} are missing; not marking the "
                                f"store complete")
+        self.header.update(self._measure())
         self.header["valid_losses"] = {k: float(v) for k, v in valid_losses.items()}
         self.header["complete"] = True
         _write_json(os.path.join(self.root, HEADER_FILE), self.header)
@@ -273,19 +326,17 @@ class TeacherStore:
         self.names = list(domains)
         self.samples_served = 0
         sizes = dict(zip(self.identity["domains"], self.identity["num_train_samples"]))
-        self._shards: List[List[Dict[str, np.ndarray]]] = []
+        self._shards: List[list] = []
         self._where: List[np.ndarray] = []
         for name in self.names:  # a domain the store does not hold covers nothing
             where = np.full(int(sizes.get(name, 0)), -1, dtype=np.int64)
             shards = []
             info = self.header["domains"].get(name, {"num_shards": 0})
             for j in range(info["num_shards"]):
-                folder = shard_dir(root, name, j)
-                arrs = {k: np.load(os.path.join(folder, k + ".npy"), mmap_mode="r")
-                        for k in ARRAYS}
-                where[np.asarray(arrs["sample_ids"])] = (j << 32) + np.arange(
-                    len(arrs["sample_ids"]), dtype=np.int64)
-                shards.append(arrs)
+                shard = store_shards.open_shard(shard_dir(root, name, j), self.header)
+                where[np.asarray(shard.sample_ids)] = (j << 32) + np.arange(
+                    len(shard.sample_ids), dtype=np.int64)
+                shards.append(shard)
             self._shards.append(shards)
             self._where.append(where)
 
@@ -327,21 +378,23 @@ class TeacherStore:
     def read(self, domain_ids: Sequence[int], sample_ids: Sequence[int],
              tokens: Optional[torch.Tensor] = None):
         """The stored teacher for a micro-batch: (topk_ids [b, s, K] int64, topk_logprobs
-        [b, s, K] fp32, rest_logprob [b, s] fp32) as torch tensors on the CPU. With `tokens`
-        ([b, s] inputs) each sample's checksum is compared with the stored one."""
+        [b, s, K] fp32, rest_logprob [b, s] fp32) as torch tensors on the CPU; a format-2 token
+        with fewer than K entries is padded with id -1 and log-probability -inf (no entry). With
+        `tokens` ([b, s] inputs) each sample's checksum is compared with the stored one."""
         entries = [(int(d), int(s)) for d, s in zip(domain_ids, sample_ids)]
         self.check_covered(entries)
         ids, logp, rest = [], [], []
         for i, (d, s) in enumerate(entries):
             loc = int(self._where[d][s])
             shard, row = self._shards[d][loc >> 32], loc & 0xFFFFFFFF
-            if tokens is not None and int(shard["checksums"][row]) != sample_checksum(tokens[i]):
+            if tokens is not None and int(shard.checksums[row]) != sample_checksum(tokens[i]):
                 raise ValueError(f"teacher store {self.root}: domain {self.names[d]!r} sample "
                                  f"{s} holds other tokens than this run's sample (data changed "
                                  f"since the store was built); rebuild the store")
-            ids.append(shard["topk_ids"][row])
-            logp.append(shard["topk_logprobs"][row])
-            rest.append(shard["rest_logprob"][row])
+            a, b, c = shard.row(row)
+            ids.append(a)
+            logp.append(b)
+            rest.append(c)
         self.samples_served += len(entries)
         return (torch.from_numpy(np.stack(ids).astype(np.int64)),
                 torch.from_numpy(np.stack(logp).astype(np.float32)),

@@ -9,7 +9,10 @@ token (the "rest"). The KL is exact over the K tokens plus one bucket for the re
 p_k / q_k: teacher / student probability of top-K token k (softmax(z / T)); R_T = teacher mass
 outside the K tokens (stored), R_S = student mass outside them. It equals the dense KL when K
 covers the vocabulary (R_T = 0) and is the KL between the two distributions coarsened to K + 1
-outcomes otherwise (a lower bound of the dense KL, by the data-processing inequality).
+outcomes otherwise (a lower bound of the dense KL, by the data-processing inequality). A token
+may hold fewer than K entries (a format-2 store's adaptive coverage, data/store_codec.py): the
+unused slots carry id -1 and log-probability -inf, fall in no rank's shard and add exactly zero
+to the value and the gradient, so the KL is exact over that token's own entries plus its rest.
 
 Shards and collectives: the student's logits stay sharded over tensor-parallel ranks exactly as
 in kl.py ([.., v/tp], contiguous vocabulary columns, padding at the end). Each rank computes its
@@ -215,7 +218,8 @@ def vocab_parallel_ce_and_topk_kl(
     Args:
         student_logits: [s, b, v/tp] (any leading shape), this rank's vocabulary shard, fp32 or
             bf16. Receives the gradient.
-        topk_ids: [.., K] global token ids of the teacher's top-K (distinct, < vocab_size).
+        topk_ids: [.., K] global token ids of the teacher's top-K (distinct, < vocab_size);
+            -1 marks an unused slot (with log-probability -inf).
         topk_logprobs: [.., K] the teacher's log-probabilities of those ids at `temperature`.
         rest_logprob: [..] log of the teacher's mass outside the K ids (-inf: none).
         labels: [..] global label ids for the CE (temperature 1), or None for the KL alone.

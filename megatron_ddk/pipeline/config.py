@@ -12,13 +12,43 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
 
 from megatron_ddk.config.loader import ConfigError, apply_overrides, from_dict, load_yaml
 from megatron_ddk.config.schema import ModelConfig
+
+_CLUSTER_K = re.compile(r"^\d+(-\d+)?$")
+
+
+@dataclass
+class ClusterSpec:
+    """Automatic domains for a corpus without labels (build_domains --domains auto:K)."""
+
+    k: Union[int, str] = 4
+    """Number of domains K, or a range "4-12": each K is fitted and the one with the best
+    sampled silhouette score is used (the report lists them all)."""
+
+    sample: int = 20000
+    """Documents the features and k-means are fitted on (build_domains --cluster-sample);
+    every document is then assigned in one streaming pass."""
+
+    def __post_init__(self) -> None:
+        low, _, high = str(self.k).partition("-")
+        if (not _CLUSTER_K.match(str(self.k)) or int(low) < 2
+                or (high and int(high) < int(low))):
+            raise ConfigError(f"data.cluster.k: got {self.k!r}; expected a number of domains "
+                              ">= 2 or a range like 4-12")
+        if self.sample < 1:
+            raise ConfigError(f"data.cluster.sample: got {self.sample}; must be >= 1")
+
+    @property
+    def domains_flag(self) -> str:
+        """build_domains' --domains value (auto:K or auto:A-B)."""
+        return f"auto:{self.k}"
 
 
 @dataclass
@@ -27,7 +57,37 @@ class DataSpec:
 
     corpus: Optional[str] = None
     """Folder of per-domain files: <domain>.jsonl ({"text": ...} per line), <domain>.txt or a
-    <domain>/ folder of them. `--corpus DIR` on the command line sets it."""
+    <domain>/ folder of them. With `domain_field` or `cluster`: a mixed corpus instead, a file,
+    folder or glob of .jsonl (.gz, .zst), .txt, .parquet or a datasets.save_to_disk folder
+    (docs/data.md). `--corpus PATH` on the command line sets it."""
+
+    inputs: Optional[List[str]] = None
+    """More files, folders or globs of the same mixed corpus, read after `corpus`."""
+
+    text_key: str = "text"
+    """The record field holding the document (build_domains --text-key, Megatron-LM's
+    --json-keys)."""
+
+    domain_field: Optional[str] = None
+    """Dotted path of the record field that names its domain, e.g. meta.redpajama_set_name:
+    each distinct value becomes a domain (build_domains --domain-field)."""
+
+    default_domain: Optional[str] = None
+    """Domain of records without `domain_field`; None makes such a record an error naming its
+    file and line."""
+
+    domain_map: Optional[Dict[str, str]] = None
+    """Label (field value or cluster_NN) -> domain name, to rename or merge labels."""
+
+    min_domain_documents: int = 0
+    """Labels with fewer documents are small (0: none is); see small_domains."""
+
+    small_domains: Literal["other", "refuse"] = "other"
+    """Small labels are merged into a domain `other`, or refused by name."""
+
+    cluster: Optional[ClusterSpec] = None
+    """Find the domains automatically (k-means on hashed TF-IDF) instead of reading them from
+    file names or a field, e.g. {k: 3} or {k: "4-12"}."""
 
     manifest: Optional[str] = None
     """An existing domain manifest (tools/build_domains.py) to use instead of a corpus; it must
@@ -123,6 +183,34 @@ class ArmSpec:
     """Run-config sections of this arm (e.g. ddk: {policy: static}), merged over the common
     `run` and `continuation`."""
 
+    teacher_store: bool = True
+    """With teacher_store.per_seed: read this seed's offline teacher store (False: keep the
+    online teacher). An arm a store cannot serve (ddk.signal: training, distill.kl_direction:
+    reverse) keeps the online teacher whatever this says."""
+
+
+@dataclass
+class TeacherStoreSpec:
+    """The offline teacher of the arms (docs/offline_teacher.md): the teacher paid once per seed."""
+
+    per_seed: bool = False
+    """Build one teacher store per seed (`megatron-ddk cache-teacher`, a stage before that seed's
+    arms, covering what any of them can draw) and point every teacher arm of the seed that can
+    read one at it; arms that differ in distill.temperature, data.seq_length or
+    ddk.valid_samples_per_domain get a store each. False: every arm runs the teacher online."""
+
+    top_k: Optional[int] = None
+    """Most entries per token (cache-teacher --top-k); None: the producer's default."""
+
+    top_p: Optional[float] = None
+    """Adaptive coverage (--top-p); None: the producer's default."""
+
+    logprob_codec: Optional[str] = None
+    """float32 | float16 | q2..q12 (--logprob-codec); None: the producer's default."""
+
+    compression: Optional[Literal["none", "zstd"]] = None
+    """Chunk compression (--compression; zstd needs the `formats` extra); None: the default."""
+
 
 @dataclass
 class EvaluationSpec:
@@ -190,6 +278,9 @@ class PipelineConfig:
 
     arms: List[ArmSpec] = field(default_factory=list)
     """The continuations to compare, all on the same token budget."""
+
+    teacher_store: TeacherStoreSpec = field(default_factory=TeacherStoreSpec)
+    """Offline teacher stores for the arms (one per seed) instead of the online teacher."""
 
     seeds: List[int] = field(default_factory=lambda: [1234])
     """Each arm runs once per seed (train.seed); the pre-training stages use their own seed."""

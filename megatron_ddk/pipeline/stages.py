@@ -7,10 +7,14 @@ line.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 from typing import Any, Callable, Dict, List
 
+from megatron_ddk.config.schema import DistillConfig
+from megatron_ddk.pipeline.config import ArmSpec, deep_merge
 from megatron_ddk.pipeline.plan import PY, PipelinePlan
 from megatron_ddk.pipeline.stage import Stage
 
@@ -26,6 +30,36 @@ def _cli(plan: PipelinePlan, args: List[str]) -> List[str]:
 
 def _latest(save: str) -> str:
     return os.path.join(save, "latest_checkpointed_iteration.txt")
+
+
+def _corpus_files(plan: PipelinePlan) -> List[str]:
+    """What the datasets stage reads, for its stamp: the corpus folder or file, every file a
+    glob matches, and the same of data.inputs."""
+    found = []
+    for given in [plan.corpus, *(plan.cfg.data.inputs or [])]:
+        path = os.path.abspath(given)
+        found += [path] if os.path.exists(path) else sorted(glob.glob(path, recursive=True))
+    return found
+
+
+def _source_flags(data) -> List[str]:
+    """build_domains' flags for a mixed corpus (DataSpec: field, map, clustering)."""
+    args = [] if data.text_key == "text" else ["--text-key", data.text_key]
+    if data.cluster is not None:
+        args += ["--domains", data.cluster.domains_flag,
+                 "--cluster-sample", str(data.cluster.sample)]
+    elif data.domains:
+        args += ["--domains", ",".join(data.domains)]
+    if data.domain_field:
+        args += ["--domain-field", data.domain_field]
+    if data.default_domain is not None:
+        args += ["--default-domain", data.default_domain]
+    if data.domain_map:
+        args += ["--domain-map", json.dumps(data.domain_map, sort_keys=True)]
+    if data.min_domain_documents:
+        args += ["--min-domain-documents", str(data.min_domain_documents),
+                 "--small-domains", data.small_domains]
+    return args
 
 
 def data_stages(plan: PipelinePlan) -> List[Stage]:
@@ -47,7 +81,7 @@ def data_stages(plan: PipelinePlan) -> List[Stage]:
                             outputs=[plan.corpus], clean=[plan.corpus]))
         deps = ["corpus"]
     else:
-        inputs = [plan.corpus]
+        inputs = _corpus_files(plan)
     split_len = cfg.data.split_seq_length or plan.seq_length
     tok = cfg.tokenizer
     tok_model = (os.path.abspath(tok.model) if tok.model and not tok.train else
@@ -62,8 +96,8 @@ def data_stages(plan: PipelinePlan) -> List[Stage]:
             "--min-heldout-documents", str(cfg.data.min_heldout_documents)]
     if tok.train:
         args += ["--train-tokenizer", "--vocab-size", str(tok.vocab_size)]
-    if cfg.data.domains:
-        args += ["--domains", ",".join(cfg.data.domains)]
+    args += [a for given in cfg.data.inputs or [] for a in ("--input", os.path.abspath(given))]
+    args += _source_flags(cfg.data)
     datasets = os.path.dirname(plan.manifest)
     stages.append(Stage(name="datasets", command=lambda _r: args, settings={"argv": args},
                         inputs=inputs, deps=deps, outputs=[plan.manifest],
@@ -113,16 +147,76 @@ def model_stage(plan: PipelinePlan, name: str, deps: List[str]) -> Stage:
                  inputs=[path], deps=deps, outputs=[path])
 
 
+def _reads_store(plan: PipelinePlan, arm: ArmSpec, seed: int) -> bool:
+    """Whether this arm x seed reads its seed's teacher store (teacher_store.per_seed)."""
+    if not (plan.cfg.teacher_store.per_seed and arm.teacher and arm.teacher_store):
+        return False
+    data = plan.arm_config(arm, seed, resolve=False)
+    return ((data.get("ddk") or {}).get("signal", "validation") == "validation"
+            and (data.get("distill") or {}).get("kl_direction", "forward") == "forward")
+
+
+def _store_identity(plan: PipelinePlan, arm: ArmSpec, seed: int) -> tuple:
+    """What, besides the seed, a store is tied to that arms may set differently."""
+    data = plan.arm_config(arm, seed, resolve=False)
+    return (float((data.get("distill") or {}).get("temperature", DistillConfig().temperature)),
+            (data.get("data") or {}).get("seq_length"),
+            (data.get("ddk") or {}).get("valid_samples_per_domain"))
+
+
+def store_groups(plan: PipelinePlan, seed: int) -> Dict[str, List[ArmSpec]]:
+    """Store folder -> the arms of `seed` that read it (one per distinct _store_identity)."""
+    groups: Dict[tuple, List[ArmSpec]] = {}
+    for arm in plan.cfg.arms:
+        if _reads_store(plan, arm, seed):
+            groups.setdefault(_store_identity(plan, arm, seed), []).append(arm)
+    base = os.path.join(plan.out, "teacher_store", f"seed{seed}")
+    return {base + ("" if i == 0 else f"_{i}"): arms for i, arms in enumerate(groups.values())}
+
+
+def _store_stage(plan: PipelinePlan, seed: int, folder: str, arms: List[ArmSpec]) -> Stage:
+    """`megatron-ddk cache-teacher` for the arms of one seed (covering what each can draw)."""
+    spec, paths = plan.cfg.teacher_store, {}
+    name = "teacher_store/" + os.path.basename(folder)
+    flags: List[str] = []
+    for key in ("top_k", "top_p", "logprob_codec", "compression"):
+        if getattr(spec, key) is not None:
+            flags += ["--" + key.replace("_", "-"), str(getattr(spec, key))]
+
+    def prepare() -> None:
+        paths["cover"] = [plan.write_config(f"{name}_{a.name}", plan.arm_config(a, seed))
+                          for a in arms]
+
+    def command(_resume: bool) -> List[str]:
+        return _cli(plan, ["cache-teacher", "--config", paths["cover"][0], "--out", folder,
+                           "--cover-runs", *paths["cover"], *flags])
+
+    settings = {"flags": flags, "arms": [plan.arm_config(a, seed, resolve=False) for a in arms]}
+    return Stage(name=name, command=command, prepare=prepare, settings=settings,
+                 deps=["teacher", "student"], outputs=[os.path.join(folder, "header.json")],
+                 clean=[folder], resumable=True)
+
+
 def arm_stages(plan: PipelinePlan) -> List[Stage]:
-    """One training stage per arm x seed."""
-    stages = []
+    """teacher_store.per_seed: one store stage per seed; then one training stage per arm x seed
+    (reading its seed's store when it can)."""
+    stages, store_of = [], {}
+    for seed in plan.cfg.seeds:
+        for folder, arms in store_groups(plan, seed).items():
+            stages.append(_store_stage(plan, seed, folder, arms))
+            store_of.update({(a.name, seed): (folder, stages[-1].name) for a in arms})
     for arm in plan.cfg.arms:
         for seed in plan.cfg.seeds:
             name = plan.arm_name(arm, seed)
             deps = ["student"] + (["teacher"] if arm.teacher else [])
             settings = plan.arm_config(arm, seed, resolve=False)
-            stages.append(_train(plan, name, lambda a=arm, s=seed: plan.arm_config(a, s),
-                                 settings, deps, True))
+            store = store_of.get((arm.name, seed))
+            extra = {} if store is None else {"distill": {"teacher_logits": store[0]}}
+            if store is not None:
+                deps.append(store[1])
+                settings = deep_merge(settings, extra)
+            stages.append(_train(plan, name, lambda a=arm, s=seed, e=extra:
+                                 deep_merge(plan.arm_config(a, s), e), settings, deps, True))
     return stages
 
 

@@ -1,17 +1,20 @@
 """The offline teacher's producer: run the teacher once over each domain's training samples and
 write its top-K log-probabilities to a store (data/teacher_store.py) keyed by (domain, sample id).
 
-    tools/cache_teacher_logits.py --config RUN.yaml --out DIR [--top-k K] [--domains ...]
-        [--max-samples-per-domain N]
+    megatron-ddk cache-teacher --config RUN.yaml --out DIR [--top-k K] [--top-p P]
+        [--logprob-codec q8] [--compression none|zstd] [--domains ...]
+        [--max-samples-per-domain N | --cover-runs RUN.yaml ...]
 
 The teacher is the same Megatron-Core model online KD builds (build_teacher: frozen, eval mode),
 on the run's TP / PP layout with data parallelism over the remaining ranks. Shards are dealt
 round-robin to data-parallel replicas; inside a replica the forward passes go through Megatron-
 Core's schedules (forward only), the last stage's tensor-parallel ranks compute the top-K on
 their vocabulary shards (losses/topk_kl.vocab_parallel_topk, no gather of the vocabulary) and
-its TP rank 0 writes the shard. An interrupted run resumes: shards already renamed into place
-are skipped. Last, the teacher's per-domain validation losses (DDK's ppl_T) are measured exactly
-as the trainer would (training/evaluate.py) and the header is marked complete.
+its TP rank 0 writes the shard (encoded there for format 2: data/store_codec.py's adaptive
+coverage, bit-packed ids, quantised log-probabilities). An interrupted run resumes: shards
+already renamed into place are skipped. Last, the teacher's per-domain validation losses
+(DDK's ppl_T) are measured exactly as the trainer would (training/evaluate.py) and the header is
+marked complete.
 
 Also here: the run identity a store is checked against (run_identity), and opening a store for
 a training run with every check (open_run_store).
@@ -28,13 +31,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ddk.config import RunConfig, to_dict
+from megatron_ddk.config import RunConfig, load_config, to_dict
 from megatron_ddk.data.mixture import collate, domain_sample_order
+from megatron_ddk.data.store_codec import (  # noqa: F401 (the producer's defaults)
+    DEFAULT_COMPRESSION,
+    DEFAULT_LOGPROB_CODEC,
+    DEFAULT_STORE_FORMAT,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    StoreEncoding,
+)
+from megatron_ddk.data.store_codec import bytes_per_token as encoded_bytes_per_token
 from megatron_ddk.data.teacher_store import (
     StoreWriter,
     TeacherStore,
     bytes_per_token,
     checkpoint_fingerprint,
+    max_samples_per_domain,
     sample_checksum,
 )
 from megatron_ddk.losses.topk_kl import vocab_parallel_topk
@@ -44,14 +57,9 @@ from megatron_ddk.models.teacher import build_teacher
 from megatron_ddk.parallel.state import ParallelContext
 from megatron_ddk.training import builder
 from megatron_ddk.training.evaluate import evaluate_domains
-from megatron_ddk.training.schedule import forward_backward
+from megatron_ddk.training.schedule import run_batches
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TOP_K = 32
-"""Default K: in bench/offline_teacher.py's table (docs/offline_teacher.md) offline KD ended
-+0.95% / +0.52% / +0.19% from online KD's test perplexity at K = 8 / 32 / 128; 32 is the smallest
-K within 1% with margin."""
 
 SHARD_BYTES = 64 << 20
 """Default shard size: about this many bytes of store per shard (whole samples, a multiple of
@@ -103,26 +111,58 @@ def open_run_store(cfg: RunConfig, data: "builder.DataParts") -> Optional[Teache
 
 
 def plan_coverage(seed: int, names: Sequence[str], sizes: Sequence[int],
-                  domains: Optional[Sequence[str]], max_samples: Optional[int]
+                  domains: Optional[Sequence[str]], max_samples
                   ) -> Dict[str, np.ndarray]:
     """Per chosen domain, the sample ids to cache: the first N of the run's draw order (all of
-    them when N is None or at least the domain's size)."""
+    them when N is None or at least the domain's size); N is one int or a per-domain list."""
     chosen = list(names) if not domains else list(domains)
     unknown = [d for d in chosen if d not in names]
     if unknown:
         raise ValueError(f"--domains {unknown}: not in the manifest's domains {list(names)}")
-    if max_samples is not None and max_samples < 1:
+    per = None if max_samples is None else (
+        [int(max_samples)] * len(names) if np.isscalar(max_samples) else
+        [int(x) for x in max_samples])
+    if per is not None and min(per) < 1:
         raise ValueError(f"--max-samples-per-domain={max_samples}: must be >= 1")
     out = {}
     for i, name in enumerate(names):
         if name in chosen:
             order = domain_sample_order(seed, i, int(sizes[i]), 0)
-            out[name] = order if max_samples is None else order[:max_samples]
+            out[name] = order if per is None else order[:per[i]]
     return out
 
 
-def _default_shard_samples(seq_length: int, bpt: int, mbs: int) -> int:
-    per_sample = max(1, seq_length * bpt)
+def coverage_of_runs(cfg: RunConfig, run_configs: Sequence[str], data: "builder.DataParts"
+                     ) -> List[int]:
+    """Per domain, the most samples any of `run_configs` can draw (max_samples_per_domain over
+    each run's policy, steps, interval, batch and initial weights): what a store shared by those
+    runs must cover. Each run must have this store's seed (the draw order)."""
+    sizes = [int(n) for n in data.datasets.num_train_samples]
+    natural = data.manifest.natural_weights()
+    need = np.zeros(len(sizes), dtype=np.int64)
+    for path in run_configs:
+        run = load_config(path, [])
+        if run.train.seed != cfg.train.seed:
+            raise ValueError(f"--cover-runs {path}: train.seed {run.train.seed} differs from the "
+                             f"store's {cfg.train.seed} (the seed fixes the draw order a store "
+                             f"covers); build one store per seed")
+        k = run.ddk
+        if k.policy == "static":
+            weights = natural if k.static_weights is None else np.asarray(k.static_weights)
+        elif k.initial_sampling in ("natural", "uniform"):
+            weights = natural if k.initial_sampling == "natural" else np.full(len(sizes),
+                                                                              1 / len(sizes))
+        else:
+            weights = None  # eq1 / manifest: bounded like any later interval
+        bound = max_samples_per_domain(sizes, run.train.global_batch_size, k.interval,
+                                       run.train.train_iters, k.policy, weights=weights,
+                                       alpha=k.alpha, seed=run.train.seed)
+        need = np.maximum(need, bound)
+    return [max(1, int(x)) for x in need]
+
+
+def _default_shard_samples(seq_length: int, bpt: float, mbs: int) -> int:
+    per_sample = max(1, int(seq_length * bpt))
     return max(mbs, (SHARD_BYTES // per_sample) // mbs * mbs)
 
 
@@ -144,12 +184,8 @@ def _shard_arrays(teacher, ctx: ParallelContext, entries, datasets, cfg: RunConf
     padded = list(entries) + [entries[-1]] * (num_mb * mbs - len(entries))
     batches = [collate(padded[i * mbs:(i + 1) * mbs], datasets) for i in range(num_mb)]
     rows: Dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "rest_logprob": []}
-    it = iter(batches)
 
-    def forward_step(_data_iterator, model):
-        batch = next(it)
-        out = model(batch["tokens"].to(ctx.device), batch["position_ids"].to(ctx.device), None)
-
+    def loss_of(_batch):
         def loss_func(logits):
             ids, logp, rest = vocab_parallel_topk(
                 logits, top_k, tp_group=ctx.tp_group, temperature=cfg.distill.temperature,
@@ -159,11 +195,10 @@ def _shard_arrays(teacher, ctx: ParallelContext, entries, datasets, cfg: RunConf
             rows["rest_logprob"].append(rest.cpu().numpy())
             return torch.zeros((), device=logits.device), {}
 
-        return out, loss_func
+        return loss_func
 
     with torch.no_grad():
-        forward_backward(ctx, [teacher], forward_step, num_mb, cfg.data.seq_length, mbs,
-                         forward_only=True)
+        run_batches(ctx, teacher, batches, loss_of, cfg.data.seq_length, mbs, forward_only=True)
     if not (ctx.is_last_stage and ctx.tp_rank == 0):
         return None
     n = len(entries)
@@ -177,9 +212,19 @@ def _shard_arrays(teacher, ctx: ParallelContext, entries, datasets, cfg: RunConf
 def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
                          top_k: int = DEFAULT_TOP_K, domains: Optional[Sequence[str]] = None,
                          max_samples_per_domain: Optional[int] = None,
-                         logprob_dtype: str = "float16",
-                         shard_samples: Optional[int] = None) -> dict:
+                         logprob_dtype: Optional[str] = None,
+                         shard_samples: Optional[int] = None,
+                         top_p: float = DEFAULT_TOP_P,
+                         logprob_codec: str = DEFAULT_LOGPROB_CODEC,
+                         compression: str = DEFAULT_COMPRESSION,
+                         store_format: Optional[int] = None,
+                         cover_runs: Optional[Sequence[str]] = None) -> dict:
     """Build (or finish) the store at `out` for the run `cfg` (all ranks call it).
+
+    Format 2 (default) with top_p / logprob_codec / compression (data/store_codec.py); format 1
+    (fixed K, `logprob_dtype` float16 | float32) when store_format is 1 or logprob_dtype is
+    given (the flag of format 1). cover_runs: run configs whose draws the store must cover
+    (coverage_of_runs), instead of max_samples_per_domain.
 
     Returns a summary: samples and tokens cached per domain, bytes per token, seconds.
     """
@@ -194,22 +239,28 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
     if not 1 <= top_k <= data.vocab_size:
         raise ValueError(f"--top-k {top_k}: must be in [1, {data.vocab_size}] (the vocabulary)")
     names, sizes = data.manifest.names(), data.datasets.num_train_samples
-    covered = plan_coverage(cfg.train.seed, names, sizes, domains, max_samples_per_domain)
+    if cover_runs and max_samples_per_domain is not None:
+        raise ValueError("give --max-samples-per-domain or --cover-runs, not both")
+    limit = coverage_of_runs(cfg, cover_runs, data) if cover_runs else max_samples_per_domain
+    covered = plan_coverage(cfg.train.seed, names, sizes, domains, limit)
+    encoding, bpt = _encoding(store_format, logprob_dtype, data.vocab_size, top_k, top_p,
+                              logprob_codec, compression)
     padded_vocab = builder.model_vocab(cfg, data.vocab_size, ctx.tp_size)
     teacher = build_teacher(cfg.distill.teacher, ctx, padded_vocab, cfg.distill.teacher_load,
                             bf16=builder.use_bf16(cfg), tokenizer_hash=data.tokenizer_hash)
-    bpt = bytes_per_token(top_k, data.vocab_size, logprob_dtype)
     mbs = cfg.train.micro_batch_size
     shard_samples = shard_samples or _default_shard_samples(cfg.data.seq_length, bpt, mbs)
-    writer = StoreWriter(out, run_identity(cfg, data), top_k, logprob_dtype, shard_samples,
-                         covered, extra={"teacher_load": cfg.distill.teacher_load})
+    writer = StoreWriter(out, run_identity(cfg, data), top_k, logprob_dtype or "float16",
+                         shard_samples, covered, extra={"teacher_load": cfg.distill.teacher_load},
+                         encoding=encoding)
     resumed = writer.begin() if ctx.rank == 0 else False
     if dist.is_initialized():
         dist.barrier()
     todo = _todo(writer, covered, shard_samples)
     total_shards = sum(-(-len(v) // shard_samples) for v in covered.values())
-    logger.info("teacher store %s: %d domain(s), K=%d, %d bytes/token, %d of %d shards to write%s",
-                out, len(covered), top_k, bpt, len(todo), total_shards,
+    logger.info("teacher store %s: format %d, %d domain(s), K=%d, <= %.1f bytes/token, %d of %d "
+                "shards to write%s", out, writer.header["format_version"], len(covered), top_k,
+                bpt, len(todo), total_shards,
                 " (resuming)" if resumed else "")
     mine = todo[ctx.dp_rank::ctx.dp_size]
     index = {n: i for i, n in enumerate(names)}
@@ -235,9 +286,12 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
         chunk_tokens=cfg.distill.kl_chunk_tokens).student
     if ctx.rank == 0:
         writer.finish(dict(zip(names, (float(x) for x in valid))))
+        bpt = writer.header.get("measured_bytes_per_token", bpt)
     if dist.is_initialized():
         dist.barrier()
     summary = {"out": out, "top_k": top_k, "bytes_per_token": bpt,
+               "format_version": writer.header["format_version"],
+               "entries_per_token": writer.header.get("entries_per_token"),
                "shards_written": len(todo), "seconds": time.time() - started,
                "samples": {n: int(len(v)) for n, v in covered.items()},
                "teacher_valid_loss": {n: float(x) for n, x in zip(names, valid)},
@@ -249,10 +303,35 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
     return summary
 
 
+def _encoding(store_format: Optional[int], logprob_dtype: Optional[str], vocab_size: int,
+              top_k: int, top_p: float, logprob_codec: str, compression: str):
+    """(StoreEncoding or None for format 1, bytes per token at most) of the producer's flags."""
+    fmt = store_format or (1 if logprob_dtype else DEFAULT_STORE_FORMAT)
+    if fmt not in (1, 2):
+        raise ValueError(f"--store-format {fmt}: use 1 or 2")
+    if fmt == 1:
+        if logprob_dtype not in (None, "float16", "float32"):
+            raise ValueError(f"--logprob-dtype {logprob_dtype!r}: use float16 or float32")
+        return None, bytes_per_token(top_k, vocab_size, logprob_dtype or "float16")
+    if logprob_dtype:
+        raise ValueError("--logprob-dtype is format 1's flag; with --store-format 2 give "
+                         "--logprob-codec float32 | float16 | q8 ...")
+    enc = StoreEncoding(vocab_size=vocab_size, top_k=top_k, top_p=float(top_p),
+                        logprob_codec=logprob_codec, compression=compression)
+    errs = enc.errors()
+    if errs:
+        raise ValueError("cache-teacher: " + "; ".join(f"--{e.replace('_', '-', 1)}"
+                                                        for e in errs))
+    return enc, encoded_bytes_per_token(top_k, vocab_size, logprob_codec, top_k)
+
+
 def format_summary(summary: dict) -> str:
     """The per-domain table the tool prints at the end."""
-    lines = [f"teacher store {summary['out']}: K={summary['top_k']}, "
-             f"{summary['bytes_per_token']} bytes/token, {summary['seconds']:.1f} s",
+    entries = summary.get("entries_per_token")
+    lines = [f"teacher store {summary['out']}: format {summary.get('format_version', 1)}, "
+             f"K={summary['top_k']}, {summary['bytes_per_token']:.1f} bytes/token"
+             + (f", {entries:.2f} entries/token" if entries else "")
+             + f", {summary['seconds']:.1f} s",
              f"{'domain':<24} {'samples':>9} {'teacher valid ppl':>18}"]
     for name, ppl in summary["teacher_valid_ppl"].items():
         lines.append(f"{name:<24} {summary['samples'].get(name, 0):>9d} {ppl:>18.3f}")

@@ -144,3 +144,11 @@ def test_bad_settings_are_named():
     errs = sc.StoreEncoding(vocab_size=V, top_k=0, top_p=0.0, logprob_codec="q13",
                             compression="lz4").errors()
     assert len(errs) == 4 and errs[0].startswith("top_k=0") and "q2 .. q12" in errs[2]
+
+
+def test_entries_past_top_k_join_the_rest():
+    logp = _dense(5, 2.0)
+    enc = sc.StoreEncoding(vocab_size=V, top_k=8, top_p=0.95, logprob_codec="q8")
+    wide = _topk(logp, 32)
+    narrow = _topk(logp, 8)
+    assert sc.encode_sample(*wide, enc) == sc.encode_sample(*narrow, enc)

@@ -3,6 +3,7 @@ written and read back against the arrays it was given, format 1 still read, dama
 chunks named, the header's measured sizes equal to the files on disk."""
 
 import json
+import math
 import os
 import shutil
 
@@ -41,7 +42,8 @@ def _write(root, encoding, shard=4):
             arrays = _arrays(10 * d + j, part)
             w.write_shard(name, j, arrays)
             for r, s in enumerate(part):
-                truth[(d, int(s))] = {k: v[r] for k, v in arrays.items() if k.startswith(("t", "r"))}
+                truth[(d, int(s))] = {k: v[r] for k, v in arrays.items()
+                                      if k.startswith(("t", "r"))}
     w.finish({"a": 1.0, "b": 2.0})
     return truth
 
@@ -106,7 +108,7 @@ def test_truncated_shard_is_named_at_open(tmp_path):
     _write(tmp_path, StoreEncoding(vocab_size=V, top_k=K))
     path = tmp_path / "a" / "shard_000000" / "chunks.bin"
     os.truncate(path, os.path.getsize(path) - 3)
-    with pytest.raises(ValueError, match="a/shard_000000/chunks.bin: .* truncated or corrupt"):
+    with pytest.raises(ValueError, match=r"a/shard_000000/chunks.bin: .*\(truncated or corrupt"):
         TeacherStore(str(tmp_path), ["a", "b"])
 
 
@@ -132,3 +134,21 @@ def test_unknown_format_and_another_plan_are_refused(tmp_path):
     json.dump(header, open(tmp_path / "header.json", "w"))
     with pytest.raises(ValueError, match="format_version 3 is not one of"):
         TeacherStore(str(tmp_path), ["a", "b"])
+
+
+def test_coverage_bound_without_known_initial_weights_covers_any_interval_0():
+    from megatron_ddk.data.mixture import IntervalMixture
+    from megatron_ddk.data.teacher_store import max_samples_per_domain
+
+    sizes, gbs, interval, steps = [500, 500, 500], 8, 5, 12
+    bound = max_samples_per_domain(sizes, gbs, interval, steps, "ddk", weights=None, alpha=0.5)
+    w_max = 0.5 + 0.5 / 3  # Eq. 2's cap on every later interval
+    later = math.ceil(w_max * 5 * gbs) + math.ceil(w_max * 2 * gbs)
+    assert list(bound) == [5 * gbs + later] * 3  # interval 0: all of it to any one domain
+    for first in ([1.0, 0.0, 0.0], [0.0, 0.0, 1.0]):  # extreme initial weights, then w_max
+        mix = IntervalMixture(np.array(sizes), gbs, interval, 0)
+        for t, k in enumerate((5, 5, 2)):
+            w = first if t == 0 else [w_max, (1 - w_max) / 2, (1 - w_max) / 2]
+            mix.start_interval(np.array(w), num_steps=k)
+            mix.advance(k)
+        assert (mix.samples_consumed <= bound).all()
