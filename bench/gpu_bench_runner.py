@@ -1,4 +1,5 @@
-"""Times optimizer steps of one student (with a fixed teacher or none) the way the trainer runs them.
+"""Times optimizer steps of one student (with a fixed teacher or none) the way the trainer runs
+them.
 
 Used by bench/gpu_throughput.py. The step is composed from the project's own pieces, as
 training/trainer.py composes it: build_gpt_model on a world-1 ParallelContext, DistillationPair,

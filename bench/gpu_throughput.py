@@ -1,6 +1,7 @@
 """Single-GPU throughput of CPT, KD (bf16 / FP8 teacher) and DDK, with MFU, time split and memory.
 
-    python bench/gpu_throughput.py                      # one H100: LLaMA-shaped pair, seq 2048 and 4096
+    # one H100: LLaMA-shaped pair, seq 2048 and 4096
+    python bench/gpu_throughput.py
     python bench/gpu_throughput.py --pair qwen --seq-lengths 4096 --micro-batch-size 2
     python bench/gpu_throughput.py --json-out runs/gpu_check/throughput.json   # also a JSON copy
     python bench/gpu_throughput.py --cpu-smoke          # same code path, tiny fp32 shapes, on CPU

@@ -5,10 +5,11 @@ megatron_ddk/commands/, one module each with its own parser and `main(argv) -> i
 them the rest of the command line. tools/*.py in a checkout are thin wrappers of the same modules.
 Exit codes are console.py's (0 ok, 1 failed stage, 2 user error, 3 non-finite loss).
 
-Each of the other subcommands' parser names its entry function ("module:function"); main() parses the flags,
-imports that one module, calls the function with the flags as keyword arguments (a flag's dest is
-the parameter's name) and maps failures to exit codes in one place (console.run_command: 2 user
-error, 3 non-finite loss, 1 failed pipeline stage). Nothing here knows how training works.
+Each of the other subcommands' parser names its entry function ("module:function"); main() parses
+the flags, imports that one module, calls the function with the flags as keyword arguments (a
+flag's dest is the parameter's name) and maps failures to exit codes in one place
+(console.run_command: 2 user error, 3 non-finite loss, 1 failed pipeline stage). Nothing here
+knows how training works.
 
 The entry module is imported after parsing, not at the top: `megatron-ddk --help` takes 0.1-0.3 s,
 importing the trainer (torch, Megatron-Core) 16 s (both measured on a loaded 2-core CPU box).
@@ -29,8 +30,10 @@ TOOLS: Dict[str, Tuple[str, str]] = {
     "build-domains": ("build_domains", "corpus -> train/valid/test datasets + manifest.yaml"),
     "preprocess": ("preprocess_data", "Megatron-LM's preprocess_data.py flags: JSONL -> .bin/.idx"),
     "train-tokenizer": ("train_tokenizer", "train a SentencePiece tokenizer on a corpus"),
-    "demo-corpus": ("build_demo_corpus", "build the embedded demo corpus from text on this machine"),
-    "convert-hf": ("convert_hf_checkpoint", "Hugging Face LLaMA/Qwen folder -> Megatron checkpoint"),
+    "demo-corpus": ("build_demo_corpus",
+                    "build the embedded demo corpus from text on this machine"),
+    "convert-hf": ("convert_hf_checkpoint",
+                   "Hugging Face LLaMA/Qwen folder -> Megatron checkpoint"),
     "export-hf": ("export_hf", "Megatron checkpoint -> Hugging Face folder"),
     "cache-teacher": ("cache_teacher_logits", "write the offline teacher store of a run config"),
     "simulate-mixture": ("simulate_mixture", "replay DDK's mixture over a run's intervals"),

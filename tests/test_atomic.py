@@ -56,7 +56,8 @@ def test_only_dead_writers_files_are_removed(tmp_path):
         live.kill()
         live.wait()
     pid = os.getpid()
-    assert atomic.tmp_path("x") == f"x.tmp{pid}" and atomic.tmp_path("x", ".bin") == f"x.tmp{pid}.bin"
+    assert (atomic.tmp_path("x") == f"x.tmp{pid}"
+            and atomic.tmp_path("x", ".bin") == f"x.tmp{pid}.bin")
 
 
 def test_write_atomic_keeps_old_content_when_writing_fails(tmp_path):

@@ -33,7 +33,8 @@ default) and written to --tokenizer-model (see tools/train_tokenizer.py for its 
 A mixed corpus (docs/data.md, "Four ways in") is first read in one streaming pass into one spill
 file per domain under the staging folder (megatron_ddk/data/sources/), then built as above:
 
-    megatron-ddk build-domains --input 'shards/*.jsonl.zst' --domain-field meta.redpajama_set_name ...
+    megatron-ddk build-domains --input 'shards/*.jsonl.zst' \\
+        --domain-field meta.redpajama_set_name ...
     megatron-ddk build-domains --input train.parquet --domains auto:4-12 ...
 
 writing domain_sources.json (label -> domain) and, for auto:K, cluster_assignment.npy/.json and

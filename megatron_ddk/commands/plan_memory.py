@@ -73,7 +73,8 @@ def build_layout(cfg: RunConfig, args, world_size: Optional[int]) -> Layout:
                                    else "materialized")
     sp = p.sequence_parallel if args.sequence_parallel is None else args.sequence_parallel == "on"
     return Layout(
-        tp=tp, pp=pp, dp=dp, micro_batch_size=mbs, seq_length=args.seq_length or cfg.data.seq_length,
+        tp=tp, pp=pp, dp=dp, micro_batch_size=mbs,
+        seq_length=args.seq_length or cfg.data.seq_length,
         num_microbatches=max(1, t.global_batch_size // (mbs * dp)), sequence_parallel=sp and tp > 1,
         use_distributed_optimizer=p.use_distributed_optimizer,
         bf16=True if t.bf16 is None else t.bf16, attention=attention, recompute=recompute,

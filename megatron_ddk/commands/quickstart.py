@@ -1,4 +1,5 @@
-"""The embedded default, end to end: `megatron-ddk pipeline --config examples/quickstart/pipeline.yaml`.
+"""The embedded default, end to end:
+`megatron-ddk pipeline --config examples/quickstart/pipeline.yaml`.
 
     megatron-ddk quickstart            # the full demo (~15 min on 2 CPU cores)
     megatron-ddk quickstart --smoke    # every stage on a tiny budget (~2 min), for tests
@@ -18,9 +19,10 @@ from megatron_ddk.commands.templates import template_path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split("\n")))
     p.add_argument("--smoke", action="store_true", help="tiny budget (~2 min), every stage")
-    p.add_argument("--out", default=None, help="output folder (default runs/quickstart[_smoke] in the current folder)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/quickstart[_smoke] in the current folder)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the pipeline")
     args = p.parse_args(argv)

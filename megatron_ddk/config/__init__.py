@@ -26,6 +26,6 @@ from megatron_ddk.config.validate import static_checks, static_errors, train_ite
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DDKConfig", "DistillConfig", "LoggingConfig",
     "ModelConfig", "ParallelConfig", "RunConfig", "TrainConfig", "apply_overrides",
-    "config_from_data", "config_to_yaml", "dump_config", "from_dict", "load_config", "static_checks", "static_errors",
-    "to_dict", "train_iters",
+    "config_from_data", "config_to_yaml", "dump_config", "from_dict", "load_config",
+    "static_checks", "static_errors", "to_dict", "train_iters",
 ]

@@ -171,7 +171,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], top_level: bool = Fals
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or ("." not in key and not top_level):
-            raise ConfigError(f"override {item!r}: the key must be section.field, e.g. train.lr=1e-4")
+            raise ConfigError(f"override {item!r}: the key must be section.field, "
+                              f"e.g. train.lr=1e-4")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:

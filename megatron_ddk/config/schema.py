@@ -207,7 +207,8 @@ class DistillConfig:
     """forward = KL(teacher || student) (the paper's KD); reverse = KL(student || teacher)."""
 
     kl_chunk_tokens: int = KL_CHUNK_TOKENS
-    """Tokens per chunk of the vocab-parallel KL (bounds its extra memory; recomputed in backward)."""
+    """Tokens per chunk of the vocab-parallel KL (bounds its extra memory; recomputed in
+    backward)."""
 
     teacher_logits: Optional[str] = None
     """Offline teacher: a store folder written by tools/cache_teacher_logits.py. The run builds

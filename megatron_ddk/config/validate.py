@@ -40,11 +40,12 @@ def _model_checks(m: ModelConfig, where: str, cfg: RunConfig,
         errs.append(f"{where}.hidden_size={m.hidden_size} is not divisible by num_attention_heads="
                     f"{m.num_attention_heads}; set kv_channels explicitly")
     if cfg.data.seq_length > m.max_position_embeddings:
-        errs.append(f"data.seq_length={cfg.data.seq_length} exceeds {where}.max_position_embeddings="
-                    f"{m.max_position_embeddings}")
+        errs.append(f"data.seq_length={cfg.data.seq_length} exceeds "
+                    f"{where}.max_position_embeddings={m.max_position_embeddings}")
     if m.fp8 is not None and m.transformer_impl != "transformer_engine":
         errs.append(f"{where}.fp8={m.fp8!r} needs {where}.transformer_impl='transformer_engine'")
-    if m.padded_vocab_size is not None and m.vocab_size is not None and m.padded_vocab_size < m.vocab_size:
+    if (m.padded_vocab_size is not None and m.vocab_size is not None
+            and m.padded_vocab_size < m.vocab_size):
         errs.append(f"{where}.padded_vocab_size={m.padded_vocab_size} is smaller than "
                     f"vocab_size={m.vocab_size}")
     if check_split:  # with a teacher, pair_pipeline_split_errors checks both models together
@@ -84,7 +85,8 @@ def _parallel_checks(cfg: RunConfig, world_size: Optional[int]) -> List[str]:
         errs.append("parallel.sequence_parallel=true needs model.transformer_impl="
                     "'transformer_engine' (the local spec cannot do it)")
     if p.overlap_param_gather and not p.use_distributed_optimizer:
-        errs.append("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+        errs.append("parallel.overlap_param_gather=true needs "
+                    "parallel.use_distributed_optimizer=true")
     if world_size is not None:
         mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if world_size < 1:
@@ -102,7 +104,8 @@ def _parallel_checks(cfg: RunConfig, world_size: Optional[int]) -> List[str]:
             t = cfg.train
             if t.global_batch_size % (t.micro_batch_size * dp):
                 errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+                            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size "
+                            f"{dp}")
     return errs
 
 
@@ -146,7 +149,8 @@ def train_iters(cfg: RunConfig) -> Optional[int]:
 def _distill_checks(cfg: RunConfig) -> List[str]:
     d, k, errs = cfg.distill, cfg.ddk, []
     if d.teacher is not None and not d.teacher_load:
-        errs.append(f"distill.teacher is {'set' if isinstance(d.teacher, ModelConfig) else d.teacher}"
+        what = "set" if isinstance(d.teacher, ModelConfig) else d.teacher
+        errs.append(f"distill.teacher is {what}"
                     " but distill.teacher_load is empty; give the teacher's "
                     "checkpoint folder")
     if d.gamma < 0:
@@ -164,8 +168,10 @@ def _distill_checks(cfg: RunConfig) -> List[str]:
                     f"policy 'static' (CPT) or 'equal'")
     if k.valid_samples_per_domain < 1:
         errs.append(f"ddk.valid_samples_per_domain={k.valid_samples_per_domain}: must be >= 1")
-    if k.static_weights is not None and (any(w < 0 for w in k.static_weights) or sum(k.static_weights) <= 0):
-        errs.append(f"ddk.static_weights={k.static_weights}: weights must be >= 0 with a positive sum")
+    if k.static_weights is not None and (any(w < 0 for w in k.static_weights)
+                                         or sum(k.static_weights) <= 0):
+        errs.append(f"ddk.static_weights={k.static_weights}: weights must be >= 0 with a "
+                    "positive sum")
     if k.weight_floor is not None and k.weight_cap is not None and k.weight_floor > k.weight_cap:
         errs.append(f"ddk.weight_floor={k.weight_floor} is above ddk.weight_cap={k.weight_cap}")
     if k.max_epochs_per_domain is not None and k.max_epochs_per_domain <= 0:

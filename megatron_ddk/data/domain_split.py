@@ -39,8 +39,12 @@ from megatron_ddk.data.heldout import (
     set_summary,
     shortfall,
 )
-from megatron_ddk.data.indexed_writer import (DATASET_FILES, commit_dataset, dataset_tokenizer,
-                                             remove_quietly)
+from megatron_ddk.data.indexed_writer import (
+    DATASET_FILES,
+    commit_dataset,
+    dataset_tokenizer,
+    remove_quietly,
+)
 from megatron_ddk.data.manifest import DomainEntry
 from megatron_ddk.data.preprocess import tokenize_to_datasets
 

@@ -45,7 +45,6 @@ data.megatron_tokenizers, data.pieces, data.sentence_split.
 from __future__ import annotations
 
 import gzip
-import json
 import multiprocessing
 import os
 import signal
@@ -62,8 +61,12 @@ import numpy as np
 
 from megatron_ddk.atomic import remove_stale_tmp
 from megatron_ddk.console import CommandFailed
-from megatron_ddk.data.corpus import (MalformedLineError, check_input_files, input_format,
-                                     parse_record)
+from megatron_ddk.data.corpus import (
+    MalformedLineError,
+    check_input_files,
+    input_format,
+    parse_record,
+)
 from megatron_ddk.data.indexed_writer import IndexedWriter, commit_dataset, token_dtype
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
 from megatron_ddk.data.pieces import document_splitter

@@ -149,7 +149,8 @@ def _write_sentencepiece(model_file: str, out: str, add_bos_token: bool) -> Dict
         proto.ParseFromString(f.read())
     ids = _sp_special(sp)
     if ids["eos"] is None:
-        raise ValueError(f"tokenizer {model_file} has no eos piece; generation and lm-eval need one")
+        raise ValueError(f"tokenizer {model_file} has no eos piece; generation and lm-eval need "
+                         "one")
     tokens = {f"{k}_token": sp.IdToPiece(v) for k, v in ids.items() if v is not None}
     shutil.copyfile(model_file, os.path.join(out, "tokenizer.model"))
     _write_json(os.path.join(out, "tokenizer_config.json"), dict(

@@ -174,8 +174,8 @@ class DomainManifest:
         if split == "test" and not self.has_test_split():
             raise ValueError(
                 f"manifest {self.path or '<unsaved>'} (version {self.version}) has no test "
-                "split: rebuild it with `megatron-ddk build-domains` (it writes train, valid and test "
-                "sets per domain), or evaluate on the validation set with --split valid")
+                "split: rebuild it with `megatron-ddk build-domains` (it writes train, valid and "
+                "test sets per domain), or evaluate on the validation set with --split valid")
 
     def names(self) -> List[str]:
         """Domain names in manifest order."""
@@ -249,8 +249,8 @@ def check_vocab_size(manifest: "DomainManifest", tokenizer_vocab_size: int) -> N
             f"manifest {manifest.path or '<unsaved>'}: tokenizer.vocab_size is "
             f"{manifest.vocab_size} but the tokenizer {manifest.tokenizer_model} has "
             f"{tokenizer_vocab_size} entries; rebuild the domains with this tokenizer "
-            f"(`megatron-ddk build-domains`), or set tokenizer.vocab_size: {tokenizer_vocab_size} in "
-            "the manifest if only that number is wrong")
+            f"(`megatron-ddk build-domains`), or set tokenizer.vocab_size: "
+            f"{tokenizer_vocab_size} in the manifest if only that number is wrong")
 
 
 def load_manifest_and_tokenizer(path: str) -> tuple:
@@ -351,7 +351,8 @@ def load_manifest(path: str, expected_tokenizer_hash: Optional[str] = None) -> D
         raise ValueError(f"manifest {path} is a folder; give the manifest.yaml file inside it "
                          f"(written by `megatron-ddk build-domains`)")
     if not os.path.isfile(path):
-        raise ValueError(f"manifest {path} does not exist; build one with `megatron-ddk build-domains`")
+        raise ValueError(f"manifest {path} does not exist; build one with `megatron-ddk "
+                         "build-domains`")
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     try:

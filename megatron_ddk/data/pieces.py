@@ -1,8 +1,8 @@
 """Cutting long documents into pieces at paragraph and line boundaries.
 
 A held-out set drawn from whole documents measures those documents: with files of 30 KB and
-sets of 16k tokens, one or two documents make a set. `megatron-ddk build-domains` therefore cuts every
-document longer than --max-piece-bytes into pieces before the held-out draw (heldout.py draws
+sets of 16k tokens, one or two documents make a set. `megatron-ddk build-domains` therefore cuts
+every document longer than --max-piece-bytes into pieces before the held-out draw (heldout.py draws
 pieces, one per source before a second of any), and the training set joins the pieces it keeps
 back into whole runs of text (data/preprocess.py), so cutting changes what is held out, not the
 documents training reads.

@@ -8,8 +8,8 @@ train/validation hold-out.
   leaves nothing that looks complete.
 - the per-domain hold-out (tokenize_domain / split_domain / build_domain) lives in
   domain_split.py; heldout.py decides it.
-- StagedBuild: `megatron-ddk build-domains` writes a whole build under <out>/.staging-<pid> and swaps
-  it in only when every domain succeeded, so a failed rebuild leaves the previous manifest and
+- StagedBuild: `megatron-ddk build-domains` writes a whole build under <out>/.staging-<pid> and
+  swaps it in only when every domain succeeded, so a failed rebuild leaves the previous manifest and
   datasets byte for byte; staging folders of killed builds are removed by the next build.
 
 Imports megatron.core lazily (only to read datasets back); imports encode_engine, heldout and

@@ -34,7 +34,8 @@ from megatron_ddk.console import results
 
 logger = logging.getLogger(__name__)
 
-EXTRA_HINT = "install megatron-ddk's `eval` extra: pip install -e '.[eval]' (lm-eval[hf]>=0.4.13,<0.5)"
+EXTRA_HINT = ("install megatron-ddk's `eval` extra: pip install -e '.[eval]' "
+              "(lm-eval[hf]>=0.4.13,<0.5)")
 
 
 def require_lm_eval():

@@ -114,8 +114,8 @@ def _test_documents(manifest, domain, codec: _Codec, limit: Optional[int]):
     prefix = getattr(domain, "test_prefix", None)
     if not prefix:
         raise ValueError(f"manifest {manifest.path}: domain {domain.name} has no test split "
-                         f"(test_prefix); rebuild the domains with `megatron-ddk build-domains`, which "
-                         f"writes train, valid and test sets")
+                         f"(test_prefix); rebuild the domains with `megatron-ddk build-domains`, "
+                         f"which writes train, valid and test sets")
     ds = IndexedDataset(prefix, mmap=True)
     docs, skipped = [], 0
     for i in range(len(ds.document_indices) - 1):

@@ -93,7 +93,8 @@ def resolve_checkpoint(path: str) -> Tuple[str, int]:
                 "iter_NNNNNNN folder inside it)")
         raise CheckpointError(f"checkpoint {path} has no {LATEST_FILE}{hint}")
     folder = iteration_dir(path, iteration)
-    if iteration == 0 and not os.path.isdir(folder) and os.path.isdir(os.path.join(path, "release")):
+    if (iteration == 0 and not os.path.isdir(folder)
+            and os.path.isdir(os.path.join(path, "release"))):
         folder = os.path.join(path, "release")
     if not os.path.isdir(folder):
         raise CheckpointError(f"{os.path.join(path, LATEST_FILE)} names iteration {iteration} "

@@ -1,7 +1,8 @@
 """Per-GPU memory of a distillation run: pure arithmetic on ModelConfig and a parallel layout.
 
-Used by `megatron-ddk plan-memory` to check, before a cluster job is queued, that a preset's TP x PP x DP
-layout fits the GPUs. Everything here is a closed formula; nothing is measured. Sizes in bytes.
+Used by `megatron-ddk plan-memory` to check, before a cluster job is queued, that a preset's
+TP x PP x DP layout fits the GPUs. Everything here is a closed formula; nothing is measured.
+Sizes in bytes.
 
 Parameters (per model, per pipeline stage, per tensor-parallel rank) follow Megatron-Core's
 GPTModel: word embedding [V_pad/tp, h] on the first stage; learned absolute position embedding
@@ -189,7 +190,8 @@ def stage_layers(m: ModelConfig, pp: int) -> List[int]:
 
 
 def stage_params(m: ModelConfig, padded_vocab: int, tp: int, pp: int, stage: int) -> Dict[str, int]:
-    """Parameters held by one GPU of `stage`, split into 'gemm' and 'other' (embeddings in other)."""
+    """Parameters held by one GPU of `stage`, split into 'gemm' and 'other' (embeddings in
+    other)."""
     h = m.hidden_size
     per_layer = layer_params(m, tp)
     n = stage_layers(m, pp)[stage]

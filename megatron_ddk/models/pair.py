@@ -7,7 +7,8 @@ each model its own slice. The teacher's slice is detached and its forward runs u
 it never receives gradients; the gradient sent back upstream is zero in the teacher's columns.
 On the last stage the forward returns (student_logits, teacher_logits), both [b, s, v/tp], for
 the distillation loss. Without a teacher (CPT, evaluation) the pair is just the student and the
-P2P tensor is the student's hidden state. docs/pipeline_parallel.md explains the layout and its memory.
+P2P tensor is the student's hidden state. docs/pipeline_parallel.md explains the layout and its
+memory.
 
 Megatron-Core's 1F1B schedule sizes its P2P buffers from config.hidden_size (the student's);
 pass `pair.adjust_tensor_shapes` as its adjust_tensor_shapes_fn to widen them

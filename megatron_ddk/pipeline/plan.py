@@ -172,7 +172,8 @@ class PipelinePlan:
                                   "empty)")
         for name in ("teacher", "student"):
             spec = getattr(cfg, name)
-            if spec.source == "checkpoint" and not (spec.checkpoint and os.path.exists(spec.checkpoint)):
+            if spec.source == "checkpoint" and not (spec.checkpoint
+                                                    and os.path.exists(spec.checkpoint)):
                 raise ConfigError(f"{name}.checkpoint: {spec.checkpoint!r} does not exist")
             if spec.source == "huggingface" and not (spec.hf_dir and os.path.isdir(spec.hf_dir)):
                 raise ConfigError(f"{name}.hf_dir: {spec.hf_dir!r} is not a folder")
@@ -185,7 +186,8 @@ class PipelinePlan:
         resolve = all(getattr(cfg, n).source != "huggingface" for n in ("teacher", "student"))
         for arm in cfg.arms:
             for seed in cfg.seeds:
-                checks.append((f"arm {arm.name} (seed {seed})", self.arm_config(arm, seed, resolve)))
+                checks.append((f"arm {arm.name} (seed {seed})",
+                               self.arm_config(arm, seed, resolve)))
         clash = sorted(set(cfg.seeds) & {c[1]["train"]["seed"] for c in checks[:2]
                                           if c[0] in ("teacher", "student")})
         if clash:

@@ -72,8 +72,8 @@ def data_stages(plan: PipelinePlan) -> List[Stage]:
         sizes = cfg.data.demo_sizes_mb
         mb = max(sizes) if sizes else cfg.data.demo_corpus_mb
         # small demos: smaller sources and documents qualify
-        argv = [PY, "-m", "megatron_ddk.cli", "demo-corpus", "--output-dir", plan.corpus, "--max-mb",
-                str(mb), "--min-mb", str(min(0.3, (min(sizes) if sizes else mb) / 2)),
+        argv = [PY, "-m", "megatron_ddk.cli", "demo-corpus", "--output-dir", plan.corpus,
+                "--max-mb", str(mb), "--min-mb", str(min(0.3, (min(sizes) if sizes else mb) / 2)),
                 "--max-doc-kb", str(min(32.0, mb * 1000 / 16))]
         if sizes:
             argv += ["--sizes-mb", ",".join(str(x) for x in sizes)]
@@ -135,8 +135,8 @@ def model_stage(plan: PipelinePlan, name: str, deps: List[str]) -> Stage:
         return _train(plan, name, lambda: plan.pretrain_config(name), settings, deps, False)
     if spec.source == "huggingface":
         save = plan.ckpt(name)
-        argv = [PY, "-m", "megatron_ddk.cli", "convert-hf", "--hf-dir", os.path.abspath(spec.hf_dir),
-                "--save", save]
+        argv = [PY, "-m", "megatron_ddk.cli", "convert-hf", "--hf-dir",
+                os.path.abspath(spec.hf_dir), "--save", save]
         return Stage(name=name, command=lambda _r: argv, settings={"argv": argv},
                      inputs=[os.path.abspath(spec.hf_dir)], deps=deps, outputs=[_latest(save)],
                      clean=[plan.run_dir(name)])
@@ -290,8 +290,8 @@ def export_stages(plan: PipelinePlan) -> List[Stage]:
         for seed in plan.cfg.seeds:
             name = plan.arm_name(arm, seed)
             out = os.path.join(plan.out, "hf", f"{arm.name}-seed{seed}")
-            argv = [PY, "-m", "megatron_ddk.cli", "export-hf", "--load", plan.ckpt(name), "--out", out,
-                    "--dtype", plan.cfg.export.dtype]
+            argv = [PY, "-m", "megatron_ddk.cli", "export-hf", "--load", plan.ckpt(name),
+                    "--out", out, "--dtype", plan.cfg.export.dtype]
             stages.append(Stage(name=f"export/{name}", command=lambda _r, a=argv: a,
                                 settings={"argv": argv}, deps=[name],
                                 outputs=[os.path.join(out, "config.json")], clean=[out]))

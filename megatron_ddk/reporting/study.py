@@ -230,7 +230,7 @@ def signal_costs(runs: Sequence[Any], reference: str = "KD") -> Dict[str, Any]:
     out = {arm: {k: mean_interval(v) for k, v in rows.items()} for arm, rows in per_arm.items()}
     if reference in out:
         ref = out[reference]["train_s"]["mean"]
-        for arm, stats in out.items():
+        for _arm, stats in out.items():
             stats["overhead_vs_" + reference] = (stats["train_s"]["mean"] - ref) / ref
     return out
 

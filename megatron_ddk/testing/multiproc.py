@@ -162,7 +162,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                         and p.exitcode not in (0, None)]
                 if dead:
                     raise RuntimeError(f"rank {dead[0]} died with exit code "
-                                       f"{procs[dead[0]].exitcode} and no traceback")
+                                       f"{procs[dead[0]].exitcode} and no traceback") from None
                 continue
             if not ok:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")

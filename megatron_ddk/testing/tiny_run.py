@@ -53,8 +53,8 @@ def build_tiny_domains(folder: str, max_mb: float = 0.12, vocab_size: int = 512,
     """Corpus (4 real-text domains) -> tokenizer -> train/valid/test datasets -> manifest;
     returns its path. test_samples defaults to valid_samples (0: no test split)."""
     corpus = os.path.join(folder, "corpus")
-    run_tool(["-m", "megatron_ddk.cli", "demo-corpus", "--output-dir", corpus, "--max-mb", str(max_mb),
-              "--min-mb", str(max_mb / 2), "--max-doc-kb", "8"])
+    run_tool(["-m", "megatron_ddk.cli", "demo-corpus", "--output-dir", corpus,
+              "--max-mb", str(max_mb), "--min-mb", str(max_mb / 2), "--max-doc-kb", "8"])
     run_tool(["-m", "megatron_ddk.cli", "build-domains", "--input", corpus, "--output-dir",
               os.path.join(folder, "datasets"), "--tokenizer-model",
               os.path.join(folder, "tokenizer", "tiny.model"), "--train-tokenizer",

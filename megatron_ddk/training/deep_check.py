@@ -97,8 +97,8 @@ def _checkpoint_errors(field: str, path: str, model: Optional[ModelConfig], mani
                         f"tokenizer")
         saved_vocab = meta.get("vocab_size")
         if saved_vocab is not None and saved_vocab != manifest.vocab_size:
-            errs.append(f"{where} has a {saved_vocab}-entry tokenizer vocabulary but data.manifest's "
-                        f"tokenizer has {manifest.vocab_size}")
+            errs.append(f"{where} has a {saved_vocab}-entry tokenizer vocabulary but "
+                        f"data.manifest's tokenizer has {manifest.vocab_size}")
     saved_rows = meta.get("padded_vocab_size")
     if padded is not None and saved_rows is not None and saved_rows != padded:
         errs.append(f"{where} has {saved_rows} embedding rows but this run builds its models with "

@@ -2,10 +2,10 @@
 too) and of `megatron-ddk cache-teacher`.
 
 Each is straight-line: prepare the config (training/prepare.py: the same path check-config runs),
-run the host checks, start the parallel context, run, destroy the context in a `finally`. User errors propagate as ValueError (NonFiniteLossError
-for a diverged loss); the caller turns them into one line and an exit code (console.run_command,
-the one mapping). Training also installs the pre-emption handler (SIGTERM / SIGUSR1: save a
-checkpoint at the next step and exit 0).
+run the host checks, start the parallel context, run, destroy the context in a `finally`. User
+errors propagate as ValueError (NonFiniteLossError for a diverged loss); the caller turns them
+into one line and an exit code (console.run_command, the one mapping). Training also installs the
+pre-emption handler (SIGTERM / SIGUSR1: save a checkpoint at the next step and exit 0).
 
 This module imports torch and Megatron-Core only after the config passed prepare_run: importing
 the trainer takes seconds, reporting a typo in a config a fraction of one.
@@ -34,7 +34,8 @@ _STOP = {"requested": False}
 
 def _on_signal(signum, _frame):
     _STOP["requested"] = True
-    logging.getLogger(__name__).warning("received signal %d: checkpointing at the next step", signum)
+    logging.getLogger(__name__).warning("received signal %d: checkpointing at the next step",
+                                        signum)
 
 
 def _install_stop_signals(save_on_signal: bool) -> None:

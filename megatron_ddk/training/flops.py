@@ -51,13 +51,15 @@ class FlopCounter:
 
     def __init__(self, student: ModelConfig, teacher: Optional[ModelConfig], seq_length: int,
                  padded_vocab: int, tokens_per_step: int):
-        self.student_per_step = 3 * forward_flops_per_token(student, seq_length, padded_vocab) * tokens_per_step
-        self.teacher_per_step = (forward_flops_per_token(teacher, seq_length, padded_vocab) * tokens_per_step
-                                 if teacher is not None else 0.0)
+        self.student_per_step = (3 * forward_flops_per_token(student, seq_length, padded_vocab)
+                                 * tokens_per_step)
+        self.teacher_per_step = (forward_flops_per_token(teacher, seq_length, padded_vocab)
+                                 * tokens_per_step if teacher is not None else 0.0)
         self.peak = peak_flops()
 
     def mfu(self, steps: int, seconds: float, world_size: int) -> Optional[float]:
         """Model FLOPs utilisation over `steps` taking `seconds` on `world_size` devices."""
         if self.peak is None or seconds <= 0:
             return None
-        return (self.student_per_step + self.teacher_per_step) * steps / seconds / (self.peak * world_size)
+        return ((self.student_per_step + self.teacher_per_step) * steps / seconds
+                / (self.peak * world_size))

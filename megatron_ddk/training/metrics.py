@@ -148,7 +148,8 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step or None)
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                     purge_step=resume_step or None)
         if wandb is not None:
             self._wandb = wandb()
 
@@ -193,7 +194,8 @@ def step_line(rec: Dict[str, Any], train_iters: int, elapsed: float, remaining: 
     """The readable per-interval log line."""
     parts = [f"step {rec['step']:>6d}/{train_iters}",
              f"loss {rec['loss']:.4f}", f"ce {rec['lm_loss']:.4f}", f"kl {rec['kd_loss']:.4f}",
-             f"lr {rec['lr']:.3e}", f"grad {rec['grad_norm']:.3f}" if rec.get('grad_norm') is not None else "grad n/a",
+             f"lr {rec['lr']:.3e}",
+             f"grad {rec['grad_norm']:.3f}" if rec.get('grad_norm') is not None else "grad n/a",
              f"tok/s {rec['tokens_per_sec']:.0f}"]
     if rec.get("mfu") is not None:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")

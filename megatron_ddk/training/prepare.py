@@ -6,10 +6,10 @@
                                                     # the pipeline's plan check, before any stage
 
 The steps: load the YAML (or take plain data) with its overrides, resolve the teacher from its
-checkpoint (which must exist) and `checkpoint.load: auto` (resolve_files), run the static checks for the launcher's
-world size (or `world_size`; launched=False without one: no world-size rules, as check-config
-off the cluster), check the output folders (create_folders: create them and write a
-probe file; otherwise change nothing and require the nearest existing folder to be writable),
+checkpoint (which must exist) and `checkpoint.load: auto` (resolve_files), run the static checks
+for the launcher's world size (or `world_size`; launched=False without one: no world-size rules,
+as check-config off the cluster), check the output folders (create_folders: create them and write
+a probe file; otherwise change nothing and require the nearest existing folder to be writable),
 and, for training, the save-folder guard. Host checks (GPU, Transformer Engine, optional
 packages) are the caller's next step: they import torch.
 

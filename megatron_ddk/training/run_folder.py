@@ -39,7 +39,8 @@ LOAD_AUTO = "auto"
 
 
 def resolve_load(cfg: RunConfig) -> RunConfig:
-    """cfg with checkpoint.load: auto replaced by checkpoint.save (it holds a checkpoint) or None."""
+    """cfg with checkpoint.load: auto replaced by checkpoint.save (it holds a checkpoint) or
+    None."""
     c = cfg.checkpoint
     if c.load != LOAD_AUTO:
         return cfg

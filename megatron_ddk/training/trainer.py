@@ -338,7 +338,8 @@ class Trainer:
                 logger.info("stopping at step %d (%s); checkpoint saved", self.step, reason)
                 break
         else:
-            if not (self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0):
+            if not (self.cfg.checkpoint.save_interval
+                    and self.step % self.cfg.checkpoint.save_interval == 0):
                 self.save()
         self.log.record("end", {"step": self.step, "reason": reason or "budget",
                                 "timing": self.timer.summary(),

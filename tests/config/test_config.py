@@ -18,7 +18,8 @@ from megatron_ddk.config.host import host_errors
 
 
 def _valid(**over):
-    cfg = load_config(None, ["train.train_iters=100", "train.lr_warmup_iters=10", "ddk.policy=static"] + [
+    cfg = load_config(None, ["train.train_iters=100", "train.lr_warmup_iters=10",
+                             "ddk.policy=static"] + [
         f"{k}={v}" for k, v in over.items()])
     return cfg
 
@@ -48,8 +49,9 @@ def test_every_field_has_a_docstring():
 
 
 def test_overrides_nested_and_typed():
-    cfg = load_config(None, ["train.lr=1e-4", "model.num_query_groups=2", "distill.teacher.num_layers=6",
-                             "ddk.static_weights=[1, 2, 3]", "checkpoint.save=null"])
+    cfg = load_config(None, ["train.lr=1e-4", "model.num_query_groups=2",
+                             "distill.teacher.num_layers=6", "ddk.static_weights=[1, 2, 3]",
+                             "checkpoint.save=null"])
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.model.num_query_groups == 2
     assert cfg.distill.teacher.num_layers == 6 and cfg.distill.teacher.hidden_size == 128
@@ -59,7 +61,8 @@ def test_overrides_nested_and_typed():
 @pytest.mark.parametrize("override, message", [
     (["model.foo=1"], "unknown key model.foo"),
     (["nosuch.x=1"], "unknown key nosuch"),
-    (["model.normalization=BatchNorm"], "model.normalization: got 'BatchNorm'; allowed values: 'RMSNorm', 'LayerNorm'"),
+    (["model.normalization=BatchNorm"],
+     "model.normalization: got 'BatchNorm'; allowed values: 'RMSNorm', 'LayerNorm'"),
     (["train.micro_batch_size=two"], "train.micro_batch_size: got 'two'; expected int"),
     (["train.lr"], "expected section.field=value"),
     (["lr=3"], "must be section.field"),
@@ -79,19 +82,25 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 CASES = [
-    ({"parallel.virtual_pipeline_model_parallel_size": 2}, "interleaved (virtual) pipeline stages are not supported"),
+    ({"parallel.virtual_pipeline_model_parallel_size": 2},
+     "interleaved (virtual) pipeline stages are not supported"),
     ({"parallel.context_parallel_size": 2}, "context parallelism is not supported"),
-    ({"parallel.tensor_model_parallel_size": 3}, "num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
+    ({"parallel.tensor_model_parallel_size": 3},
+     "num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3"),
     ({"model.num_query_groups": 3}, "num_query_groups=3 must divide num_attention_heads=4"),
     ({"model.hidden_size": 130}, "hidden_size=130 is not divisible by num_attention_heads=4"),
     ({"data.seq_length": 8192}, "data.seq_length=8192 exceeds model.max_position_embeddings=4096"),
     ({"model.fp8": "e4m3"}, "model.fp8='e4m3' needs model.transformer_impl='transformer_engine'"),
     ({"parallel.sequence_parallel": True}, "sequence_parallel=true needs model.transformer_impl"),
-    ({"parallel.pipeline_model_parallel_size": 3}, "model.num_layers=2 cannot be split over parallel.pipeline_model_parallel_size=3"),
-    ({"model.num_layers_in_first_pipeline_stage": 1}, "need parallel.pipeline_model_parallel_size > 1"),
-    ({"train.global_batch_size": 7}, "global_batch_size=7 is not divisible by train.micro_batch_size=2"),
+    ({"parallel.pipeline_model_parallel_size": 3},
+     "model.num_layers=2 cannot be split over parallel.pipeline_model_parallel_size=3"),
+    ({"model.num_layers_in_first_pipeline_stage": 1},
+     "need parallel.pipeline_model_parallel_size > 1"),
+    ({"train.global_batch_size": 7},
+     "global_batch_size=7 is not divisible by train.micro_batch_size=2"),
     ({"train.train_tokens": 1000}, "set exactly one of them"),
-    ({"train.lr_warmup_iters": 100}, "lr_warmup_iters=100 must be smaller than the decay length 100"),
+    ({"train.lr_warmup_iters": 100},
+     "lr_warmup_iters=100 must be smaller than the decay length 100"),
     ({"train.min_lr": 1.0}, "need 0 <= min_lr <= lr"),
     ({"train.clip_grad": -1}, "clip_grad=-1.0: must be >= 0"),
     ({"distill.teacher": {"num_layers": 2}}, "distill.teacher_load is empty"),
@@ -101,7 +110,8 @@ CASES = [
     ({"ddk.alpha": 1.5}, "ddk.alpha=1.5: must be in [0, 1]"),
     ({"ddk.policy": "ddk"}, "ddk.policy='ddk' needs a teacher"),
     ({"ddk.static_weights": [-1, 2]}, "weights must be >= 0"),
-    ({"ddk.weight_floor": 0.5, "ddk.weight_cap": 0.2}, "weight_floor=0.5 is above ddk.weight_cap=0.2"),
+    ({"ddk.weight_floor": 0.5, "ddk.weight_cap": 0.2},
+     "weight_floor=0.5 is above ddk.weight_cap=0.2"),
     ({"ddk.max_epochs_per_domain": 0}, "max_epochs_per_domain=0.0: must be > 0"),
     ({"checkpoint.keep_last": 0}, "checkpoint.keep_last=0: must be >= 1"),
     ({"logging.log_interval": 0}, "logging.log_interval=0: must be >= 1"),
@@ -112,7 +122,8 @@ CASES = [
 def test_static_check_messages(over, message):
     base = {"ddk.policy": "static"}
     base.update(over)
-    cfg = load_config(None, ["train.train_iters=100", "train.lr_warmup_iters=10", "ddk.policy=static"] + [
+    cfg = load_config(None, ["train.train_iters=100", "train.lr_warmup_iters=10",
+                             "ddk.policy=static"] + [
         f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
         for k, v in base.items()])
     with pytest.raises(ConfigError) as err:
@@ -121,11 +132,13 @@ def test_static_check_messages(over, message):
 
 
 def test_world_size_batch_check():
-    cfg = _valid(**{"ddk.policy": "static", "train.global_batch_size": 8, "train.micro_batch_size": 2})
+    cfg = _valid(**{"ddk.policy": "static", "train.global_batch_size": 8,
+                    "train.micro_batch_size": 2})
     assert static_errors(cfg, world_size=4) == []
     assert "data-parallel size 3" in static_errors(cfg, world_size=3)[0]
     cfg.parallel.tensor_model_parallel_size = 2
-    assert "not divisible by tensor x pipeline parallel size 2" in static_errors(cfg, world_size=3)[0]
+    assert ("not divisible by tensor x pipeline parallel size 2"
+            in static_errors(cfg, world_size=3)[0])
 
 
 def test_pipeline_split_with_first_and_last_stage():

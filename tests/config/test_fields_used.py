@@ -31,7 +31,8 @@ def _package_source_outside_config() -> str:
 
 def _schema_fields():
     for cls in vars(schema).values():
-        if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == schema.__name__:
+        if (isinstance(cls, type) and dataclasses.is_dataclass(cls)
+                and cls.__module__ == schema.__name__):
             for f in dataclasses.fields(cls):
                 yield cls.__name__, f.name
 

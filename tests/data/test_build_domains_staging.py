@@ -11,7 +11,6 @@ import os
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def build_domains():
     from megatron_ddk.commands import build_domains

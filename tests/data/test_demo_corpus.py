@@ -4,11 +4,11 @@ large files split losslessly, missing sources skipped."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 
 import pytest
+
 
 @pytest.fixture(scope="module")
 def demo():

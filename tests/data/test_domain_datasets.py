@@ -49,6 +49,11 @@ def _docs(rng, lo, hi, n, max_len):
     return [list(rng.integers(lo, hi, size=rng.integers(3, max_len))) + [0] for _ in range(n)]
 
 
+def _cached(manifest, cache):
+    """Where the index caches of `manifest` under a given data.cache_dir go."""
+    return resolve_cache_dir(manifest, cache)
+
+
 def make_manifest(folder, seed=0):
     """Domain 'a': two train prefixes, ids 10..99; domain 'b': one prefix, ids 100..199."""
     rng = np.random.default_rng(seed)
@@ -120,11 +125,12 @@ def test_cache_is_written_once_and_reused(tmp_path):
     manifest, _ = make_manifest(str(tmp_path))
     cache = str(tmp_path / "cache")
     first = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
-    files = sorted(glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*")))
+    files = sorted(glob.glob(os.path.join(_cached(manifest, cache), "*")))
     assert len([f for f in files if f.endswith("description.txt")]) == 5  # 3 train + 2 valid
     stamps = {f: os.path.getmtime(f) for f in files}
     second = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
-    assert {f: os.path.getmtime(f) for f in glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*"))} == stamps
+    files = glob.glob(os.path.join(_cached(manifest, cache), "*"))
+    assert {f: os.path.getmtime(f) for f in files} == stamps
     for d in range(2):
         assert [_window(first.train[d][i]) for i in range(len(first.train[d]))] == \
             [_window(second.train[d][i]) for i in range(len(second.train[d]))]
@@ -146,7 +152,8 @@ def test_two_ranks_share_one_cache(tmp_path):
     cache = str(tmp_path / "cache")
     per_rank = run_distributed(_two_rank_build, 2, manifest, cache, timeout=300)
     assert per_rank[0] == per_rank[1]
-    assert len(glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*description.txt"))) == 5 + 2  # + 2 test
+    descriptions = glob.glob(os.path.join(_cached(manifest, cache), "*description.txt"))
+    assert len(descriptions) == 5 + 2  # + 2 test
     single = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, str(tmp_path / "c1"), 4)
     test = build_heldout_samples(manifest, TinyTokenizer(), SEQ, str(tmp_path / "c1"), "test", 5)
     assert per_rank[0] == [[_window(t[i]) for i in range(len(t))] for t in single.train] + \
@@ -165,7 +172,7 @@ def test_test_split_follows_the_stream_and_training_never_reads_it(tmp_path):
         for suffix in (".bin", ".idx"):
             os.rename(d.test_prefix + suffix, d.test_prefix + suffix + ".away")
     trained = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 6)
-    assert not glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*-test-*"))
+    assert not glob.glob(os.path.join(_cached(manifest, cache), "*-test-*"))
     for d in manifest.domains:
         for suffix in (".bin", ".idx"):
             os.rename(d.test_prefix + suffix + ".away", d.test_prefix + suffix)
@@ -182,7 +189,7 @@ def test_test_split_follows_the_stream_and_training_never_reads_it(tmp_path):
         # valid for eval = the samples training evaluates on (fixed order, any run seed)
         assert _windows(valid[d]) == _windows(trained.valid[d])
         assert valid[d].fingerprint() != test[d].fingerprint()
-    assert glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*-GPTDataset-test-description.txt"))
+    assert glob.glob(os.path.join(_cached(manifest, cache), "*-GPTDataset-test-description.txt"))
 
 
 def test_test_split_of_a_manifest_without_one(tmp_path):
@@ -219,7 +226,7 @@ def test_read_only_prebuilt_cache_is_read_without_a_lock(tmp_path, monkeypatch, 
     manifest, _ = make_manifest(str(tmp_path))
     cache = str(tmp_path / "cache")
     first = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
-    os.remove(os.path.join(resolve_cache_dir(manifest, cache), ".lock"))
+    os.remove(os.path.join(_cached(manifest, cache), ".lock"))
     from megatron_ddk.data import domain_datasets
 
     real_open = os.open
@@ -253,10 +260,10 @@ def _separate_runs(rank, world_size, manifest, root):
     out = {}
     cache = os.path.join(root, "a", "cache")
     if rank == 0:
-        with cache_lock(resolve_cache_dir(manifest, cache)):
+        with cache_lock(_cached(manifest, cache)):
             open(os.path.join(root, "held"), "w").close()
             time.sleep(3.0)
-            out["during"] = sorted(glob.glob(os.path.join(resolve_cache_dir(manifest, cache), "*.npy")))
+            out["during"] = sorted(glob.glob(os.path.join(_cached(manifest, cache), "*.npy")))
             out["released"] = time.time()
     else:
         _wait_for(os.path.join(root, "held"))
@@ -291,10 +298,10 @@ def test_build_killed_mid_write_is_cleaned_up(tmp_path):
     manifest, _ = make_manifest(str(tmp_path))
     cache = str(tmp_path / "cache")
     build_domain_datasets(manifest, TinyTokenizer(), SEQ, 5, cache, 4)
-    before = sorted(os.listdir(resolve_cache_dir(manifest, cache)))
+    before = sorted(os.listdir(_cached(manifest, cache)))
     other = str(tmp_path / "other")
     reference = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 6, other, 4)
-    with open(os.path.join(resolve_cache_dir(manifest, cache), ".building"), "w") as f:
+    with open(os.path.join(_cached(manifest, cache), ".building"), "w") as f:
         json.dump(before, f)  # what a seed-6 builder would have recorded, then died
     other = resolve_cache_dir(manifest, other)
     for name in os.listdir(other):
@@ -303,11 +310,11 @@ def test_build_killed_mid_write_is_cleaned_up(tmp_path):
         data = open(os.path.join(other, name), "rb").read()
         if name.endswith("shuffle_index.npy"):
             data = data[:len(data) // 2]  # cut mid-write
-        with open(os.path.join(resolve_cache_dir(manifest, cache), name), "wb") as f:
+        with open(os.path.join(_cached(manifest, cache), name), "wb") as f:
             f.write(data)
     rebuilt = build_domain_datasets(manifest, TinyTokenizer(), SEQ, 6, cache, 4)
     assert [_windows(t) for t in rebuilt.train] == [_windows(t) for t in reference.train]
-    assert not os.path.exists(os.path.join(resolve_cache_dir(manifest, cache), ".building"))
+    assert not os.path.exists(os.path.join(_cached(manifest, cache), ".building"))
 
 
 def test_collate_rank_slices_of_a_mixture_batch(tmp_path):

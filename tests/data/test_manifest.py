@@ -10,7 +10,10 @@ import pytest
 import yaml
 
 from megatron_ddk.data.manifest import (
-    DomainEntry, DomainManifest, load_manifest, save_manifest,
+    DomainEntry,
+    DomainManifest,
+    load_manifest,
+    save_manifest,
 )
 
 HASH = "sha256:" + "ab" * 32

@@ -11,7 +11,10 @@ import pytest
 import sentencepiece
 
 from megatron_ddk.data.tokenizer import (
-    build_tokenizer, parse_shares, tokenizer_hash, train_sentencepiece,
+    build_tokenizer,
+    parse_shares,
+    tokenizer_hash,
+    train_sentencepiece,
 )
 
 

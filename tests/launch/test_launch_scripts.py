@@ -99,7 +99,8 @@ def _ranks(out):
 
 def test_launch_sh_runs_torchrun_with_config_and_overrides(fake_repo):
     repo, out, env = fake_repo
-    result = subprocess.run(["bash", "scripts/launch.sh", PRESET, "train.lr=1e-4", "ddk.interval=50"],
+    result = subprocess.run(["bash", "scripts/launch.sh", PRESET, "train.lr=1e-4",
+                             "ddk.interval=50"],
                             cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for lines in _ranks(out):

@@ -53,7 +53,8 @@ def test_weight_map_inside_the_folder_is_read(tmp_path):
     save_file({"c": torch.zeros(1)}, str(hf / "sub" / "part.safetensors"))
     (hf / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"c": "sub/./part.safetensors"}}))
-    assert _tool()._weight_files(str(hf)) == {"c": os.path.realpath(str(hf / "sub" / "part.safetensors"))}
+    assert _tool()._weight_files(str(hf)) == {
+        "c": os.path.realpath(str(hf / "sub" / "part.safetensors"))}
 
 
 def test_cli_exits_2_naming_the_index(tmp_path):

@@ -201,7 +201,7 @@ def test_converted_logits_match_transformers_tp2(interop):
     for kind in ("llama", "qwen2", "qwen2_bf16"):
         torch.testing.assert_close(rank0[kind], rank1[kind], rtol=0, atol=0)
         torch.testing.assert_close(rank0[kind][..., :VOCAB], interop["ref"][kind], rtol=0,
-                                   atol=1e-4, msg=lambda m: f"{kind}: {m}")
+                                   atol=1e-4, msg=lambda m, kind=kind: f"{kind}: {m}")
         assert torch.count_nonzero(rank0[kind][..., VOCAB:]) == 0
 
 

@@ -263,4 +263,5 @@ def test_plan_memory_cli(capsys):
     assert run_tool("plan-memory", ["--config", QWEN_14_TO_18, "--tp", "1", "--recompute", "none",
                       "--attention", "materialized", "--micro-batch-size", "4"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
-    assert run_tool("plan-memory", ["--config", QWEN_14_TO_18, "--tp", "3"]) == 2   # 32 GPUs / (3 x 1)
+    # 32 GPUs / (3 x 1)
+    assert run_tool("plan-memory", ["--config", QWEN_14_TO_18, "--tp", "3"]) == 2

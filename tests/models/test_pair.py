@@ -146,7 +146,8 @@ def _build_pair(ctx, ck, which):
         assert len(teacher.decoder.layers) == STAGE_LAYERS[which][ctx.pp_rank]
     else:
         assert len(student.decoder.layers) == 2 and len(teacher.decoder.layers) == 4
-    # the memory planner's per-stage parameter counts (docs/pipeline_parallel.md) match what was built
+    # the memory planner's per-stage parameter counts (docs/pipeline_parallel.md) match what was
+    # built
     for model, cfg in ((student, _student_cfg()), (teacher, _teacher_cfg(which, ctx.pp_size))):
         expect = sum(stage_params(cfg, VOCAB, ctx.tp_size, ctx.pp_size, ctx.pp_rank).values())
         assert sum(p.numel() for p in model.parameters()) == expect, (which, ctx.pp_rank)
@@ -190,7 +191,7 @@ def _distill_step(ctx, ck, ref, which, dist_opt=True, forward_only_check=False):
     for n, p in pair.student.named_parameters():
         expect = _shard(n, ref_grads[_ref_name(n, pair.student)], p, ctx)
         torch.testing.assert_close(p.main_grad, expect, rtol=1e-4, atol=2e-6,
-                                   msg=lambda m: f"{where}: grad of {n}: {m}")
+                                   msg=lambda m, n=n: f"{where}: grad of {n}: {m}")
     ok, _, _ = opt.step()
     assert ok
     for n, p in pair.teacher.named_parameters():

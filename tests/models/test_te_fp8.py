@@ -474,7 +474,7 @@ def _kd_step(ctx, impls, bf16, ckpt_root):
                                 logits_layout="bsv")
         batches = iter(text)
 
-        def forward_step(_it, model):
+        def forward_step(_it, model, *, batches=batches, loss=loss):
             t = next(batches)
             labels = t[:, 1:]
             out = model(t[:, :-1], pos, None)

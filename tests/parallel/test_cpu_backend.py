@@ -1,4 +1,5 @@
-"""The CPU backend: every Megatron-Core internal it covers still exists, and its RNG streams work."""
+"""The CPU backend: every Megatron-Core internal it covers still exists, and its RNG streams
+work."""
 
 import importlib
 

@@ -127,7 +127,7 @@ def tensor_parallel(rank, world, ck_a, ck_b, ref):
     torch.testing.assert_close(float(loss), ref[0], rtol=0, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, _shard(n, ref[1][n], p, ctx), rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{n}: {m}")
+                                   msg=lambda m, n=n: f"{n}: {m}")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -162,7 +162,7 @@ def pipeline_parallel(rank, world, ck_a, ref):
             idx, tail = rest.split(".", 1)
             ref_name = f"{head}.layers.{int(idx) + offset}.{tail}"
         torch.testing.assert_close(p.main_grad, ref[3][ref_name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{n}: {m}")
+                                   msg=lambda m, n=n: f"{n}: {m}")
     return True
 
 
@@ -178,7 +178,7 @@ def data_parallel(rank, world, ck_a, ck_b, ref, tp_logits):
     _train(ddp, opt, mine, 1, ctx, steps=3)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), ref[4][n], rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{n}: {m}")
+                                   msg=lambda m, n=n: f"{n}: {m}")
     load_model(ck_b, model)
     model.eval()
     tokens, _ = _batches(1)[0]

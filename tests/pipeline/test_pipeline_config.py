@@ -159,7 +159,8 @@ def test_hugging_face_teacher_is_checked_before_the_first_stage(tmp_path, case):
     cfg = load_pipeline_config(MY_DATA, ["teacher.source=huggingface", f"teacher.hf_dir={hf}"]
                                + tok, corpus=_corpus(tmp_path), out=str(tmp_path / "out"))
     fix = rf"set tokenizer: \{{train: false, model: {hf}/tokenizer.model\}}"
-    expected = {"trains_a_tokenizer": r"brings its own tokenizer .* tokenizer.train is true.*" + fix,
+    expected = {"trains_a_tokenizer": r"brings its own tokenizer .* tokenizer.train is true.*"
+                + fix,
                 "other_tokenizer": r"its tokenizer .* is not the pipeline's .*" + fix,
                 "gpt2": r"architecture GPT2LMHeadModel is not supported"}
     if case == "same":

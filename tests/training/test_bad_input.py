@@ -39,7 +39,8 @@ def test_dataset_tokenizer_not_matching(tiny, tmp_path):
     shutil.copytree(os.path.dirname(tiny["manifest"]), data)
     manifest = yaml.safe_load(open(data / "manifest.yaml"))
     tok = tmp_path / "other.model"
-    shutil.copy(os.path.join(os.path.dirname(tiny["manifest"]), manifest["tokenizer"]["model"]), tok)
+    shutil.copy(os.path.join(os.path.dirname(tiny["manifest"]), manifest["tokenizer"]["model"]),
+                tok)
     with open(tok, "ab") as f:
         f.write(b"\0")  # a different tokenizer file than the data was made with
     manifest["tokenizer"]["model"] = str(tok)
@@ -54,7 +55,8 @@ def test_tp_not_dividing_heads(tiny, tmp_path):
                               extra={"parallel": {"tensor_model_parallel_size": 3}})
     code, out = train_cli(cfg, tmp_path)
     assert code == 2
-    assert "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=3" in out
+    assert ("model.num_attention_heads=4 is not divisible by "
+            "parallel.tensor_model_parallel_size=3") in out
 
 
 def test_nan_loss_stops_naming_step_and_domains(tiny, tmp_path):

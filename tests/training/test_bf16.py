@@ -149,7 +149,8 @@ def _precision_facts(trainer) -> dict:
             "teacher": sorted({str(p.dtype) for p in trainer.teacher.parameters()}),
             "main_grad": sorted({str(p.main_grad.dtype) for p in trainer.student.parameters()}),
             "main_params": sorted({str(p.dtype) for p in main}), "num_main_params": len(main),
-            "optimizers": sorted({type(opt).__name__ for opt in opts}), "wrapper": type(trainer.model.module).__mro__[1].__name__}
+            "optimizers": sorted({type(opt).__name__ for opt in opts}),
+            "wrapper": type(trainer.model.module).__mro__[1].__name__}
 
 
 def _records(run_dir: str, kind: str = "step"):

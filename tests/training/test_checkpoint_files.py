@@ -94,8 +94,8 @@ def _checks(rank, world, root):
     for name, how in ((shard, "truncate"), ("common.pt", "garbage"), (".metadata", "garbage"),
                       ("megatron_ddk.json", "garbage"), ("metadata.json", "garbage")):
         folder = _damage(good, os.path.join(root, f"bad_{name.strip('.')}"), name, how)
-        out[f"damaged:{name}"] = _load_error(lambda: load_model(folder, build_gpt_model(
-            cfg, ctx, VOCAB)))
+        out[f"damaged:{name}"] = _load_error(lambda folder=folder: load_model(
+            folder, build_gpt_model(cfg, ctx, VOCAB)))
     # a save that cannot write its bytes (RLIMIT_FSIZE: the short write of a full disk)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

@@ -81,7 +81,7 @@ def _three_runs(rank, world, tiny, root):
             calls = {"teacher": 0, "student": 0}
             for key in calls:
                 getattr(trainer, key).register_forward_hook(
-                    lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+                    lambda *_, key=key, calls=calls: calls.__setitem__(key, calls[key] + 1))
             assert trainer.run() == 0
             out[name] = dict(calls, run_dir=run_dir)
             if name == "training":

@@ -143,13 +143,15 @@ def test_crash_mid_save_keeps_previous_checkpoint(tiny, tmp_path, reference):
 
 def test_resume_at_another_layout(tiny, tmp_path):
     tp2 = tmp_path / "tp2"
-    path, cfg = config(tiny, tp2, train_iters=8, extra={"parallel": {"tensor_model_parallel_size": 2}})
+    path, cfg = config(tiny, tp2, train_iters=8,
+                       extra={"parallel": {"tensor_model_parallel_size": 2}})
     tiny_run.train(path, nproc=2)
     moved = tmp_path / "moved"
     path2, cfg2 = config(tiny, moved, train_iters=8)
     shutil.copytree(cfg["checkpoint"]["save"], cfg2["checkpoint"]["save"])
     # the TP=2 checkpoint of step 6 continues at TP=1 x DP=2
-    with open(os.path.join(cfg2["checkpoint"]["save"], "latest_checkpointed_iteration.txt"), "w") as f:
+    with open(os.path.join(cfg2["checkpoint"]["save"], "latest_checkpointed_iteration.txt"),
+              "w") as f:
         f.write("6")
     shutil.copy(os.path.join(str(tp2), "metrics.jsonl"), os.path.join(str(moved), "metrics.jsonl"))
     tiny_run.train(path2, nproc=2, overrides=["--load", cfg2["checkpoint"]["save"]])
@@ -167,7 +169,8 @@ def test_resume_at_another_layout(tiny, tmp_path):
 def test_refuses_checkpoint_of_other_shape_or_tokenizer(tiny, tmp_path, reference):
     ckpt = os.path.join(reference, "ckpt")
     path, _ = config(tiny, tmp_path / "shape", extra={"model": {"hidden_size": 48}})
-    with pytest.raises(RuntimeError, match="different model shape.*hidden_size: checkpoint 32 vs config 48"):
+    with pytest.raises(RuntimeError,
+                       match="different model shape.*hidden_size: checkpoint 32 vs config 48"):
         tiny_run.train(path, overrides=["--load", ckpt])
     other = str(tmp_path / "other_tok")
     shutil.copytree(tiny["teacher"], other)

@@ -49,7 +49,8 @@ def test_fresh_run_into_a_folder_with_checkpoints_is_refused(tmp_path):
     _iteration(save, 6)
     errs = save_folder_errors(_cfg(save))
     assert len(errs) == 1
-    assert f"checkpoint.save={save} already holds checkpoints: iterations [3, 6] (latest 6)" in errs[0]
+    assert (f"checkpoint.save={save} already holds checkpoints: iterations [3, 6] (latest 6)"
+            in errs[0])
     assert f"--load {save}" in errs[0] and "checkpoint.overwrite=true" in errs[0]
     assert "checkpoint.load=auto" in errs[0]
     with pytest.raises(ConfigError, match="refusing to write checkpoints"):

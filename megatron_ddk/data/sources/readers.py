@@ -27,8 +27,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-from megatron_ddk.data.corpus import MalformedLineError, ReadCounts, parse_record
 from megatron_ddk.config.optional import require_extra
+from megatron_ddk.data.corpus import MalformedLineError, ReadCounts, parse_record
 
 LINE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 """Line formats by suffix (before any .gz / .zst)."""
@@ -92,7 +92,8 @@ def _folder_files(folder: str) -> List[SourceFile]:
     if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
         splits = sorted(e for e in os.listdir(folder) if os.path.isdir(os.path.join(folder, e)))
         raise ValueError(f"input {folder} is a datasets DatasetDict (splits {splits}); give "
-                         f"one split's folder, e.g. {os.path.join(folder, splits[0] if splits else 'train')}")
+                         f"one split's folder, e.g. "
+                         f"{os.path.join(folder, splits[0] if splits else 'train')}")
     if os.path.isfile(os.path.join(folder, "state.json")):
         return _arrow_folder(folder)
     out: List[SourceFile] = []
