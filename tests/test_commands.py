@@ -85,9 +85,17 @@ def test_tools_wrapper_help(wrapper, tmp_path):
     assert res.returncode == 0 and "usage:" in res.stdout, (wrapper, res.stderr[-2000:])
 
 
-def test_tools_wrapper_user_error_is_the_subcommands(tmp_path):
-    res = _run([os.path.join(ROOT, "tools", "build_domains.py")]
-               + [a.replace("OUT", str(tmp_path)) for a in USER_ERRORS["build-domains"]],
-               tmp_path)
-    assert res.returncode == 2 and res.stderr.count("error:") == 1, res.stderr[-2000:]
-    assert MISSING in res.stderr
+SUBCOMMAND_OF = {module: name for name, (module, _) in cli.TOOLS.items()}
+"""tools/ wrapper module -> the subcommand it runs."""
+
+
+@pytest.mark.parametrize("wrapper", sorted(w for w in WRAPPERS if w in SUBCOMMAND_OF))
+def test_tools_wrapper_user_error_exits_2_with_one_line(wrapper, tmp_path):
+    args = USER_ERRORS[SUBCOMMAND_OF[wrapper]]
+    if args is None:
+        return
+    res = _run([os.path.join(ROOT, "tools", WRAPPERS[wrapper])]
+               + [a.replace("OUT", str(tmp_path / "out")) for a in args], tmp_path)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2, (wrapper, res.returncode, res.stderr[-3000:])
+    assert len(lines) == 1 and "ddk-input" in lines[0], (wrapper, res.stderr[-3000:])
