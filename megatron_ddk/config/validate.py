@@ -183,7 +183,22 @@ def _distill_checks(cfg: RunConfig) -> List[str]:
     if k.signal == "training" and k.initial_sampling == "eq1":
         errs.append("ddk.initial_sampling='eq1' with ddk.signal='training': nothing is measured "
                     "before step 1, so r_0 is uniform; use initial_sampling natural or uniform")
-    if k.signal == "training" and getattr(d, "teacher_logits", None):
+    return errs + offline_teacher_errors(cfg)
+
+
+def offline_teacher_errors(cfg: RunConfig) -> List[str]:
+    """What an offline teacher store (distill.teacher_logits, top-K) cannot serve: the one place
+    of these rules (static: check-config names them before anything is built)."""
+    d, errs = cfg.distill, []
+    root = getattr(d, "teacher_logits", None)
+    if not root:
+        return errs
+    if d.kl_direction != "forward":
+        errs.append(f"distill.kl_direction={d.kl_direction!r} with distill.teacher_logits={root}: "
+                    "reverse KL weighs the log-ratio by the student over the whole vocabulary, "
+                    "which a top-K store cannot give; use kl_direction: forward, or the online "
+                    "teacher (teacher_logits: null)")
+    if cfg.ddk.signal == "training":
         errs.append("ddk.signal='training' needs the teacher's exact CE on the training batches, "
                     "which an offline store (distill.teacher_logits, top-K) does not hold; use "
                     "ddk.signal='validation' or the online teacher")

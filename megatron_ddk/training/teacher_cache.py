@@ -92,16 +92,7 @@ def open_run_store(cfg: RunConfig, data: "builder.DataParts") -> Optional[Teache
     root = getattr(cfg.distill, "teacher_logits", None)
     if not root:
         return None
-    if cfg.distill.kl_direction != "forward":
-        raise ValueError(f"distill.kl_direction={cfg.distill.kl_direction!r} with "
-                         f"distill.teacher_logits={root}: reverse KL weighs the log-ratio by the "
-                         f"student over the whole vocabulary, which a top-K store cannot give; "
-                         f"use kl_direction: forward, or the online teacher (teacher_logits: null)")
-    if getattr(cfg.ddk, "signal", "validation") != "validation":
-        raise ValueError(f"ddk.signal={cfg.ddk.signal!r} with distill.teacher_logits={root}: the "
-                         f"training signal needs the teacher's CE on every training token, which "
-                         f"a top-K store does not hold; use ddk.signal: validation (the store "
-                         f"holds the teacher's validation losses)")
+    # what a store cannot serve is refused by the static checks (validate.offline_teacher_errors)
     store = TeacherStore(root, data.manifest.names())
     store.check_identity(run_identity(cfg, data))
     if cfg.distill.teacher_load is None:

@@ -158,19 +158,24 @@ def test_every_identity_field_is_checked(setup, field, value):
         store.check_identity(dict(ident, **{field: value}))
 
 
-def test_reverse_kl_and_training_signal_are_refused(setup):
-    from megatron_ddk.config import RunConfig
-    from megatron_ddk.training.teacher_cache import open_run_store
+def test_reverse_kl_and_training_signal_are_refused_by_the_static_checks(setup, tmp_path):
+    """What a store cannot serve is a static error: check-config names it before anything is
+    built (the same checks train runs)."""
+    from megatron_ddk import cli
+    from megatron_ddk.config import RunConfig, static_errors
 
     cfg = RunConfig()
     cfg.distill.teacher_logits = setup["store"]
     cfg.distill.kl_direction = "reverse"
-    with pytest.raises(ValueError, match="reverse KL .* top-K store"):
-        open_run_store(cfg, data=None)
+    assert any("reverse KL" in e and "top-K store" in e for e in static_errors(cfg))
     cfg.distill.kl_direction = "forward"
     cfg.ddk.signal = "training"
-    with pytest.raises(ValueError, match="ddk.signal='training'"):
-        open_run_store(cfg, data=None)
+    assert any("ddk.signal='training'" in e for e in static_errors(cfg))
+    path = str(tmp_path / "reverse.yaml")
+    with open(path, "w") as f:
+        f.write(f"distill: {{teacher_logits: {setup['store']}, kl_direction: reverse}}\n"
+                f"logging: {{run_dir: {tmp_path / 'run'}}}\n")
+    assert cli.main(["check-config", "--static", "--config", path]) == 2
 
 
 def test_uncovered_sample_message_names_domain_sample_and_rebuild_size(setup):
