@@ -7,10 +7,11 @@
 #
 # Usage: scripts/gpu_check.sh [--wheels DIR] [--dry-run] [--out DIR]
 #   --wheels DIR  folder of wheels made with `python3 tools/check_wheels.py download DIR` on a
-#                 networked machine (default: $MEGATRON_DDK_WHEELS, else shared/wheels or wheels/
-#                 inside the repository)
-#   --dry-run     list every step and check that the wheel folder is complete for Python 3.12
-#                 with torch 2.11-2.13 (any host, no GPU needed); installs and runs nothing
+#                 networked machine: what the GPU image lacks (default: $MEGATRON_DDK_WHEELS,
+#                 else shared/wheels or wheels/ inside the repository)
+#   --dry-run     list every step and check that the wheel folder plus the image's packages
+#                 (tools/gpu_image_packages.txt) are complete for Python 3.12 with torch 2.11-2.13
+#                 (any host, no GPU needed); installs and runs nothing
 #   --out DIR     output folder (default runs/gpu_check)
 # Environment: PYTHON (default python3), GPU_CHECK_PYTHON_VERSION (default 3.12, dry run only).
 set -euo pipefail
@@ -50,13 +51,13 @@ export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 VENV="$OUT/venv"
 VPY="$VENV/bin/python"
 GPU_TESTS=(tests/models/test_te_fp8.py tests/training/test_bf16.py)
-NEEDED=(setup.py tools/check_wheels.py bench/gpu_throughput.py bench/gpu_bench_models.py
+NEEDED=(setup.py tools/check_wheels.py tools/gpu_image_packages.txt bench/gpu_throughput.py bench/gpu_bench_models.py
         bench/gpu_bench_runner.py bench/gpu_precision.py bench/gpu_check_report.py "${GPU_TESTS[@]}")
 # name | seconds | what it does (limits add up to 480 s)
 STEPS=(
   "host|15|nvidia-smi sees a GPU; $PYTHON imports torch 2.11-2.13 with CUDA"
-  "wheels|30|tools/check_wheels.py check $WHEELS (this host's torch and Python)"
-  "install|80|venv $VENV (system site packages: keeps the CUDA torch); pip install --no-index --find-links $WHEELS -e .[gpu]"
+  "wheels|30|tools/check_wheels.py check $WHEELS --image installed (this host's packages)"
+  "install|80|venv $VENV that sees $PYTHON's packages (keeps the CUDA torch); pip install --no-index --find-links $WHEELS -e .[gpu]"
   "gpu_tests|170|pytest ${GPU_TESTS[*]} (TP=2 cases skip on 1 GPU)"
   "throughput|130|bench/gpu_throughput.py --pair llama --seq-lengths 2048 (CPT, KD bf16, FP8 if TE, DDK)"
   "precision|35|bench/gpu_precision.py --pair llama --seq-length 2048 (bf16 vs fp32 loss)"
@@ -85,7 +86,8 @@ if [[ "$DRY_RUN" == 1 ]]; then
   echo "steps on a GPU host:"
   list_steps
   check_files || die "the repository copy is incomplete (files above)"
-  echo "checking the wheel folder for Python ${GPU_CHECK_PYTHON_VERSION:-3.12}, torch 2.11-2.13:"
+  echo "checking the wheel folder for Python ${GPU_CHECK_PYTHON_VERSION:-3.12}, torch 2.11-2.13," \
+    "with the image's packages as tools/gpu_image_packages.txt lists them:"
   "$PYTHON" "$ROOT/tools/check_wheels.py" check "$WHEELS" \
     --python-version "${GPU_CHECK_PYTHON_VERSION:-3.12}" \
     --torch-version 2.11.0 --torch-version 2.12.0 --torch-version 2.13.0
@@ -146,7 +148,12 @@ EOF
 install_step() {
   set -euo pipefail
   if [[ ! -x "$VPY" ]]; then "$PYTHON" -m venv --system-site-packages "$VENV"; fi
-  "$VPY" -m pip install --no-index --find-links "$WHEELS" setuptools wheel
+  # The image's python3 is itself a venv (/opt/torch/.venv): --system-site-packages would reach
+  # the base interpreter's packages, not its torch. A .pth puts $PYTHON's own site-packages on the
+  # path, after the venv's, so pip counts the image's packages as installed and keeps them.
+  "$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))' \
+    > "$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gpu_image.pth"
+  "$VPY" -m pip install --no-index --find-links "$WHEELS" "setuptools>=70.1"
   "$VPY" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation -e "${ROOT}[gpu]"
   "$VPY" -c "import torch, megatron.core, megatron_ddk; assert torch.cuda.is_available(), \
 'the venv lost the CUDA torch'; print('torch', torch.__version__, 'megatron-core', \
@@ -165,7 +172,7 @@ export OUT PYTHON VENV VPY WHEELS ROOT
 run_step host 15 bash -c host_step || stop 2 "this host cannot run the check"
 TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
 PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-run_step wheels 30 "$PYTHON" "$ROOT/tools/check_wheels.py" check "$WHEELS" \
+run_step wheels 30 "$PYTHON" "$ROOT/tools/check_wheels.py" check "$WHEELS" --image installed \
   --python-version "$PY_VERSION" --torch-version "$TORCH_VERSION" || stop 1 "incomplete wheel folder"
 run_step install 80 bash -c install_step || stop 1 "the install failed"
 
