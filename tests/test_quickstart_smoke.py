@@ -57,8 +57,12 @@ def test_study_smoke_reuses_the_quickstart_and_reports_intervals(quickstart):
     out, _ = quickstart
     log = _run(["-m", "megatron_ddk.cli", "pipeline", "--config", "examples/study/pipeline.yaml",
                 "--smoke", "--out", str(out)])
-    for reused in ("teacher", "student", "KD/seed1234", "DDK/seed1234", "datasets"):
+    for reused in ("teacher", "student", "CPT/seed1234", "datasets"):
         assert any(reused in line and "skipped" in line for line in log.splitlines()), reused
+    # the study's KD / DDK arms read one offline teacher store per seed (teacher_store.per_seed),
+    # so they are not the quickstart's online-teacher runs: the stores are built, the arms rerun
+    assert any("teacher_store/" in line and "done" in line for line in log.splitlines()), log
+    assert not any("KD/seed1234" in line and "skipped" in line for line in log.splitlines())
     report = json.load(open(out / "report.json"))
     study = report["study"]
     assert set(study["arms"]) == {"DDK", "DDK_noFS", "ES", "KD", "CPT", "DDK_train"}

@@ -64,12 +64,12 @@ def test_report_on_test_split_and_run_folders(done):
         assert result["split"] == "test", name
     assert "test" in (out / "report.md").read_text()
     # the steering-fidelity table is there without being asked for: DDK steers on valid, the
-    # evals are format 3 on test (4 samples a domain: the verdicts are whatever was measured)
+    # evals are format 3 on test (8 samples a domain: the verdicts are whatever was measured)
     fidelity = report["fidelity"]
     assert fidelity["available"], fidelity.get("reason")
     assert sorted(fidelity["per_domain"]) == sorted(report["table"]["domains"])
     for row in fidelity["per_domain"].values():
-        assert row["valid_log_se"] is not None and row["test_samples"] == 4
+        assert row["valid_log_se"] is not None and row["test_samples"] == 8
         assert row["status"] in ("agree", "agree, beyond noise", "differ beyond noise",
                                  "differ within noise")
     text = (out / "report.md").read_text()
