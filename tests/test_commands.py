@@ -1,16 +1,17 @@
 """Every `megatron-ddk` subcommand and every tools/*.py wrapper as a user runs them: --help
 answers, and a user error ends with exit code 2 and one `error:` line naming the input
-(console.py's rules). One table; each row is a real process."""
+(console.py's rules). One table; each row is a real process (forked from the warm fork server,
+so a row costs a fraction of a second instead of an interpreter start)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from megatron_ddk import cli
+from megatron_ddk.testing.commands import run_command
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MISSING = "/nonexistent/ddk-input"
@@ -49,10 +50,18 @@ WRAPPERS = {f[:-3]: f for f in sorted(os.listdir(os.path.join(ROOT, "tools")))
             if f.endswith(".py")}
 
 
+class _Result:
+    """Exit code and output (stdout and stderr interleaved) of one command."""
+
+    def __init__(self, code: int, output: str):
+        self.returncode, self.stdout, self.stderr = code, output, output
+
+
 def _run(argv, cwd):
+    """`python ARGV` as a real process, forked from the warm fork server (testing/commands.py:
+    the same program, arguments, environment, output and exit code as a new interpreter)."""
     env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable] + argv, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=180)
+    return _Result(*run_command([sys.executable] + argv, env, str(cwd), 180))
 
 
 def _subcommands():
