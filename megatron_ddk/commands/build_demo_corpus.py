@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
+from megatron_ddk.console import results
 from megatron_ddk.data.pieces import split_document
 
 Doc = Tuple[str, str]  # (source id, text)
@@ -300,12 +301,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = build_demo_corpus(  # a ValueError: one `error:` line, exit 2 (cli.run_tool)
         args.output_dir, args.num_domains, args.max_mb, args.min_mb, args.max_doc_kb,
         args.domains.split(",") if args.domains else None, sizes_mb=sizes)
-    print(f"{'domain':<14} {'docs':>6} {'text MB':>8} {'file MB':>8}  sha256")
+    results().info(f"{'domain':<14} {'docs':>6} {'text MB':>8} {'file MB':>8}  sha256")
     for d in summary["domains"]:
-        print(f"{d['name']:<14} {d['num_documents']:>6} {d['num_text_bytes'] / 1e6:>8.3f} "
-              f"{d['num_file_bytes'] / 1e6:>8.3f}  {d['sha256']}")
+        results().info(f"{d['name']:<14} {d['num_documents']:>6} {d['num_text_bytes'] / 1e6:>8.3f} "
+                       f"{d['num_file_bytes'] / 1e6:>8.3f}  {d['sha256']}")
     for s in summary["skipped"]:
-        print(f"skipped {s['name']}: {s['reason']}")
-    print(f"summary: {os.path.join(args.output_dir, 'summary.json')}")
+        results().info(f"skipped {s['name']}: {s['reason']}")
+    results().info(f"summary: {os.path.join(args.output_dir, 'summary.json')}")
     return 0
 

@@ -52,6 +52,7 @@ import warnings
 from typing import List, Optional
 
 from megatron_ddk.commands.train_tokenizer import add_training_args, train_from_args
+from megatron_ddk.console import messages, results
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -213,7 +214,7 @@ def _tokenize_all(domains, args, out_dir: str) -> list:
                                         args.tokenizer_model, workers=args.workers,
                                         skip_malformed=args.skip_malformed, progress=True,
                                         max_piece_bytes=args.max_piece_bytes))
-            print(f"{domain.name}: tokenized in {time.perf_counter() - start:.1f}s", flush=True)
+            results().info(f"{domain.name}: tokenized in {time.perf_counter() - start:.1f}s")
     except BaseException:
         for t in done:
             t.discard()
@@ -226,15 +227,15 @@ def _print_preflight(tokenized, spec, seed: int) -> None:
 
     fits = split_summary({t.name: t.lengths for t in tokenized}, spec, seed,
                          {t.name: t.sources for t in tokenized})
-    print(f"\npreflight: each domain's held-out sets need {spec.describe()}, at least "
-          f"{spec.min_documents} documents each")
-    print(f"{'domain':<16} {'sources':>8} {'pieces':>8} {'tokens':>12} {'held-out share':>14} "
-          f"{'max --valid-samples':>19}")
+    results().info(f"\npreflight: each domain's held-out sets need {spec.describe()}, at least "
+                   f"{spec.min_documents} documents each")
+    results().info(f"{'domain':<16} {'sources':>8} {'pieces':>8} {'tokens':>12} "
+                   f"{'held-out share':>14} {'max --valid-samples':>19}")
     for t in tokenized:
         total = int(t.lengths.sum())
         share = (spec.valid_tokens + spec.test_tokens) / max(total, 1)
-        print(f"{t.name:<16} {t.num_sources:>8,} {t.lengths.size:>8,} {total:>12,} "
-              f"{share:>13.1%} {fits[t.name]:>19,}")
+        results().info(f"{t.name:<16} {t.num_sources:>8,} {t.lengths.size:>8,} {total:>12,} "
+                       f"{share:>13.1%} {fits[t.name]:>19,}")
 
 
 def _staged_tokenizer(args: argparse.Namespace, stage, domains) -> list:
@@ -339,7 +340,7 @@ def _check_bounds(args, domains, spec) -> None:
 
     if args.dry_run:  # measure exactly below instead of stopping at the bound
         for line in byte_bound_problems({d.name: d.paths for d in domains}, spec):
-            print(f"note: {line}")
+            results().info(f"note: {line}")
     else:
         check_byte_bounds({d.name: d.paths for d in domains}, spec)  # before any slow step
 
@@ -351,7 +352,7 @@ def _prepare(stage, opts):
 
     prepared = prepare_sources(opts, stage.folder, stage.out_dir)
     for line in prepared.lines:
-        print(line)
+        results().info(line)
     return prepared.domains, prepared.report_files
 
 
@@ -391,20 +392,20 @@ def _print_table(manifest_path: str) -> None:
     from megatron_ddk.data.manifest import load_manifest
 
     m = load_manifest(manifest_path)
-    print(f"\n{'domain':<16} {'split':<6} {'documents':>10} {'sources':>8} {'tokens':>12} "
-          f"{'natural w':>9}")
+    results().info(f"\n{'domain':<16} {'split':<6} {'documents':>10} {'sources':>8} {'tokens':>12} "
+                   f"{'natural w':>9}")
     for d, w in zip(m.domains, m.natural_weights()):
         for split in ("train", "valid", "test"):
             docs = getattr(d, f"num_{split}_documents")
             if docs is None:
                 continue
             srcs = getattr(d, f"num_{split}_sources")
-            print(f"{d.name if split == 'train' else '':<16} {split:<6} {docs:>10,} "
-                  f"{'-' if srcs is None else format(srcs, ','):>8} "
-                  f"{getattr(d, f'num_{split}_tokens'):>12,} "
-                  f"{format(w, '.3f') if split == 'train' else '':>9}")
-    print(f"\ntokenizer {m.tokenizer_model} ({m.tokenizer_hash}, vocab {m.vocab_size})")
-    print(f"manifest  {m.path}")
+            results().info(f"{d.name if split == 'train' else '':<16} {split:<6} {docs:>10,} "
+                           f"{'-' if srcs is None else format(srcs, ','):>8} "
+                           f"{getattr(d, f'num_{split}_tokens'):>12,} "
+                           f"{format(w, '.3f') if split == 'train' else '':>9}")
+    results().info(f"\ntokenizer {m.tokenizer_model} ({m.tokenizer_hash}, vocab {m.vocab_size})")
+    results().info(f"manifest  {m.path}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -414,14 +415,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:  # a user error (ValueError) or a dead worker: one `error:` line (cli.run_tool)
         manifest_path = build(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: nothing was changed (an earlier build is as it was)",
-              file=sys.stderr)
+        messages().info("\ninterrupted: nothing was changed (an earlier build is as it was)")
         sys.exit(130)
     if manifest_path is None:
-        print(f"dry run: nothing written ({time.perf_counter() - start:.1f}s)")
+        results().info(f"dry run: nothing written ({time.perf_counter() - start:.1f}s)")
         return 0
     _print_table(manifest_path)
-    print(f"done in {time.perf_counter() - start:.1f}s")
+    results().info(f"done in {time.perf_counter() - start:.1f}s")
     return 0
 
 

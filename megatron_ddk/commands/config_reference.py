@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from megatron_ddk.atomic import write_atomic
 from megatron_ddk.config import schema
+from megatron_ddk.console import messages, results
 from megatron_ddk.pipeline import config as pipeline
 
 SECTIONS = [("model", schema.ModelConfig), ("parallel", schema.ParallelConfig),
@@ -125,13 +126,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         current = open(args.check).read() if os.path.isfile(args.check) else ""
         if current != text:
-            print(f"{args.check} is out of date: run megatron-ddk config-reference --out "
-                  f"{args.check}", file=sys.stderr)
+            messages().info(f"{args.check} is out of date: run megatron-ddk config-reference --out "
+                            f"{args.check}")
             return 1
         return 0
     if args.out:
         write_atomic(args.out, text)
-        print(f"wrote {args.out}")
+        results().info(f"wrote {args.out}")
     else:
         sys.stdout.write(text)
     return 0

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from megatron_ddk.console import run_or_exit
+from megatron_ddk.console import results, run_or_exit
 from megatron_ddk.data.hf_tokenizer import copy_tokenizer_files, hf_tokenizer_file, tokenizer_size
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
@@ -281,13 +281,13 @@ def convert(args: argparse.Namespace, ctx=None) -> str:
         f.write(f"# {plan.arch} converted from {os.path.abspath(args.hf_dir)}.\n"
                 f"# Paste as the run config's model: section, or (indented) as distill.teacher.\n")
         yaml.safe_dump({"model": to_dict(plan.model)}, f, sort_keys=False)
-    print(f"wrote {folder} ({plan.arch}, {plan.model.num_layers} layers, {plan.kept_rows} "
-          f"embedding rows of {plan.hf_vocab_size} kept, padded to {plan.model.padded_vocab_size}, "
-          f"{'bf16' if bf16 else 'fp32'})")
-    print(f"model config: {os.path.join(args.save, 'model.yaml')}")
+    results().info(f"wrote {folder} ({plan.arch}, {plan.model.num_layers} layers, "
+                   f"{plan.kept_rows} embedding rows of {plan.hf_vocab_size} kept, padded to "
+                   f"{plan.model.padded_vocab_size}, {'bf16' if bf16 else 'fp32'})")
+    results().info(f"model config: {os.path.join(args.save, 'model.yaml')}")
     if tok_file:
-        print(f"tokenizer: {tok_file} ({metadata['tokenizer_hash']}); preprocess the domains "
-              f"with --tokenizer-model {tok_file}")
+        results().info(f"tokenizer: {tok_file} ({metadata['tokenizer_hash']}); preprocess the "
+                       f"domains with --tokenizer-model {tok_file}")
     return folder
 
 

@@ -22,6 +22,7 @@ from megatron_ddk.commands.templates import (
     template_files,
     template_names,
 )
+from megatron_ddk.console import results
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.list:
-        print("templates (pipeline.yaml):", ", ".join(template_names()))
-        print("presets (run.yaml):       ", ", ".join(preset_names()))
+        results().info("templates (pipeline.yaml): " + ", ".join(template_names()))
+        results().info("presets (run.yaml):        " + ", ".join(preset_names()))
         return 0
     if not args.dir:
         raise ValueError("init: name the folder to write into, e.g. `megatron-ddk init my_run`")
@@ -54,11 +55,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.dir, exist_ok=True)
     for path, text in files.items():
         write_atomic(path, text)
-        print(f"wrote {path}")
+        results().info(f"wrote {path}")
     first = os.path.join(args.dir, "run.yaml" if args.preset else "pipeline.yaml")
     if args.preset:
-        print(f"next: edit the /path/to/ placeholders, then `megatron-ddk check-config --config "
-              f"{first}` and `megatron-ddk plan-memory --config {first}`")
+        results().info(f"next: edit the /path/to/ placeholders, then `megatron-ddk check-config "
+                       f"--config {first}` and `megatron-ddk plan-memory --config {first}`")
     else:
-        print(f"next: megatron-ddk pipeline --config {first} --corpus CORPUS [--smoke]")
+        results().info(f"next: megatron-ddk pipeline --config {first} --corpus CORPUS [--smoke]")
     return 0

@@ -24,6 +24,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from megatron_ddk.console import results
 from megatron_ddk.reporting import (
     assemble,
     load_eval,
@@ -106,6 +107,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written: List[str] = [args.out, json_path] + [os.path.join(out_dir, p)
                                                   for p in rep["plots"].values()]
     for path in written:
-        print(path)
+        results().info(path)
     return 0
 

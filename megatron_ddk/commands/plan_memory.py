@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from typing import List, Optional, Tuple
 
 from megatron_ddk.config.loader import ConfigError, load_config
 from megatron_ddk.config.schema import RunConfig
+from megatron_ddk.console import messages, results
 from megatron_ddk.models.memory import (
     GIB,
     Layout,
@@ -199,9 +199,9 @@ def main(argv=None) -> int:
         padded = planning_padded_vocab(cfg.model, cfg.distill.teacher, lay.tp, vocab[0])
         stages = plan_stages(cfg.model, cfg.distill.teacher, padded, lay)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        messages().info(f"error: {exc}")
         return 2
-    print(f"{args.config}")
-    print("\n".join(report(cfg, lay, padded, stages, args.gpu_memory_gb, vocab)))
+    results().info(f"{args.config}")
+    results().info("\n".join(report(cfg, lay, padded, stages, args.gpu_memory_gb, vocab)))
     return 0 if all(s.total / GIB <= args.gpu_memory_gb for s in stages) else 1
 

@@ -20,6 +20,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from megatron_ddk.console import results
 from megatron_ddk.data.store_codec import bytes_per_token as v2_bytes
 from megatron_ddk.data.teacher_store import bytes_per_token as v1_bytes
 
@@ -88,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         setting, entries, measured = BENCH_SETTING, BENCH_ENTRIES_PER_TOKEN, None
         source = "bench/offline_teacher.py's default setting on the quickstart's teacher"
-    print(table(args.tokens, args.vocab_size, ks, setting, entries, source, measured))
+    results().info(table(args.tokens, args.vocab_size, ks, setting, entries, source, measured))
     return 0
 
 

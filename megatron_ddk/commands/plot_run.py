@@ -20,6 +20,7 @@ import argparse
 import os
 from typing import List, Optional, Sequence, Tuple
 
+from megatron_ddk.console import results
 from megatron_ddk.reporting import load_run
 from megatron_ddk.reporting.plots import plot_loss_overlay, plot_run
 
@@ -53,13 +54,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             written += plot_run(run, os.path.join(run.run_dir, "plots"))
         if not run.has_interval_ppl():
-            print(f"{run.name}: no per-domain perplexity recorded (policy "
-                  f"{run.policy or 'unknown'}); interval_ppl.png skipped")
+            results().info(f"{run.name}: no per-domain perplexity recorded (policy "
+                           f"{run.policy or 'unknown'}); interval_ppl.png skipped")
     if len(runs) > 1:
         out = args.out or os.path.join(runs[0].run_dir, "plots")
         path = plot_loss_overlay(runs, os.path.join(out, "loss_overlay.png"))
         written += [path] if path else []
     for path in written:
-        print(path)
+        results().info(path)
     return 0
 

@@ -26,6 +26,8 @@ import sys
 import time
 from typing import List, Optional
 
+from megatron_ddk.console import messages, results
+
 _T0 = time.perf_counter()
 
 
@@ -38,12 +40,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         job = job_from_args(args)
-        print(f"Opening {', '.join(job.paths)}", file=sys.stderr)
+        messages().info(f"Opening {', '.join(job.paths)}")
         prepare(job)
-        print(f"Time to startup: {time.perf_counter() - _T0:.2f}s", file=sys.stderr)
+        messages().info(f"Time to startup: {time.perf_counter() - _T0:.2f}s")
         if not args.append_eod:
-            print("note: no --append-eod, so documents get no EOD token (Megatron-LM's default)",
-                  file=sys.stderr)
+            messages().info("note: no --append-eod, so documents get no EOD token (Megatron-LM's "
+                            "default)")
         bar = Progress.auto(args.log_interval, desc=os.path.basename(args.output_prefix),
                             force_lines=args.log_interval is not None)
         try:
@@ -54,15 +56,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise ValueError(f"{err.filename or args.output_prefix}: {err.strerror or err}; nothing "
                          "was written") from None
     except KeyboardInterrupt:
-        print("\ninterrupted: temporary files removed, no output written", file=sys.stderr)
+        messages().info("\ninterrupted: temporary files removed, no output written")
         sys.exit(130)
     for key, prefix in job.prefixes.items():
-        print(f"{prefix}.bin/.idx: {stats.num_documents[key]:,} documents, "
-              f"{stats.num_tokens[key]:,} tokens")
+        results().info(f"{prefix}.bin/.idx: {stats.num_documents[key]:,} documents, "
+                       f"{stats.num_tokens[key]:,} tokens")
     total = sum(stats.num_tokens.values())
-    print(f"{stats.seconds:.1f}s ({time.perf_counter() - _T0:.1f}s with start-up), "
-          f"{total / max(stats.seconds, 1e-9):,.0f} tokens/s, {job.workers} workers; "
-          f"{stats.num_empty} empty documents, {stats.num_malformed_skipped} malformed lines "
-          f"skipped" + (f" (first: {stats.first_malformed})" if stats.first_malformed else ""))
+    results().info(f"{stats.seconds:.1f}s ({time.perf_counter() - _T0:.1f}s with start-up), "
+                   f"{total / max(stats.seconds, 1e-9):,.0f} tokens/s, {job.workers} workers; "
+                   f"{stats.num_empty} empty documents, {stats.num_malformed_skipped} malformed "
+                   f"lines skipped"
+                   + (f" (first: {stats.first_malformed})" if stats.first_malformed else ""))
     return 0
 

@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from megatron_ddk.config.schema import DDKConfig
+from megatron_ddk.console import results
 from megatron_ddk.data.mixture import IntervalMixture
 from megatron_ddk.ddk import DDKController
 
@@ -200,9 +201,9 @@ def simulate(args) -> None:
                             samples_per_epoch=sizes, samples_per_interval=k * gbs)
         losses = SyntheticLosses(n, args, k * gbs)
     width = max(8, max(len(x) for x in names))
-    print(f"{n} domains, {args.steps} steps = {num_intervals} intervals of {k} x {gbs} samples "
-          f"({args.seq_length} tokens each); cells: weight% / cumulative epochs")
-    print(f"{'interval':>8} {'step':>8} " + " ".join(f"{x:>{width + 6}}" for x in names))
+    results().info(f"{n} domains, {args.steps} steps = {num_intervals} intervals of {k} x {gbs} "
+                   f"samples ({args.seq_length} tokens each); cells: weight% / cumulative epochs")
+    results().info(f"{'interval':>8} {'step':>8} " + " ".join(f"{x:>{width + 6}}" for x in names))
     starts: List[List[str]] = [[] for _ in names]  # per domain: "epoch@interval"
     for t in range(num_intervals):
         steps = min(k, args.steps - t * k)
@@ -220,22 +221,24 @@ def simulate(args) -> None:
             starts[i].append(f"{first}@{t}" if mix.num_wraps[i] + 1 == first
                              else f"{first}-{mix.num_wraps[i] + 1}@{t}")
         cells = [f"{100 * wi:6.2f}%/{ep:5.2f}" for wi, ep in zip(w, mix.epochs)]
-        print(f"{t:>8} {t * k:>8} " + " ".join(f"{c:>{width + 6}}" for c in cells))
-    print("\nrepeats (epoch@interval: a domain starting another pass, with a new shuffle):")
+        results().info(f"{t:>8} {t * k:>8} " + " ".join(f"{c:>{width + 6}}" for c in cells))
+    results().info("\nrepeats (epoch@interval: a domain starting another pass, with a new "
+                   "shuffle):")
     for name, marks in zip(names, starts):
         if marks:
             first = int(marks[0].split("@")[1])
-            print(f"  {name}: first repeat in interval {first} (step >= {first * k}); "
-                  + " ".join(marks))
+            results().info(f"  {name}: first repeat in interval {first} (step >= {first * k}); "
+                           + " ".join(marks))
     if not any(starts):
-        print("  none: every domain stays within one epoch")
-    print("\ntotals:")
-    print(f"  {'domain':<{width}} {'samples':>12} {'tokens':>15} {'epochs':>8} {'share':>7}")
+        results().info("  none: every domain stays within one epoch")
+    results().info("\ntotals:")
+    results().info(f"  {'domain':<{width}} {'samples':>12} {'tokens':>15} {'epochs':>8} "
+                   f"{'share':>7}")
     total = mix.samples_consumed.sum()
     for i, name in enumerate(names):
         c = int(mix.samples_consumed[i])
-        print(f"  {name:<{width}} {c:>12} {c * args.seq_length:>15} {mix.epochs[i]:>8.3f} "
-              f"{100 * c / total:>6.2f}%")
+        results().info(f"  {name:<{width}} {c:>12} {c * args.seq_length:>15} {mix.epochs[i]:>8.3f} "
+                       f"{100 * c / total:>6.2f}%")
     print_store_coverage(args, names, sizes, natural, np.minimum(mix.samples_consumed, sizes))
 
 
@@ -249,10 +252,11 @@ def print_store_coverage(args, names, sizes, natural, drawn) -> None:
         first = _floats(args.static_weights, len(names), "--static-weights")
     bound = max_samples_per_domain(sizes, args.global_batch_size, args.interval, args.steps,
                                    policy, weights=first, alpha=args.alpha, seed=args.seed)
-    print(f"\noffline teacher store (`megatron-ddk cache-teacher`): this simulation draws "
-          f"--max-samples-per-domain {int(np.max(drawn))}; any weights policy {policy} may "
-          f"choose (alpha {args.alpha}): --max-samples-per-domain {int(np.max(bound))} "
-          f"(per domain: " + ", ".join(f"{n}={int(b)}" for n, b in zip(names, bound)) + ")")
+    results().info(f"\noffline teacher store (`megatron-ddk cache-teacher`): this simulation "
+                   f"draws --max-samples-per-domain {int(np.max(drawn))}; any weights policy "
+                   f"{policy} may choose (alpha {args.alpha}): --max-samples-per-domain "
+                   f"{int(np.max(bound))} (per domain: "
+                   + ", ".join(f"{n}={int(b)}" for n, b in zip(names, bound)) + ")")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,6 +22,7 @@ import time
 import warnings
 from typing import List, Optional
 
+from megatron_ddk.console import results
 from megatron_ddk.data.corpus import DomainInput, check_input_files, discover_domains
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -78,9 +79,9 @@ def train_from_args(args: argparse.Namespace, domains: List[DomainInput], output
                                max_sentence_bytes=args.max_sentence_bytes,
                                skip_malformed=skip_malformed, progress=True)
     num_bytes = sum(len(s.encode("utf-8")) + 1 for s in sentences)
-    print(f"sampled {len(sentences):,} lines / {num_bytes / 1e6:.2f} MB from {len(domains)} "
-          f"domains in {time.perf_counter() - start:.1f}s; training {args.model_type} "
-          f"vocab {args.vocab_size} ...", flush=True)
+    results().info(f"sampled {len(sentences):,} lines / {num_bytes / 1e6:.2f} MB from "
+                   f"{len(domains)} domains in {time.perf_counter() - start:.1f}s; training "
+                   f"{args.model_type} vocab {args.vocab_size} ...")
     start = time.perf_counter()
     symbols = [s for s in args.user_defined_symbols.split(",") if s]
     model = train_sentencepiece(
@@ -88,7 +89,7 @@ def train_from_args(args: argparse.Namespace, domains: List[DomainInput], output
         user_defined_symbols=symbols, lossless=args.lossless, split_digits=args.split_digits,
         add_dummy_prefix=args.add_dummy_prefix, character_coverage=args.character_coverage,
         max_sentence_bytes=args.max_sentence_bytes)
-    print(f"trained in {time.perf_counter() - start:.1f}s", flush=True)
+    results().info(f"trained in {time.perf_counter() - start:.1f}s")
     return model
 
 
@@ -108,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     domains = resolve_domains(args.input)  # a ValueError: exit 2 (cli.run_tool)
     model = train_from_args(args, domains, args.output_prefix, args.skip_malformed)
-    print(f"wrote {model} and {args.output_prefix}.vocab")
-    print(f"tokenizer hash: {tokenizer_hash(model)}")
+    results().info(f"wrote {model} and {args.output_prefix}.vocab")
+    results().info(f"tokenizer hash: {tokenizer_hash(model)}")
     return 0
 
