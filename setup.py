@@ -38,8 +38,9 @@ EXTRAS = {
             "safetensors>=0.4,<1"],
     # `megatron-ddk lm-eval` (lm-evaluation-harness, transformers backend); tested: 0.4.13.
     "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.45,<6", "safetensors>=0.4,<1"],
-    # Corpora as users have them (megatron_ddk/data/sources/): Parquet and datasets.save_to_disk
-    # folders (pyarrow), .jsonl.zst (zstandard); tested: pyarrow 26.0.1, zstandard 0.25.0.
+    # Corpora as users have them (megatron_ddk/data/preprocessing/sources/): Parquet and
+    # datasets.save_to_disk folders (pyarrow), .jsonl.zst (zstandard); tested: pyarrow 26.0.1,
+    # zstandard 0.25.0.
     "formats": ["pyarrow>=26,<27", "zstandard>=0.25,<0.26"],
     # Automatic domains (build-domains --domains auto:K); tested: scikit-learn 1.9.1.
     "cluster": ["scikit-learn>=1.9,<1.10"],

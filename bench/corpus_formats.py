@@ -1,7 +1,7 @@
 """Documents per second and peak memory of reading a mixed corpus into per-domain spill files
-(megatron_ddk/data/sources/prepare.py): the field split (JSONL and Parquet) and automatic domains
-(auto:K, hashed TF-IDF + mini-batch k-means fitted on a 20,000-document sample, then one
-streaming assignment pass), at 10k and 100k short documents. Tokenizing is not included
+(megatron_ddk/data/preprocessing/sources/prepare.py): the field split (JSONL and Parquet) and
+automatic domains (auto:K, hashed TF-IDF + mini-batch k-means fitted on a 20,000-document sample,
+then one streaming assignment pass), at 10k and 100k short documents. Tokenizing is not included
 (bench/preprocess.py measures it).
 
     python bench/corpus_formats.py [--sizes 10000,100000] [--k 4] [--doc-chars 400]
@@ -92,8 +92,8 @@ def write_corpus(folder: str, num_docs: int, doc_chars: int) -> Dict[str, str]:
 
 def measure(path: str, mode: str, k: int) -> dict:
     """One run in this process (the child): prepare_sources, seconds, peak RSS."""
-    from megatron_ddk.data.sources.cluster import ClusterSpec
-    from megatron_ddk.data.sources.prepare import SourceOptions, prepare_sources
+    from megatron_ddk.data.preprocessing.sources.cluster import ClusterSpec
+    from megatron_ddk.data.preprocessing.sources.prepare import SourceOptions, prepare_sources
 
     opts = SourceOptions(inputs=[path])
     if mode == "cluster":

@@ -99,7 +99,7 @@ def build_tokenizer(work: str, corpus: str) -> str:
     """<work>/tok/sp32k.model: 32k lossless BPE trained on a 10 MB sample of the corpus."""
     model = os.path.join(work, "tok", "sp32k.model")
     if not os.path.exists(model):
-        from megatron_ddk.data.corpus import sample_domain_text
+        from megatron_ddk.data.preprocessing.corpus import sample_domain_text
         from megatron_ddk.data.tokenizer import train_sentencepiece
 
         lines = sample_domain_text([corpus], 10_000_000, seed=1234)

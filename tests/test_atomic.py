@@ -75,7 +75,7 @@ def test_manifest_dataset_and_metrics_writers_clean_up(tmp_path):
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     from megatron_ddk.data.manifest import DomainEntry, DomainManifest, save_manifest
-    from megatron_ddk.data.preprocess import commit_dataset
+    from megatron_ddk.data.preprocessing.writer import commit_dataset
     from megatron_ddk.training.metrics import RunLogger
 
     folder = tmp_path / "data"

@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from tqdm import tqdm
 
 from megatron_ddk.console import results
-from megatron_ddk.data.pieces import split_document
+from megatron_ddk.data.preprocessing.pieces import split_document
 
 Doc = Tuple[str, str]  # (source id, text)
 _SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}

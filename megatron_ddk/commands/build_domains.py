@@ -31,7 +31,8 @@ With --train-tokenizer, a SentencePiece model is first trained on the domains (e
 default) and written to --tokenizer-model (see tools/train_tokenizer.py for its flags).
 
 A mixed corpus (docs/data.md, "Four ways in") is first read in one streaming pass into one spill
-file per domain under the staging folder (megatron_ddk/data/sources/), then built as above:
+file per domain under the staging folder (megatron_ddk/data/preprocessing/sources/), then built
+as above:
 
     megatron-ddk build-domains --input 'shards/*.jsonl.zst' \\
         --domain-field meta.redpajama_set_name ...
@@ -130,10 +131,10 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 def source_options(args: argparse.Namespace):
     """The SourceOptions of a mixed corpus, or None for a per-domain folder read as it is."""
-    from megatron_ddk.data.corpus import discover_domains
-    from megatron_ddk.data.sources.cluster import ClusterSpec, parse_auto
-    from megatron_ddk.data.sources.labels import SmallDomainRule, parse_domain_map
-    from megatron_ddk.data.sources.prepare import SourceOptions
+    from megatron_ddk.data.preprocessing.corpus import discover_domains
+    from megatron_ddk.data.preprocessing.sources.cluster import ClusterSpec, parse_auto
+    from megatron_ddk.data.preprocessing.sources.labels import SmallDomainRule, parse_domain_map
+    from megatron_ddk.data.preprocessing.sources.prepare import SourceOptions
 
     auto = parse_auto(args.domains)
     folder = len(args.input) == 1 and os.path.isdir(args.input[0])
@@ -188,7 +189,7 @@ def _initial_weights(spec: Optional[str], names: List[str]) -> dict:
 
 def heldout_spec(args: argparse.Namespace):
     """The HeldOutSpec of the flags (test defaults to the valid settings)."""
-    from megatron_ddk.data.heldout import HeldOutSpec
+    from megatron_ddk.data.preprocessing.heldout import HeldOutSpec
 
     return HeldOutSpec(
         args.valid_samples, args.valid_seq_length,
@@ -201,7 +202,7 @@ def heldout_spec(args: argparse.Namespace):
 def _tokenize_all(domains, args, out_dir: str) -> list:
     """Every domain tokenized to its temporary dataset under out_dir (all removed again on
     failure)."""
-    from megatron_ddk.data.domain_split import tokenize_domain
+    from megatron_ddk.data.preprocessing.domain_split import tokenize_domain
 
     if args.max_piece_bytes < 0:
         raise ValueError(f"--max-piece-bytes ({args.max_piece_bytes}) must be >= 0 (0: never "
@@ -223,7 +224,7 @@ def _tokenize_all(domains, args, out_dir: str) -> list:
 
 
 def _print_preflight(tokenized, spec, seed: int) -> None:
-    from megatron_ddk.data.heldout import split_summary
+    from megatron_ddk.data.preprocessing.heldout import split_summary
 
     fits = split_summary({t.name: t.lengths for t in tokenized}, spec, seed,
                          {t.name: t.sources for t in tokenized})
@@ -255,7 +256,7 @@ def _staged_tokenizer(args: argparse.Namespace, stage, domains) -> list:
 
 def _dataset_moves(stage, entries) -> list:
     """(staged file, final file) of every dataset; (None, final) removes an old test set."""
-    from megatron_ddk.data.indexed_writer import DATASET_FILES
+    from megatron_ddk.data.dataset_files import DATASET_FILES
 
     moves = []
     for e in entries:
@@ -280,7 +281,7 @@ def _finalize(stage, entries) -> None:
 
 def _report_moves(stage, made: List[str]) -> list:
     """(staged, final) of the report files a mixed corpus made; (None, final) for the others."""
-    from megatron_ddk.data.sources.prepare import REPORT_FILES
+    from megatron_ddk.data.preprocessing.sources.prepare import REPORT_FILES
 
     return [(os.path.join(stage.folder, n) if n in made else None,
              os.path.join(stage.out_dir, n)) for n in REPORT_FILES]
@@ -288,9 +289,9 @@ def _report_moves(stage, made: List[str]) -> list:
 
 def _build_staged(args, stage, domains, spec, weights, manifest_path: str,
                   reports: Optional[List[str]] = None) -> Optional[str]:
-    from megatron_ddk.data.domain_split import split_domain
-    from megatron_ddk.data.heldout import check_domains
     from megatron_ddk.data.manifest import DomainManifest, load_manifest, save_manifest
+    from megatron_ddk.data.preprocessing.domain_split import split_domain
+    from megatron_ddk.data.preprocessing.heldout import check_domains
     from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_hash
 
     tokenizer_moves = _staged_tokenizer(args, stage, domains)
@@ -336,7 +337,7 @@ def _build_staged(args, stage, domains, spec, weights, manifest_path: str,
 
 
 def _check_bounds(args, domains, spec) -> None:
-    from megatron_ddk.data.heldout import byte_bound_problems, check_byte_bounds
+    from megatron_ddk.data.preprocessing.heldout import byte_bound_problems, check_byte_bounds
 
     if args.dry_run:  # measure exactly below instead of stopping at the bound
         for line in byte_bound_problems({d.name: d.paths for d in domains}, spec):
@@ -348,7 +349,7 @@ def _check_bounds(args, domains, spec) -> None:
 def _prepare(stage, opts):
     """A mixed corpus read into per-domain spill files in the staging folder: (domains, the
     report files made)."""
-    from megatron_ddk.data.sources.prepare import prepare_sources
+    from megatron_ddk.data.preprocessing.sources.prepare import prepare_sources
 
     prepared = prepare_sources(opts, stage.folder, stage.out_dir)
     for line in prepared.lines:
@@ -360,10 +361,11 @@ def build(args: argparse.Namespace) -> Optional[str]:
     """Run the whole pipeline; return the manifest path (None for --dry-run). Everything is
     built under <output-dir>/.staging-<pid> and swapped in only when every domain succeeded:
     a failed or interrupted rebuild leaves the previous manifest, datasets and tokenizer as they
-    were. A mixed corpus is first read into per-domain spill files there (data/sources/)."""
+    were. A mixed corpus is first read into per-domain spill files there
+    (data/preprocessing/sources/)."""
     from megatron_ddk.atomic import check_writable_folder
-    from megatron_ddk.data.corpus import discover_domains
-    from megatron_ddk.data.preprocess import StagedBuild
+    from megatron_ddk.data.preprocessing.build import StagedBuild
+    from megatron_ddk.data.preprocessing.corpus import discover_domains
 
     spec = heldout_spec(args)
     opts = source_options(args)

@@ -32,11 +32,11 @@ _T0 = time.perf_counter()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_ddk.data.megatron_preprocess import build_parser, job_from_args
+    from megatron_ddk.data.preprocessing.megatron_cli import build_parser, job_from_args
 
     args = build_parser(__doc__).parse_args(argv)
-    from megatron_ddk.data.encode_engine import prepare, run_encode
-    from megatron_ddk.data.preprocess_progress import Progress
+    from megatron_ddk.data.preprocessing.engine import prepare, run_encode
+    from megatron_ddk.data.preprocessing.progress import Progress
 
     try:
         job = job_from_args(args)

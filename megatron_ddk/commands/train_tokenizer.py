@@ -23,7 +23,7 @@ import warnings
 from typing import List, Optional
 
 from megatron_ddk.console import results
-from megatron_ddk.data.corpus import DomainInput, check_input_files, discover_domains
+from megatron_ddk.data.preprocessing.corpus import DomainInput, check_input_files, discover_domains
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 

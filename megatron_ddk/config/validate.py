@@ -1,8 +1,11 @@
 """Static configuration checks: schema-independent cross-field rules that hold on any host.
 
-They run everywhere (CI included, on every shipped preset). Checks that need the host (Transformer
-Engine importable, GPU capability, NCCL) live in host.py and run at launch. Every message names
-the field, the bad value and what to do. Imports nothing from megatron_ddk but the config package.
+They run everywhere (CI included, on every shipped preset). The allowed values of single fields
+(bounds, choices) are config/ranges.py's table, whose errors come first; the rules here involve
+several fields (or the world size) and skip what a range error already names, so that nothing
+divides by zero. Checks that need the host (Transformer Engine importable, GPU capability, NCCL)
+live in host.py and run at launch. Every message names the field, the bad value and what to do.
+Imports nothing from megatron_ddk but the config package.
 """
 
 from __future__ import annotations
@@ -21,10 +24,7 @@ def _model_checks(m: ModelConfig, where: str, cfg: RunConfig,
                   check_split: bool = True) -> List[str]:
     errs = []
     tp = cfg.parallel.tensor_model_parallel_size
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
-        if getattr(m, name) < 1:
-            errs.append(f"{where}.{name}={getattr(m, name)}: must be >= 1")
-    if tp < 1 or m.num_attention_heads < 1:  # reported already; nothing divides by zero
+    if tp < 1 or m.num_attention_heads < 1:  # range_errors names them; nothing divides by zero
         return errs
     if m.num_attention_heads % tp:
         errs.append(f"{where}.num_attention_heads={m.num_attention_heads} is not divisible by "
@@ -71,16 +71,6 @@ def pair_pipeline_split_errors(student: ModelConfig, teacher: ModelConfig, pp: i
 
 def _parallel_checks(cfg: RunConfig, world_size: Optional[int]) -> List[str]:
     p, errs = cfg.parallel, []
-    if p.virtual_pipeline_model_parallel_size is not None:
-        errs.append(f"parallel.virtual_pipeline_model_parallel_size="
-                    f"{p.virtual_pipeline_model_parallel_size}: interleaved (virtual) pipeline "
-                    f"stages are not supported in this version; set it to null")
-    if p.context_parallel_size != 1:
-        errs.append(f"parallel.context_parallel_size={p.context_parallel_size}: context "
-                    f"parallelism is not supported in this version; set it to 1")
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if getattr(p, name) < 1:
-            errs.append(f"parallel.{name}={getattr(p, name)}: must be >= 1")
     if p.sequence_parallel and cfg.model.transformer_impl != "transformer_engine":
         errs.append("parallel.sequence_parallel=true needs model.transformer_impl="
                     "'transformer_engine' (the local spec cannot do it)")
@@ -111,28 +101,22 @@ def _parallel_checks(cfg: RunConfig, world_size: Optional[int]) -> List[str]:
 
 def _train_checks(cfg: RunConfig) -> List[str]:
     t, errs = cfg.train, []
-    if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        errs += [f"train.{name}={getattr(t, name)}: must be >= 1"
-                 for name in ("micro_batch_size", "global_batch_size") if getattr(t, name) < 1]
-    elif t.global_batch_size % t.micro_batch_size:
+    batches_ok = t.micro_batch_size >= 1 and t.global_batch_size >= 1  # else: range_errors
+    if batches_ok and t.global_batch_size % t.micro_batch_size:
         errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                     f"train.micro_batch_size={t.micro_batch_size}")
     if (t.train_iters is None) == (t.train_tokens is None):
         errs.append(f"train.train_iters={t.train_iters}, train.train_tokens={t.train_tokens}: set "
                     f"exactly one of them")
-    iters = train_iters(cfg)
-    if iters is not None and iters < 1:
-        errs.append(f"train.train_iters={iters}: must be >= 1")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        errs.append(f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    iters = train_iters(cfg) if batches_ok and cfg.data.seq_length >= 1 else None
+    if t.min_lr > t.lr:
+        errs.append(f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr; lower "
+                    f"min_lr or raise lr")
     decay = t.lr_decay_iters if t.lr_decay_iters is not None else iters
-    if t.lr_warmup_iters < 0:
-        errs.append(f"train.lr_warmup_iters={t.lr_warmup_iters}: must be >= 0")
-    elif decay is not None and t.lr_decay_style != "constant" and t.lr_warmup_iters >= decay:
+    if (decay is not None and t.lr_decay_style != "constant"
+            and 0 <= t.lr_warmup_iters and t.lr_warmup_iters >= decay):
         errs.append(f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than the decay "
                     f"length {decay} (train.lr_decay_iters, or train_iters when unset)")
-    if t.clip_grad < 0:
-        errs.append(f"train.clip_grad={t.clip_grad}: must be >= 0 (0 disables clipping)")
     return errs
 
 
@@ -153,29 +137,11 @@ def _distill_checks(cfg: RunConfig) -> List[str]:
         errs.append(f"distill.teacher is {what}"
                     " but distill.teacher_load is empty; give the teacher's "
                     "checkpoint folder")
-    if d.gamma < 0:
-        errs.append(f"distill.gamma={d.gamma}: must be >= 0")
-    if d.temperature <= 0:
-        errs.append(f"distill.temperature={d.temperature}: must be > 0")
-    if d.kl_chunk_tokens < 1:
-        errs.append(f"distill.kl_chunk_tokens={d.kl_chunk_tokens}: must be >= 1")
-    if k.interval < 1:
-        errs.append(f"ddk.interval={k.interval}: must be >= 1")
-    if not 0.0 <= k.alpha <= 1.0:
-        errs.append(f"ddk.alpha={k.alpha}: must be in [0, 1]")
     if k.policy in ("ddk", "ddk_no_smoothing") and d.teacher is None:
         errs.append(f"ddk.policy={k.policy!r} needs a teacher (distill.teacher); without one use "
                     f"policy 'static' (CPT) or 'equal'")
-    if k.valid_samples_per_domain < 1:
-        errs.append(f"ddk.valid_samples_per_domain={k.valid_samples_per_domain}: must be >= 1")
-    if k.static_weights is not None and (any(w < 0 for w in k.static_weights)
-                                         or sum(k.static_weights) <= 0):
-        errs.append(f"ddk.static_weights={k.static_weights}: weights must be >= 0 with a "
-                    "positive sum")
     if k.weight_floor is not None and k.weight_cap is not None and k.weight_floor > k.weight_cap:
         errs.append(f"ddk.weight_floor={k.weight_floor} is above ddk.weight_cap={k.weight_cap}")
-    if k.max_epochs_per_domain is not None and k.max_epochs_per_domain <= 0:
-        errs.append(f"ddk.max_epochs_per_domain={k.max_epochs_per_domain}: must be > 0")
     if k.initial_weights is not None:
         errs.append(f"ddk.initial_weights={k.initial_weights!r} was removed: write "
                     f"ddk.initial_sampling (natural | uniform | eq1 | manifest) for interval 0's "
@@ -205,26 +171,13 @@ def offline_teacher_errors(cfg: RunConfig) -> List[str]:
     return errs
 
 
-def _misc_checks(cfg: RunConfig) -> List[str]:
-    errs = []
-    if cfg.data.seq_length < 2:
-        errs.append(f"data.seq_length={cfg.data.seq_length}: must be >= 2")
-    if cfg.logging.log_interval < 1:
-        errs.append(f"logging.log_interval={cfg.logging.log_interval}: must be >= 1")
-    c = cfg.checkpoint
-    if c.save_interval is not None and c.save_interval < 1:
-        errs.append(f"checkpoint.save_interval={c.save_interval}: must be >= 1")
-    if c.keep_last is not None and c.keep_last < 1:
-        errs.append(f"checkpoint.keep_last={c.keep_last}: must be >= 1")
-    return errs
-
-
 def static_errors(cfg: RunConfig, world_size: Optional[int] = None) -> List[str]:
     """All static problems of a config (empty list when it is valid)."""
     teacher = cfg.distill.teacher
     if not isinstance(teacher, ModelConfig):  # None, or from_checkpoint not yet resolved
         teacher = None  # (models/teacher_config.resolve_teacher runs before these checks)
-    errs = _model_checks(cfg.model, "model", cfg, check_split=teacher is None)
+    errs = range_errors(cfg)  # single fields: bounds and choices (config/ranges.py)
+    errs += _model_checks(cfg.model, "model", cfg, check_split=teacher is None)
     if teacher is not None:
         errs += _model_checks(teacher, "distill.teacher", cfg, check_split=False)
         errs += pair_pipeline_split_errors(cfg.model, teacher,
@@ -232,8 +185,6 @@ def static_errors(cfg: RunConfig, world_size: Optional[int] = None) -> List[str]
     errs += _parallel_checks(cfg, world_size)
     errs += _train_checks(cfg)
     errs += _distill_checks(cfg)
-    errs += _misc_checks(cfg)
-    errs += range_errors(cfg)  # the other numeric fields (config/ranges.py)
     return errs
 
 

@@ -23,11 +23,11 @@ GPTDataset writes its four files in place, and a second run reading (or rewritin
 would load a truncated index. A builder killed mid-write leaves a marker naming the files that
 existed before it started; the next builder removes the files that are not on that list.
 
-Every dataset is checked (indexed_writer.check_dataset: .idx header, .idx and .bin sizes) before
+Every dataset is checked (dataset_files.check_dataset: .idx header, .idx and .bin sizes) before
 Megatron-Core opens it, so a file truncated or overwritten since the manifest was loaded is named.
 
 Imports megatron.core datasets; from megatron_ddk only the manifest types and
-data.indexed_writer.check_dataset.
+data.dataset_files.check_dataset.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
-from megatron_ddk.data.indexed_writer import check_dataset
+from megatron_ddk.data.dataset_files import check_dataset
 from megatron_ddk.data.manifest import DomainManifest
 
 logger = logging.getLogger(__name__)

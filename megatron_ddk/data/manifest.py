@@ -30,12 +30,12 @@ are optional (all three or none); version 1 manifests (written before the test s
 are still read, without a test split, and asking one for its test split is an error saying how
 to get one. Relative paths resolve against the manifest's folder. load_manifest checks
 everything a training run would otherwise trip over much later (shape, unknown keys,
-duplicates, missing, empty, truncated or corrupt datasets (indexed_writer.check_dataset: .idx
+duplicates, missing, empty, truncated or corrupt datasets (dataset_files.check_dataset: .idx
 header, .idx and .bin sizes), counts that disagree with the .idx files, the tokenizer hash)
 and raises ValueError naming the manifest and the field. load_manifest_and_tokenizer adds what
 needs the tokenizer (its file hash, its vocabulary size vs the manifest's) and is how a run
 resolves its tokenizer. megatron.core is not imported here (data.tokenizer imports it, lazily);
-of megatron_ddk: atomic, data.indexed_writer, data.tokenizer (lazily).
+of megatron_ddk: atomic, data.dataset_files, data.tokenizer (lazily).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 import yaml
 
 from megatron_ddk.atomic import write_atomic
-from megatron_ddk.data.indexed_writer import check_dataset, dataset_tokenizer
+from megatron_ddk.data.dataset_files import check_dataset, dataset_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def _check_int(path: str, where: str, value: Any) -> int:
 
 def _dataset_counts(path: str, where: str, prefix: str, tokenizer: Tuple[str, int]) -> tuple:
     """(documents, tokens) of a dataset from its .idx; ValueError when a file is missing,
-    truncated or corrupt (indexed_writer.check_dataset), or when the dataset records another
+    truncated or corrupt (dataset_files.check_dataset), or when the dataset records another
     tokenizer than the manifest's (hash, vocab_size)."""
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):

@@ -261,9 +261,9 @@ def parse_shares(spec: Optional[str], names: Sequence[str]) -> dict:
 def sample_domains(domains, shares: dict, sample_bytes: int, seed: int = 1234,
                    json_key: str = "text", max_sentence_bytes: int = 4096,
                    skip_malformed: bool = False, progress: bool = False) -> list:
-    """Lines sampled from each domain (megatron_ddk.data.corpus.DomainInput) with its share of
-    sample_bytes, concatenated in domain order: the tokenizer's training text."""
-    from megatron_ddk.data.corpus import sample_domain_text
+    """Lines sampled from each domain (megatron_ddk.data.preprocessing.corpus.DomainInput) with
+    its share of sample_bytes, concatenated in domain order: the tokenizer's training text."""
+    from megatron_ddk.data.preprocessing.corpus import sample_domain_text
 
     sentences = []
     iterator = domains

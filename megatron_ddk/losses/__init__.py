@@ -1,4 +1,6 @@
 """Distillation losses: vocab-parallel KL / CE (kl.py), Eq. 3 for Megatron schedules (distill.py).
+The top-K KL of an offline teacher is topk_kl.py; both kernels share vocab_shard.py (shard plan,
+chunk loop, shard statistics).
 
 Imports torch only; never megatron_ddk.models, .data, .ddk or .training.
 """

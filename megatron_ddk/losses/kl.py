@@ -14,6 +14,7 @@ one all_reduce(SUM) over `tp_group` finish every statistic at once. The autograd
 only its inputs (held by the model anyway) and per-token statistics; the backward recomputes the
 softmaxes `chunk_tokens` tokens at a time, so the memory beyond the student gradient is two fp32
 buffers of chunk_tokens x v/tp. Logits may be bf16: every chunk is computed in fp32.
+The shard plan, chunk loop and shard statistics are vocab_shard.py's (shared with topk_kl.py).
 
 Must not import: megatron_ddk.models, .data, .ddk, .training, nor of config more than the
 schema's KL_CHUNK_TOKENS default (pure torch here).
@@ -21,119 +22,36 @@ schema's KL_CHUNK_TOKENS default (pure torch here).
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_ddk.config.schema import KL_CHUNK_TOKENS
-
-logger = logging.getLogger(__name__)
-
-_NAME = "megatron_ddk.losses"
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What one call computes and over which shard; fixed for its forward and backward."""
-
-    group: object
-    """The tensor-parallel process group the vocabulary is sharded over."""
-
-    world_size: int
-    """Size of `group`; collectives are skipped when it is 1."""
-
-    start: int
-    """Global vocabulary index of this rank's first column."""
-
-    num_valid: int
-    """Columns of this shard below vocab_size: a prefix of the shard (padding sits at the end)."""
-
-    vocab_size: int
-    """The real (unpadded) vocabulary size; labels outside [0, vocab_size) give a NaN CE."""
-
-    want_kl: bool
-    """Compute the KL between softmax(student / T) and softmax(teacher / T)."""
-
-    want_ce: bool
-    """Compute the cross entropy of softmax(student) (temperature 1) against labels."""
-
-    reverse: bool
-    """KL(p_S || p_T) when True, KL(p_T || p_S) when False."""
-
-    inv_t: float
-    """1 / temperature."""
-
-    chunk: int
-    """Tokens per chunk of the fp32 working buffers."""
-
-    @property
-    def share(self) -> bool:
-        """CE and KL use the same student softmax (temperature 1)."""
-        return self.want_ce and self.want_kl and self.inv_t == 1.0
+from megatron_ddk.losses.vocab_shard import (
+    ERROR_PREFIX,
+    ShardPlan,
+    all_reduce_sum,
+    check_labels,
+    chunk_rows,
+    global_max,
+    local_columns,
+    local_stats,
+    make_plan,
+    per_token_outputs,
+    shifted,
+    student_grad,
+    target_logits,
+)
 
 
-def _make_plan(student: torch.Tensor, tp_group, vocab_size: Optional[int], *, want_kl: bool,
-               want_ce: bool, reverse: bool, temperature: float, chunk_tokens: int,
-               caller: str) -> _Plan:
-    """Validate the arguments and locate this rank's shard in the global vocabulary."""
-    if tp_group is None:
-        raise ValueError(f"{_NAME}.{caller}: tp_group is required (keyword-only); pass the "
-                         "tensor-parallel process group, or a world-1 group / the WORLD group "
-                         "of a single process when there is no tensor parallelism")
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(f"{_NAME}.{caller}: torch.distributed is not initialised; call "
-                         "torch.distributed.init_process_group first (gloo on CPU)")
-    if not (temperature > 0.0):
-        raise ValueError(f"{_NAME}.{caller}: temperature={temperature!r} must be > 0")
-    if int(chunk_tokens) < 1:
-        raise ValueError(f"{_NAME}.{caller}: chunk_tokens={chunk_tokens!r} must be >= 1")
-    if student.dim() < 2:
-        raise ValueError(f"{_NAME}.{caller}: logits must be [s, b, v/tp] (any leading shape), "
-                         f"got shape {tuple(student.shape)}")
-    world_size = dist.get_world_size(tp_group)
-    rank = dist.get_rank(tp_group)
-    local = student.shape[-1]
-    padded = local * world_size
-    if vocab_size is None:
-        vocab_size = padded
-    if not 1 <= int(vocab_size) <= padded:
-        raise ValueError(f"{_NAME}.{caller}: vocab_size={vocab_size} must be in [1, {padded}] "
-                         f"(the padded vocabulary: {local} columns per rank x {world_size} "
-                         "tensor-parallel ranks)")
-    start = rank * local
-    num_valid = max(0, min(local, int(vocab_size) - start))
-    return _Plan(group=tp_group, world_size=world_size, start=start, num_valid=num_valid,
-                 vocab_size=int(vocab_size),
-                 want_kl=want_kl, want_ce=want_ce, reverse=bool(reverse),
-                 inv_t=1.0 / float(temperature), chunk=int(chunk_tokens))
-
-
-def _shifted(buf: torch.Tensor, src: torch.Tensor, shift: torch.Tensor,
-             scale: float) -> torch.Tensor:
-    """buf = src * scale - shift in fp32 (shift: fp32 [k, 1]); one pass when scale is 1."""
-    if scale == 1.0:  # fp32 shift promotes the subtraction of bf16 src to fp32
-        return torch.sub(src, shift, out=buf)
-    return buf.copy_(src).mul_(scale).sub_(shift)
-
-
-def _stats(buf: torch.Tensor, src: torch.Tensor, scale: float):
-    """Local (max, sum exp(x - max)) of x = src * scale; buf ends holding exp(x - max)."""
-    m = src.amax(dim=-1, keepdim=True).float().mul_(scale)  # scale > 0 keeps the argmax
-    e = _shifted(buf, src, m, scale).exp_()
-    return m.squeeze(-1), e.sum(dim=-1)
-
-
-def _forward_chunk(p: _Plan, zs, zt, a_buf, b_buf, stats: dict, rows: slice) -> None:
+def _forward_chunk(p: ShardPlan, zs, zt, a_buf, b_buf, stats: dict, rows: slice) -> None:
     """Local statistics of one chunk of tokens (valid columns only), written into `stats`."""
     if p.want_kl:
         # The distribution that weights the log-ratio is the teacher (forward) or the student
         # (reverse); its exp() is computed last so it is still in a_buf for the weighted sum.
         first, second, key1, key2 = (zs, zt, "s", "t") if not p.reverse else (zt, zs, "t", "s")
-        stats["m_" + key1][rows], stats["s_" + key1][rows] = _stats(a_buf, first, p.inv_t)
-        stats["m_" + key2][rows], stats["s_" + key2][rows] = _stats(a_buf, second, p.inv_t)
+        stats["m_" + key1][rows], stats["s_" + key1][rows] = local_stats(a_buf, first, p.inv_t)
+        stats["m_" + key2][rows], stats["s_" + key2][rows] = local_stats(a_buf, second, p.inv_t)
         if second.dtype == torch.float32:
             diff = torch.sub(second, first, out=b_buf)
         else:  # in-place on the fp32 buffer: the subtraction itself runs in fp32
@@ -142,33 +60,19 @@ def _forward_chunk(p: _Plan, zs, zt, a_buf, b_buf, stats: dict, rows: slice) -> 
             diff.mul_(p.inv_t)  # (y - x) forward, (x - y) reverse
         stats["a"][rows] = a_buf.mul_(diff).sum(dim=-1)
     if p.want_ce and not p.share:
-        stats["m_1"][rows], stats["s_1"][rows] = _stats(a_buf, zs, 1.0)
+        stats["m_1"][rows], stats["s_1"][rows] = local_stats(a_buf, zs, 1.0)
 
 
-def _target_logits(p: _Plan, student2d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Raw student logit at each token's label if the label is in this shard's valid columns."""
-    local = labels - p.start
-    inside = (local >= 0) & (local < p.num_valid)
-    picked = student2d.gather(1, local.clamp(0, max(p.num_valid - 1, 0)).unsqueeze(1))
-    return torch.where(inside, picked.squeeze(1).float(), 0.0)
-
-
-def _reduce_stats(p: _Plan, stats: dict, target: Optional[torch.Tensor]) -> dict:
+def _reduce_stats(p: ShardPlan, stats: dict, target: Optional[torch.Tensor]) -> dict:
     """Finish the per-token statistics over the group: one all_reduce(MAX), one all_reduce(SUM)."""
     keys = [k for k in ("s", "t", "1") if "m_" + k in stats]
-    maxes = torch.stack([stats["m_" + k] for k in keys])
-    local_max = maxes.clone()
-    if p.world_size > 1:
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=p.group)
-    scale = torch.exp(local_max - maxes)  # a rank with no valid column has -inf: scale 0
+    maxes, scale = global_max(p, torch.stack([stats["m_" + k] for k in keys]))
     rows = [stats["s_" + k] * scale[i] for i, k in enumerate(keys)]
     if p.want_kl:
         rows.append(stats["a"] * scale[keys.index("s" if p.reverse else "t")])
     if target is not None:
         rows.append(target)
-    sums = torch.stack(rows)
-    if p.world_size > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=p.group)
+    sums = all_reduce_sum(p, torch.stack(rows))
     out = {"lse_" + k: maxes[i] + torch.log(sums[i]) for i, k in enumerate(keys)}
     if p.want_kl:
         weight_sum = sums[len(keys)] / sums[keys.index("s" if p.reverse else "t")]
@@ -179,7 +83,7 @@ def _reduce_stats(p: _Plan, stats: dict, target: Optional[torch.Tensor]) -> dict
     return out
 
 
-def _empty_stats(p: _Plan, n: int, device) -> dict:
+def _empty_stats(p: ShardPlan, n: int, device) -> dict:
     """Per-token local statistics, initialised for a shard without valid columns."""
     keys = (["s", "t"] if p.want_kl else []) + (["1"] if p.want_ce and not p.share else [])
     stats = {}
@@ -191,7 +95,7 @@ def _empty_stats(p: _Plan, n: int, device) -> dict:
     return stats
 
 
-def _forward(p: _Plan, student2d, teacher2d, labels1d):
+def _forward(p: ShardPlan, student2d, teacher2d, labels1d):
     """Per-token (ce, kl) in fp32 plus the statistics the backward needs."""
     n, dev = student2d.shape[0], student2d.device
     stats = _empty_stats(p, n, dev)
@@ -199,14 +103,13 @@ def _forward(p: _Plan, student2d, teacher2d, labels1d):
     if nv > 0:
         a_buf = torch.empty(min(p.chunk, n), nv, dtype=torch.float32, device=dev)
         b_buf = torch.empty_like(a_buf) if p.want_kl else None
-        for lo in range(0, n, p.chunk):
-            rows = slice(lo, min(lo + p.chunk, n))
-            k = rows.stop - lo
+        for rows in chunk_rows(n, p.chunk):
+            k = rows.stop - rows.start
             zt = teacher2d[rows, :nv] if p.want_kl else None
             _forward_chunk(p, student2d[rows, :nv], zt, a_buf[:k],
                            None if b_buf is None else b_buf[:k], stats, rows)
         del a_buf, b_buf
-    target = _target_logits(p, student2d, labels1d) if p.want_ce else None
+    target = target_logits(p, student2d, labels1d) if p.want_ce else None
     red = _reduce_stats(p, stats, target)
     if p.share:
         red["lse_1"] = red["lse_s"]
@@ -219,13 +122,13 @@ def _forward(p: _Plan, student2d, teacher2d, labels1d):
     return ce, kl, red
 
 
-def _backward_chunk(p: _Plan, zs, zt, labels, red: dict, g_ce, g_kl, out, a_buf, b_buf, rows):
+def _backward_chunk(p: ShardPlan, zs, zt, labels, red: dict, g_ce, g_kl, out, a_buf, b_buf, rows):
     """Write d(sum_t g_ce*ce + g_kl*kl)/d student into `out` for one chunk (valid columns)."""
     a = out if a_buf is None else a_buf
     if p.want_kl:
         gk = (g_kl[rows] * p.inv_t).unsqueeze(-1)
-        log_ps = _shifted(a, zs, red["lse_s"][rows].unsqueeze(-1), p.inv_t)
-        log_pt = _shifted(b_buf, zt, red["lse_t"][rows].unsqueeze(-1), p.inv_t)
+        log_ps = shifted(a, zs, red["lse_s"][rows].unsqueeze(-1), p.inv_t)
+        log_pt = shifted(b_buf, zt, red["lse_t"][rows].unsqueeze(-1), p.inv_t)
         if p.reverse:  # d/dx = p_S * (log p_S - log p_T - KL)
             w = log_pt.neg_().add_(log_ps).sub_(red["kl"][rows].unsqueeze(-1)).mul_(gk)
             if p.share:
@@ -236,16 +139,14 @@ def _backward_chunk(p: _Plan, zs, zt, labels, red: dict, g_ce, g_kl, out, a_buf,
             ps.mul_(gk + g_ce[rows].unsqueeze(-1) if p.share else gk)
             a = ps.sub_(pt.mul_(gk))
         if p.want_ce and not p.share:
-            p1 = _shifted(b_buf, zs, red["lse_1"][rows].unsqueeze(-1), 1.0).exp_()
+            p1 = shifted(b_buf, zs, red["lse_1"][rows].unsqueeze(-1), 1.0).exp_()
             a.add_(p1.mul_(g_ce[rows].unsqueeze(-1)))
     else:
-        a = _shifted(a, zs, red["lse_1"][rows].unsqueeze(-1), 1.0).exp_()
+        a = shifted(a, zs, red["lse_1"][rows].unsqueeze(-1), 1.0).exp_()
         a.mul_(g_ce[rows].unsqueeze(-1))
     if p.want_ce:  # the one-hot term of CE: -g_ce at the label column, where it is ours
-        local = labels[rows] - p.start
-        inside = (local >= 0) & (local < p.num_valid)
-        col = local.clamp(0, p.num_valid - 1).unsqueeze(1)
-        a.scatter_add_(1, col, torch.where(inside, -g_ce[rows], 0.0).unsqueeze(1))  # no sync
+        col, inside = local_columns(p, labels[rows])  # a mask, no host sync
+        a.scatter_add_(1, col.unsqueeze(1), torch.where(inside, -g_ce[rows], 0.0).unsqueeze(1))
     if a is not out:
         out.copy_(a)
 
@@ -254,7 +155,7 @@ class _VocabParallelLoss(torch.autograd.Function):
     """(ce, kl) per token from vocabulary-sharded logits; gradient w.r.t. the student only."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, plan: _Plan):
+    def forward(ctx, student, teacher, labels, plan: ShardPlan):
         local = student.shape[-1]
         student2d = student.reshape(-1, local)
         teacher2d = teacher.reshape(-1, local) if plan.want_kl else None
@@ -266,14 +167,12 @@ class _VocabParallelLoss(torch.autograd.Function):
             keep["kl"] = red["kl"].clone()
         ctx.keys = tuple(keep)
         ctx.save_for_backward(student, teacher, labels, *keep.values())
-        shape = student.shape[:-1]
-        empty = student.new_empty(0, dtype=torch.float32)
-        return (empty if ce is None else ce.view(shape), empty if kl is None else kl.view(shape))
+        return per_token_outputs(student, ce, kl)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ce, grad_kl):
-        p: _Plan = ctx.plan
+        p: ShardPlan = ctx.plan
         student, teacher, labels, *saved = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
@@ -285,18 +184,14 @@ class _VocabParallelLoss(torch.autograd.Function):
         g_kl = grad_kl.reshape(-1).float() if p.want_kl else None
         zt = teacher.reshape(-1, local) if p.want_kl else None
         lab = labels.reshape(-1) if p.want_ce else None
-        grad = torch.empty_like(zs, memory_format=torch.contiguous_format)
+        # In fp32 the gradient slice itself is the first working buffer (a_buf None).
+        grad, a_buf = student_grad(p, zs)
         nv = p.num_valid
-        grad[:, nv:] = 0  # padded columns: exactly zero
         if nv > 0:
             k = min(p.chunk, n)
-            fp32 = torch.float32
-            # In fp32 the gradient slice itself is the first working buffer.
-            a_buf = None if grad.dtype == fp32 else zs.new_empty(k, nv, dtype=fp32)
-            b_buf = zs.new_empty(k, nv, dtype=fp32) if p.want_kl else None
-            for lo in range(0, n, p.chunk):
-                rows = slice(lo, min(lo + p.chunk, n))
-                m = rows.stop - lo
+            b_buf = zs.new_empty(k, nv, dtype=torch.float32) if p.want_kl else None
+            for rows in chunk_rows(n, p.chunk):
+                m = rows.stop - rows.start
                 _backward_chunk(p, zs[rows, :nv], None if zt is None else zt[rows, :nv], lab,
                                 red, g_ce, g_kl, grad[rows, :nv],
                                 None if a_buf is None else a_buf[:m],
@@ -306,16 +201,10 @@ class _VocabParallelLoss(torch.autograd.Function):
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor, caller: str) -> torch.Tensor:
     if teacher.shape != student.shape:
-        raise ValueError(f"{_NAME}.{caller}: teacher logits {tuple(teacher.shape)} and student "
-                         f"logits {tuple(student.shape)} must have the same shape [s, b, v/tp]")
+        raise ValueError(f"{ERROR_PREFIX}.{caller}: teacher logits {tuple(teacher.shape)} and "
+                         f"student logits {tuple(student.shape)} must have the same shape "
+                         "[s, b, v/tp]")
     return teacher.detach()  # the teacher is frozen: no gradient ever flows into it
-
-
-def _check_labels(student: torch.Tensor, labels: torch.Tensor, caller: str) -> None:
-    if labels.shape != student.shape[:-1] or labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{_NAME}.{caller}: labels must be integer token ids shaped like the "
-                         f"logits without their vocabulary dim {tuple(student.shape[:-1])} "
-                         f"([s, b], sequence-first), got {labels.dtype} {tuple(labels.shape)}")
 
 
 def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tp_group,
@@ -340,7 +229,7 @@ def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         KL per token, fp32, shaped like the logits without their last dim ([s, b]).
     """
     teacher = _check_pair(student_logits, teacher_logits, "vocab_parallel_kl")
-    plan = _make_plan(student_logits, tp_group, vocab_size, want_kl=True, want_ce=False,
+    plan = make_plan(student_logits, tp_group, vocab_size, want_kl=True, want_ce=False,
                       reverse=reverse, temperature=temperature, chunk_tokens=chunk_tokens,
                       caller="vocab_parallel_kl")
     return _VocabParallelLoss.apply(student_logits, teacher, None, plan)[1]
@@ -362,8 +251,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
     Returns:
         CE per token, fp32, shaped like labels.
     """
-    _check_labels(logits, labels, "vocab_parallel_cross_entropy")
-    plan = _make_plan(logits, tp_group, vocab_size, want_kl=False, want_ce=True, reverse=False,
+    check_labels(logits, labels, "vocab_parallel_cross_entropy")
+    plan = make_plan(logits, tp_group, vocab_size, want_kl=False, want_ce=True, reverse=False,
                       temperature=1.0, chunk_tokens=chunk_tokens,
                       caller="vocab_parallel_cross_entropy")
     return _VocabParallelLoss.apply(logits, None, labels, plan)[0]
@@ -381,8 +270,8 @@ def vocab_parallel_ce_and_kl(student_logits: torch.Tensor, teacher_logits: torch
     all_reduces. One backward pass produces the gradient of any combination of the two.
     """
     teacher = _check_pair(student_logits, teacher_logits, "vocab_parallel_ce_and_kl")
-    _check_labels(student_logits, labels, "vocab_parallel_ce_and_kl")
-    plan = _make_plan(student_logits, tp_group, vocab_size, want_kl=True, want_ce=True,
+    check_labels(student_logits, labels, "vocab_parallel_ce_and_kl")
+    plan = make_plan(student_logits, tp_group, vocab_size, want_kl=True, want_ce=True,
                       reverse=reverse, temperature=temperature, chunk_tokens=chunk_tokens,
                       caller="vocab_parallel_ce_and_kl")
     ce, kl = _VocabParallelLoss.apply(student_logits, teacher, labels, plan)

@@ -4,6 +4,9 @@ Used by the test-suite and by anyone checking a parallel layout on a laptop:
 
     results = run_distributed(my_check, world_size=4, timeout=300)
 
+and, inside my_check(rank, world_size), tp_groups(rank, world_size) starts gloo and hands the rank
+its group for every tensor-parallel size the world divides into (4 ranks: TP = 4, 2 and 1).
+
 Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free
 port), so code under test starts torch.distributed exactly as it would under torchrun. When the
 ranks outnumber the cores, OMP_NUM_THREADS=1 keeps them from thrashing. A rank that raises has
@@ -26,7 +29,7 @@ import os
 import queue
 import time
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from megatron_ddk.parallel.ports import free_port
 from megatron_ddk.pipeline.forked import WARM_MODULES, gpu_host
@@ -174,3 +177,25 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                 p.kill()
                 p.join()
     return [values[r] for r in range(world_size)]
+
+
+def tp_groups(rank: int, world_size: int) -> Dict[int, Any]:
+    """Start gloo in a run_distributed rank and return {tp: this rank's tensor-parallel group}.
+
+    One group per divisor tp of world_size: the WORLD group for tp = world_size, otherwise the
+    tp consecutive ranks [i * tp, (i + 1) * tp) that hold `rank` (so rank % tp is its TP rank).
+    Every rank creates every group in the same order, as torch.distributed.new_group requires.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    groups = {world_size: dist.group.WORLD}
+    for tp in range(world_size - 1, 0, -1):
+        if world_size % tp:
+            continue
+        for first in range(0, world_size, tp):
+            members = list(range(first, first + tp))
+            group = dist.new_group(members)
+            if rank in members:
+                groups[tp] = group
+    return groups

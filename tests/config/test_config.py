@@ -109,7 +109,7 @@ CASES = [
     ({"ddk.policy": "ddk", "ddk.interval": 0}, "ddk.interval=0: must be >= 1"),
     ({"ddk.alpha": 1.5}, "ddk.alpha=1.5: must be in [0, 1]"),
     ({"ddk.policy": "ddk"}, "ddk.policy='ddk' needs a teacher"),
-    ({"ddk.static_weights": [-1, 2]}, "weights must be >= 0"),
+    ({"ddk.static_weights": [-1, 2]}, "static_weights=[-1.0, 2.0]: must be weights >= 0"),
     ({"ddk.weight_floor": 0.5, "ddk.weight_cap": 0.2},
      "weight_floor=0.5 is above ddk.weight_cap=0.2"),
     ({"ddk.max_epochs_per_domain": 0}, "max_epochs_per_domain=0.0: must be > 0"),

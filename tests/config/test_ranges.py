@@ -136,3 +136,29 @@ def test_negative_exit_interval_message():
     errs = static_errors(cfg)
     assert "train.exit_interval=-1: must be >= 1" in errs
     assert "model.init_method_std=0.0: must be > 0" in errs
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("parallel.context_parallel_size", 2, "parallel.context_parallel_size=2: must be 1; context "
+     "parallelism is not supported in this version"),
+    ("parallel.virtual_pipeline_model_parallel_size", 2,
+     "parallel.virtual_pipeline_model_parallel_size=2: must be null; interleaved"),
+    ("train.clip_grad", -1.0, "train.clip_grad=-1.0: must be >= 0; 0 disables clipping"),
+    ("ddk.static_weights", [1.0, NAN], "ddk.static_weights=[1.0, nan]: must be weights >= 0"),
+    ("ddk.static_weights", [0.0, 0.0], "ddk.static_weights=[0.0, 0.0]: must be weights >= 0 "
+     "with a positive sum"),
+])
+def test_choice_and_weights_messages_name_field_value_and_rule(dotted, value, message):
+    cfg = base()
+    put(cfg, dotted, value)
+    assert any(e.startswith(message) for e in static_errors(cfg)), static_errors(cfg)
+
+
+def test_single_field_errors_come_before_cross_field_ones():
+    cfg = base()
+    cfg.train.micro_batch_size = 0  # no "not divisible" message, no division by zero
+    cfg.train.lr, cfg.train.min_lr = 1e-4, 1e-3
+    errs = static_errors(cfg, world_size=2)
+    assert errs == ["train.micro_batch_size=0: must be >= 1",
+                    "train.lr=0.0001, train.min_lr=0.001: need 0 <= min_lr <= lr; lower min_lr "
+                    "or raise lr"], errs

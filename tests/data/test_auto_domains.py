@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 
 from megatron_ddk.commands import build_domains
-from megatron_ddk.data.sources.cluster import ClusterSpec, EmptyClusterError, fit_k, parse_auto
-from megatron_ddk.data.sources.labels import SmallDomainRule
-from megatron_ddk.data.sources.prepare import SourceOptions, prepare_sources
+from megatron_ddk.data.preprocessing.sources.cluster import (
+    ClusterSpec,
+    EmptyClusterError,
+    fit_k,
+    parse_auto,
+)
+from megatron_ddk.data.preprocessing.sources.labels import SmallDomainRule
+from megatron_ddk.data.preprocessing.sources.prepare import SourceOptions, prepare_sources
 from tests.data.mixed_corpus import mixed_records, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

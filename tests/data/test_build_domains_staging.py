@@ -169,7 +169,7 @@ def test_sigkill_in_the_middle_of_the_final_swap_is_rolled_back(tmp_path, corpus
     import sys
 
     from megatron_ddk.data.manifest import load_manifest
-    from megatron_ddk.data.preprocess import remove_stale_staging
+    from megatron_ddk.data.preprocessing.build import remove_stale_staging
 
     out = tmp_path / "out"
     build_domains.main(_argv(corpus, out, tiny_tokenizer))
@@ -177,7 +177,7 @@ def test_sigkill_in_the_middle_of_the_final_swap_is_rolled_back(tmp_path, corpus
     make_jsonl(corpus / "alpha.jsonl", make_texts(40, seed=9))  # a different rebuild
     code = (
         "import os, signal, sys\n"
-        "from megatron_ddk.data import preprocess\n"
+        "from megatron_ddk.data.preprocessing import build\n"
         "real, calls = os.replace, []\n"
         "def replace(src, dst):\n"
         "    if '.staging-' in str(src) and '.previous' not in str(src) and\\\n"
@@ -186,7 +186,7 @@ def test_sigkill_in_the_middle_of_the_final_swap_is_rolled_back(tmp_path, corpus
         "        if len(calls) == 3:\n"
         "            os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(src, dst)\n"
-        "preprocess.os.replace = replace\n"
+        "build.os.replace = replace\n"
         "from megatron_ddk.commands import build_domains\n"
         f"build_domains.main({_argv(corpus, out, tiny_tokenizer)!r})\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

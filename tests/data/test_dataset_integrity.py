@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from megatron_ddk.data.indexed_writer import check_dataset
+from megatron_ddk.data.dataset_files import check_dataset
 from megatron_ddk.data.manifest import (
     DomainEntry,
     DomainManifest,

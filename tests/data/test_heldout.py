@@ -1,6 +1,7 @@
-"""megatron_ddk.data.heldout and tools/build_domains.py's preflight: the train/valid/test
-document split against an independent walk, the largest fitting --valid-samples against a
-brute-force scan, the byte bound against real token counts, and the all-at-once refusals."""
+"""megatron_ddk.data.preprocessing.heldout and tools/build_domains.py's preflight: the
+train/valid/test document split against an independent walk, the largest fitting --valid-samples
+against a brute-force scan, the byte bound against real token counts, and the all-at-once
+refusals."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_ddk.data.heldout import (
+from megatron_ddk.data.preprocessing.heldout import (
     HeldOutSpec,
     byte_bound_problems,
     check_byte_bounds,
@@ -142,7 +143,7 @@ def test_spec_flag_errors(kwargs, pattern):
 
 def test_byte_bound_holds_for_a_real_tokenizer(tmp_path, tiny_tokenizer, make_jsonl, make_texts):
     """The bound (bytes + 3 x lines) is never below the real token count (EOD included)."""
-    from megatron_ddk.data.preprocess import tokenize_to_datasets
+    from megatron_ddk.data.preprocessing.build import tokenize_to_datasets
 
     texts = make_texts(40, seed=4) + ["\u4e2d" * 50, "emoji \U0001F600 \U0001F680", "x"]
     src = make_jsonl(tmp_path / "d.jsonl", texts)

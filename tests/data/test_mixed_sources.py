@@ -15,14 +15,14 @@ import sys
 import pytest
 
 from megatron_ddk.commands import build_domains
-from megatron_ddk.data.corpus import domain_name
-from megatron_ddk.data.sources.labels import (
+from megatron_ddk.data.preprocessing.corpus import domain_name
+from megatron_ddk.data.preprocessing.sources.labels import (
     SmallDomainRule,
     SpillWriter,
     apply_min_documents,
     parse_domain_map,
 )
-from megatron_ddk.data.sources.readers import MISSING, lookup
+from megatron_ddk.data.preprocessing.sources.readers import MISSING, lookup
 from tests.data.mixed_corpus import mixed_records, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

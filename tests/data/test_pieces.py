@@ -1,5 +1,6 @@
-"""Cutting long documents into pieces (data/pieces.py), the source-spread held-out draw and the
-document floor (data/heldout.py), and build_domains on a corpus of a few very long documents."""
+"""Cutting long documents into pieces (data/preprocessing/pieces.py), the source-spread held-out
+draw and the document floor (data/preprocessing/heldout.py), and build_domains on a corpus of a
+few very long documents."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import random
 import numpy as np
 import pytest
 
-from megatron_ddk.data.heldout import HeldOutSpec, check_domains, draw_order, plan_split
-from megatron_ddk.data.pieces import split_document
+from megatron_ddk.data.preprocessing.heldout import (
+    HeldOutSpec,
+    check_domains,
+    draw_order,
+    plan_split,
+)
+from megatron_ddk.data.preprocessing.pieces import split_document
 from megatron_ddk.testing import tiny_run
 
 

@@ -1,5 +1,5 @@
-"""megatron_ddk.data.preprocess: tokenize-and-write, worker independence, atomic output, bad
-inputs, the validation hold-out, and that Megatron-Core's IndexedDataset/GPTDataset read it."""
+"""megatron_ddk.data.preprocessing.build: tokenize-and-write, worker independence, atomic output,
+bad inputs, the validation hold-out, and that Megatron-Core's IndexedDataset/GPTDataset read it."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from megatron_ddk.data.domain_split import build_domain
-from megatron_ddk.data.preprocess import select_validation_documents, tokenize_to_datasets
+from megatron_ddk.data.preprocessing.build import select_validation_documents, tokenize_to_datasets
+from megatron_ddk.data.preprocessing.domain_split import build_domain
 
 
 def _read(prefix):
@@ -104,10 +104,10 @@ def test_interrupt_mid_run_leaves_nothing(tmp_path, tiny_tokenizer, make_jsonl, 
     """Ctrl-C (KeyboardInterrupt) after two batches: no output, no temp files, no workers."""
     import multiprocessing
 
-    from megatron_ddk.data import encode_engine
+    from megatron_ddk.data.preprocessing import engine
 
     src = make_jsonl(tmp_path / "in.jsonl", make_texts(1000, seed=2))
-    real, calls = encode_engine.IndexedWriter.append, []
+    real, calls = engine.IndexedWriter.append, []
 
     def interrupted(*args):
         calls.append(1)
@@ -115,8 +115,8 @@ def test_interrupt_mid_run_leaves_nothing(tmp_path, tiny_tokenizer, make_jsonl, 
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(encode_engine.IndexedWriter, "append", interrupted)
-    monkeypatch.setattr(encode_engine, "BATCH_LINES", 256)  # several batches
+    monkeypatch.setattr(engine.IndexedWriter, "append", interrupted)
+    monkeypatch.setattr(engine, "BATCH_LINES", 256)  # several batches
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         tokenize_to_datasets([src], {"text": str(out / "ds")}, tiny_tokenizer, workers=2)
@@ -158,7 +158,7 @@ def test_select_validation_documents(seed):
     with pytest.raises(ValueError, match="validation needs .* nothing would be left"):
         select_validation_documents(lengths, int(lengths.sum()), seed)
     # the valid half of the train/valid/test split is this same selection
-    from megatron_ddk.data.heldout import HeldOutSpec, plan_split
+    from megatron_ddk.data.preprocessing.heldout import HeldOutSpec, plan_split
 
     spec = HeldOutSpec(1, target - 1, 0, 1, max_heldout_share=0.99)  # exactly target tokens
     assert plan_split(lengths, spec, seed)[0].tolist() == ref

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from megatron_ddk.data import encode_engine
-from megatron_ddk.data.encode_engine import EncodeJob, run_encode
-from megatron_ddk.data.indexed_writer import IndexedWriter
 from megatron_ddk.data.megatron_tokenizers import TokenizerSpec
+from megatron_ddk.data.preprocessing import engine
+from megatron_ddk.data.preprocessing.engine import EncodeJob, run_encode
+from megatron_ddk.data.preprocessing.writer import IndexedWriter
 
 
 def megatron_reference(path, prefix, keys, tokenize, eod, vocab_size, append_eod=True,
@@ -87,7 +87,7 @@ def _job(corpus, prefix, model, **kw):
 def test_index_writer_matches_indexed_dataset_builder(tmp_path, monkeypatch):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    monkeypatch.setattr("megatron_ddk.data.indexed_writer._CHUNK", 3)  # stream in chunks
+    monkeypatch.setattr("megatron_ddk.data.preprocessing.writer._CHUNK", 3)  # stream in chunks
     rng = np.random.default_rng(0)
     docs = [[int(n) for n in rng.integers(1, 9, size=rng.integers(0, 4))] for _ in range(25)]
     ref = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
@@ -111,7 +111,7 @@ def test_index_writer_matches_indexed_dataset_builder(tmp_path, monkeypatch):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bytes_equal_reference_for_workers_and_partitions(tmp_path, corpus, tiny_tokenizer,
                                                           monkeypatch, workers):
-    monkeypatch.setattr(encode_engine, "BATCH_LINES", 6)  # several batches per run
+    monkeypatch.setattr(engine, "BATCH_LINES", 6)  # several batches per run
     sp = sentencepiece.SentencePieceProcessor(model_file=tiny_tokenizer)
     keys = ("text", "title")
     ref = megatron_reference(corpus, str(tmp_path / "ref"), keys, sp.encode, sp.eos_id(),
@@ -156,7 +156,7 @@ def _sentences(text):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_split_sentences_layout(tmp_path, corpus, tiny_tokenizer, monkeypatch, workers):
-    monkeypatch.setattr("megatron_ddk.data.sentence_split.make_splitter",
+    monkeypatch.setattr("megatron_ddk.data.preprocessing.sentences.make_splitter",
                         lambda lang, keep_newlines: _sentences)
     sp = sentencepiece.SentencePieceProcessor(model_file=tiny_tokenizer)
     ref = megatron_reference(corpus, str(tmp_path / "ref"), ["text"], sp.encode, sp.eos_id(),
@@ -169,10 +169,10 @@ def test_split_sentences_layout(tmp_path, corpus, tiny_tokenizer, monkeypatch, w
 def test_in_flight_batches_are_bounded(tmp_path, tiny_tokenizer, make_jsonl, make_texts,
                                        monkeypatch):
     """The reader runs at most 2 x workers + 2 batches ahead of the writer."""
-    monkeypatch.setattr(encode_engine, "BATCH_LINES", 4)
+    monkeypatch.setattr(engine, "BATCH_LINES", 4)
     src = make_jsonl(tmp_path / "in.jsonl", make_texts(200, seed=4))
     read, written, ahead = [0], [0], []
-    real_batches, real_append = encode_engine._batches, IndexedWriter.append
+    real_batches, real_append = engine._batches, IndexedWriter.append
 
     def counting_batches(*args):
         for item in real_batches(*args):
@@ -184,7 +184,7 @@ def test_in_flight_batches_are_bounded(tmp_path, tiny_tokenizer, make_jsonl, mak
         written[0] += 1
         real_append(self, *args)
 
-    monkeypatch.setattr(encode_engine, "_batches", counting_batches)
+    monkeypatch.setattr(engine, "_batches", counting_batches)
     monkeypatch.setattr(IndexedWriter, "append", counting_append)
     run_encode(_job(src, str(tmp_path / "o"), tiny_tokenizer, workers=2))
     assert written[0] == read[0] == 50

@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from megatron_ddk.data import encode_engine
-from megatron_ddk.data.encode_engine import EmptyInputError, WorkerDiedError
-from megatron_ddk.data.preprocess import tokenize_to_datasets
+from megatron_ddk.data.preprocessing import engine
+from megatron_ddk.data.preprocessing.build import tokenize_to_datasets
+from megatron_ddk.data.preprocessing.engine import EmptyInputError, WorkerDiedError
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-_REAL_ENCODE = encode_engine.encode_batch
+_REAL_ENCODE = engine.encode_batch
 
 
 def _killed_at_line_9(batch):
@@ -42,8 +42,8 @@ def _exits_at_line_17(batch):
 ])
 def test_dead_worker_is_an_error_naming_the_lines(tmp_path, tiny_tokenizer, make_jsonl,
                                                   make_texts, monkeypatch, die, message):
-    monkeypatch.setattr(encode_engine, "BATCH_LINES", 8)  # batches start at lines 1, 9, 17, ...
-    monkeypatch.setattr(encode_engine, "encode_batch", die)
+    monkeypatch.setattr(engine, "BATCH_LINES", 8)  # batches start at lines 1, 9, 17, ...
+    monkeypatch.setattr(engine, "encode_batch", die)
     src = make_jsonl(tmp_path / "in.jsonl", make_texts(200, seed=3))
     out = tmp_path / "out"
     start = time.perf_counter()
@@ -106,7 +106,7 @@ def test_cli_worker_sigkilled_from_outside(tmp_path, tiny_tokenizer, make_jsonl,
 def test_empty_input_is_an_error_naming_the_file(tmp_path, tiny_tokenizer, name, content):
     """Megatron-LM's command line (keep_empty: empty documents are written as such) refuses
     inputs without a document with text, before anything is written."""
-    from megatron_ddk.data.megatron_preprocess import build_parser, job_from_args
+    from megatron_ddk.data.preprocessing.megatron_cli import build_parser, job_from_args
 
     path = tmp_path / name
     if content is None:
@@ -120,7 +120,7 @@ def test_empty_input_is_an_error_naming_the_file(tmp_path, tiny_tokenizer, name,
                                       str(tmp_path / "out" / "x"), "--tokenizer-model",
                                       tiny_tokenizer, "--workers", "1", "--append-eod"])
     with pytest.raises(EmptyInputError, match=f"input {path} holds no document with text"):
-        encode_engine.run_encode(job_from_args(args))
+        engine.run_encode(job_from_args(args))
     assert os.listdir(tmp_path / "out") == []
 
 

@@ -28,7 +28,7 @@ def test_help(tool):
 
 
 def test_preprocess_data_cli(tmp_path, tiny_tokenizer, make_jsonl, make_texts):
-    from megatron_ddk.data.preprocess import tokenize_to_datasets
+    from megatron_ddk.data.preprocessing.build import tokenize_to_datasets
 
     src = make_jsonl(tmp_path / "in.jsonl", make_texts(300, seed=9))
     res = _run([sys.executable, "tools/preprocess_data.py", "--input", src, "--output-prefix",

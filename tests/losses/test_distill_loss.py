@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from megatron_ddk.testing.multiproc import run_distributed
+from megatron_ddk.testing.multiproc import tp_groups
 
 S, B, PADDED, VOCAB, DOMAINS = 6, 4, 16, 13, 4  # domain 3 gets no sample
 
@@ -160,23 +160,15 @@ def _megatron_schedule_check(group):
     return out
 
 
-def _rank_main(rank: int, world: int):
-    import torch.distributed as dist
+NUM_RANKS = 2
+"""One launch of NUM_RANKS gloo ranks runs every case (tests/losses/conftest.py's results)."""
 
-    dist.init_process_group("gloo")
-    groups = {2: dist.group.WORLD}
-    for r in range(world):
-        g = dist.new_group([r])
-        if r == rank:
-            groups[1] = g
+
+def rank_main(rank: int, world: int):
+    groups = tp_groups(rank, world)
     results = {c.name: _run_case(c, groups[c.tp], rank % c.tp) for c in CASES}
     results["schedule"] = _megatron_schedule_check(groups[1])
     return results
-
-
-@pytest.fixture(scope="module")
-def results():
-    return run_distributed(_rank_main, 2, timeout=240)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

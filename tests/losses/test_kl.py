@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ddk.testing.multiproc import run_distributed
+from megatron_ddk.testing.multiproc import tp_groups
 
 S, B, PADDED = 5, 3, 24  # 15 tokens; 24 columns split 24 / 12x2 / 6x4
 
@@ -138,19 +138,12 @@ def _run_case(case: Case, group, tp_rank: int) -> Dict[str, float]:
     return out
 
 
-def _rank_main(rank: int, world: int):
-    import torch.distributed as dist
+NUM_RANKS = 4
+"""One launch of NUM_RANKS gloo ranks runs every case (tests/losses/conftest.py's results)."""
 
-    dist.init_process_group("gloo")
-    groups = {4: dist.group.WORLD}
-    for pair in ([0, 1], [2, 3]):
-        g = dist.new_group(pair)
-        if rank in pair:
-            groups[2] = g
-    for r in range(world):
-        g = dist.new_group([r])
-        if r == rank:
-            groups[1] = g
+
+def rank_main(rank: int, world: int):
+    groups = tp_groups(rank, world)
     results = {}
     for case in CASES:
         results[case.name] = _run_case(case, groups[case.tp], rank % case.tp)
@@ -162,11 +155,6 @@ def _rank_main(rank: int, world: int):
     results["nan_label"] = {"finite_ok": float(bad[0, 0].item() == pytest.approx(math.log(21))),
                             "nan": float(bool(bad[1, 0].isnan()))}
     return results
-
-
-@pytest.fixture(scope="module")
-def results():
-    return run_distributed(_rank_main, 4, timeout=240)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ddk.testing.multiproc import run_distributed
+from megatron_ddk.testing.multiproc import tp_groups
 
 S, B, PADDED, VOCAB = 5, 3, 24, 21  # 15 tokens; 24 columns = 12 x 2 shards; 3 padded
 
@@ -133,23 +133,15 @@ def _topk_check(group, tp: int, tp_rank: int) -> Dict[str, float]:
     return out
 
 
-def _rank_main(rank: int, world: int):
-    import torch.distributed as dist
+NUM_RANKS = 2
+"""One launch of NUM_RANKS gloo ranks runs every case (tests/losses/conftest.py's results)."""
 
-    dist.init_process_group("gloo")
-    groups = {2: dist.group.WORLD}
-    for r in range(world):
-        g = dist.new_group([r])
-        if r == rank:
-            groups[1] = g
+
+def rank_main(rank: int, world: int):
+    groups = tp_groups(rank, world)
     results = {case.name: _run_case(case, groups[case.tp], rank % case.tp) for case in CASES}
     results["topk"] = {tp: _topk_check(groups[tp], tp, rank % tp) for tp in (1, 2)}
     return results
-
-
-@pytest.fixture(scope="module")
-def results():
-    return run_distributed(_rank_main, 2, timeout=240)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from megatron_ddk.data.corpus import DOMAIN_NAME_RULE, DomainInput, domain_name
+from megatron_ddk.data.preprocessing.corpus import DOMAIN_NAME_RULE, DomainInput, domain_name
 
 logger = logging.getLogger(__name__)
 

@@ -4,14 +4,14 @@ A held-out set drawn from whole documents measures those documents: with files o
 sets of 16k tokens, one or two documents make a set. `megatron-ddk build-domains` therefore cuts
 every document longer than --max-piece-bytes into pieces before the held-out draw (heldout.py draws
 pieces, one per source before a second of any), and the training set joins the pieces it keeps
-back into whole runs of text (data/preprocess.py), so cutting changes what is held out, not the
+back into whole runs of text (build.py), so cutting changes what is held out, not the
 documents training reads.
 
 split_document is lossless: "".join(split_document(text, n)) == text, every piece is at most n
 UTF-8 bytes, and a piece ends at a paragraph break (a blank line) when one lies in its second
 half, else at a line end; only a line longer than n is cut inside, at whitespace when it can be.
 
-Pure Python; imports data.sentence_split lazily (document_splitter), nothing else from
+Pure Python; imports data.preprocessing.sentences lazily (document_splitter), nothing else from
 megatron_ddk.
 """
 
@@ -105,7 +105,7 @@ def document_splitter(max_piece_bytes: int = 0, split_sentences: bool = False,
         raise ValueError("sentence splitting and cutting documents into pieces "
                          "(max_piece_bytes) exclude each other; use one")
     if split_sentences:
-        from megatron_ddk.data.sentence_split import make_splitter
+        from megatron_ddk.data.preprocessing.sentences import make_splitter
 
         return make_splitter(lang, keep_newlines)
     if max_piece_bytes > 0:

@@ -2,8 +2,8 @@
 
 - readers.py: the input formats (JSONL, .jsonl.gz / .jsonl.zst, plain text, Parquet files or
   folders, `datasets.save_to_disk` Arrow folders) as one stream of records;
-- optional.py: the one place that decides the optional packages (pyarrow, zstandard,
-  scikit-learn) and names the extra that installs each;
+- the optional packages (pyarrow, zstandard, scikit-learn) and the extra that installs each are
+  decided in one place, megatron_ddk/config/optional.py;
 - labels.py: domain names from a record field or a cluster id (sanitised, renamed and merged by a
   domain map), the per-domain spill files and the small-domain rule;
 - cluster.py / cluster_report.py: automatic domains (hashed TF-IDF + mini-batch k-means on a

@@ -28,16 +28,16 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ddk.atomic import write_atomic
-from megatron_ddk.data.corpus import DomainInput, MalformedLineError, ReadCounts
-from megatron_ddk.data.sources import cluster as clu
-from megatron_ddk.data.sources import cluster_report
-from megatron_ddk.data.sources.labels import (
+from megatron_ddk.data.preprocessing.corpus import DomainInput, MalformedLineError, ReadCounts
+from megatron_ddk.data.preprocessing.sources import cluster as clu
+from megatron_ddk.data.preprocessing.sources import cluster_report
+from megatron_ddk.data.preprocessing.sources.labels import (
     SmallDomainRule,
     SpillWriter,
     apply_min_documents,
     label_report,
 )
-from megatron_ddk.data.sources.readers import (
+from megatron_ddk.data.preprocessing.sources.readers import (
     MISSING,
     SourceFile,
     expand_inputs,

@@ -2,7 +2,7 @@
 train/validation hold-out.
 
 - tokenize_to_datasets: JSONL/.txt files -> one dataset per json key, through the streaming
-  engine (encode_engine.py: worker processes, batches in input order, so the bytes written do
+  engine (engine.py: worker processes, batches in input order, so the bytes written do
   not depend on the worker count). Everything is written under a temporary name and renamed at
   the end (.bin first, .idx last, an older .idx removed first), so a failed or interrupted run
   leaves nothing that looks complete.
@@ -12,8 +12,9 @@ train/validation hold-out.
   swaps it in only when every domain succeeded, so a failed rebuild leaves the previous manifest and
   datasets byte for byte; staging folders of killed builds are removed by the next build.
 
-Imports megatron.core lazily (only to read datasets back); imports encode_engine, heldout and
-manifest from megatron_ddk.data, nothing from other layers.
+Imports megatron.core lazily (only to read datasets back); from megatron_ddk: atomic,
+data.megatron_tokenizers and data.preprocessing's engine, progress and writer, nothing from other
+layers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ddk.atomic import pid_alive
-from megatron_ddk.data.indexed_writer import commit_dataset, remove_quietly  # noqa: F401 (re-exported)
+from megatron_ddk.data.preprocessing.writer import remove_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +73,15 @@ def tokenize_to_datasets(
 
     prefixes maps each json key to its output prefix. Empty documents are skipped and counted;
     a malformed line raises ValueError naming file:line unless skip_malformed; inputs without
-    any document with text raise encode_engine.EmptyInputError (a ValueError) naming them,
+    any document with text raise engine.EmptyInputError (a ValueError) naming them,
     nothing written, unless allow_empty. eos_token is for a Hugging Face tokenizer that names no
     end-of-document token. max_piece_bytes > 0 cuts longer documents into pieces, one sequence
-    each (encode_engine.EncodeJob.max_piece_bytes). Runs the streaming engine
-    (encode_engine.py) with the tokenizer picked from the model file.
+    each (engine.EncodeJob.max_piece_bytes). Runs the streaming engine
+    (engine.py) with the tokenizer picked from the model file.
     """
-    from megatron_ddk.data.encode_engine import EncodeJob, run_encode
     from megatron_ddk.data.megatron_tokenizers import TokenizerSpec
-    from megatron_ddk.data.preprocess_progress import Progress
+    from megatron_ddk.data.preprocessing.engine import EncodeJob, run_encode
+    from megatron_ddk.data.preprocessing.progress import Progress
 
     job = EncodeJob(paths=list(paths), prefixes=dict(prefixes),
                     tokenizer=TokenizerSpec("auto", tokenizer_model, eos_token=eos_token),

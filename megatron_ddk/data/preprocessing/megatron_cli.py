@@ -25,12 +25,12 @@ import json
 import os
 from typing import Dict, List
 
-from megatron_ddk.data.encode_engine import EncodeJob
 from megatron_ddk.data.megatron_tokenizers import (
     MEGATRON_LM_TYPES,
     TokenizerSpec,
     UnsupportedTokenizer,
 )
+from megatron_ddk.data.preprocessing.engine import EncodeJob
 
 _LIBRARY = {"HuggingFaceTokenizer": "huggingface", "GPT2BPETokenizer": "megatron",
             "SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer":
@@ -170,7 +170,7 @@ def tokenizer_spec(args: argparse.Namespace) -> TokenizerSpec:
 
 def output_prefixes(args: argparse.Namespace, paths: List[str]) -> Dict[str, str]:
     """<output-prefix>_<key>_<document|sentence> per json key (key 'text' for .txt input)."""
-    from megatron_ddk.data.encode_engine import line_format
+    from megatron_ddk.data.preprocessing.engine import line_format
 
     keys = ["text"] if all(line_format(p) == "txt" for p in paths) else list(args.json_keys)
     level = "sentence" if args.split_sentences else "document"

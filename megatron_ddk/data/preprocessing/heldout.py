@@ -3,7 +3,7 @@ and whether a domain is large enough for the split that was asked for.
 
 Three disjoint sets per domain, three roles: train (what the mixture draws), valid (DDK's
 steering signal), test (reports only). The units drawn are documents, or the pieces of them that
-data/pieces.py cut (`megatron-ddk build-domains` --max-piece-bytes); each unit knows its source (the
+pieces.py cut (`megatron-ddk build-domains` --max-piece-bytes); each unit knows its source (the
 input document it came from). One seeded permutation of the units, reordered so that every
 source gives its first unit before any source gives a second (then second units, and so on),
 decides both held-out sets: units are taken in that order into valid until they hold

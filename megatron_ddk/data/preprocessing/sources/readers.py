@@ -14,7 +14,7 @@ Every record carries its file and its number there (1-based line for line format
 for columnar ones): errors name it, and the cluster assignment is keyed by it. Memory is one
 line or one batch of rows at a time.
 
-Cheap to import: pyarrow and zstandard are imported when a file needs them (optional.py).
+Cheap to import: pyarrow and zstandard are imported when a file needs them (config/optional.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from megatron_ddk.config.optional import require_extra
-from megatron_ddk.data.corpus import MalformedLineError, ReadCounts, parse_record
+from megatron_ddk.data.preprocessing.corpus import MalformedLineError, ReadCounts, parse_record
 
 LINE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 """Line formats by suffix (before any .gz / .zst)."""

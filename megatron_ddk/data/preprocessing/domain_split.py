@@ -2,7 +2,7 @@
 
 tokenize_domain tokenizes a domain's files into one temporary dataset in which every input
 document (a "source") is one Megatron document and each of its pieces one sequence: documents
-longer than max_piece_bytes are cut at paragraph / line boundaries first (data/pieces.py), the
+longer than max_piece_bytes are cut at paragraph / line boundaries first (pieces.py), the
 eod follows a source's last piece. split_domain then lets heldout.plan_split draw the valid and
 test pieces (every source's first piece before any second one) and writes
 
@@ -18,7 +18,7 @@ that is never cut is copied as it was. Pieces are tokenized one by one, so a tok
 have merged across a cut is two tokens (cuts fall after a line end, where few merges cross).
 
 Imports megatron.core lazily (to read and write datasets); from megatron_ddk: atomic,
-data.heldout, data.manifest, data.preprocess.
+data.manifest, data.dataset_files and data.preprocessing (heldout, build, writer, engine).
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ddk.atomic import remove_stale_tmp
-from megatron_ddk.data.heldout import (
+from megatron_ddk.data.dataset_files import DATASET_FILES, dataset_tokenizer
+from megatron_ddk.data.manifest import DomainEntry
+from megatron_ddk.data.preprocessing.build import tokenize_to_datasets
+from megatron_ddk.data.preprocessing.heldout import (
     HeldOutSpec,
     advice,
     domain_seed,
@@ -39,14 +42,7 @@ from megatron_ddk.data.heldout import (
     set_summary,
     shortfall,
 )
-from megatron_ddk.data.indexed_writer import (
-    DATASET_FILES,
-    commit_dataset,
-    dataset_tokenizer,
-    remove_quietly,
-)
-from megatron_ddk.data.manifest import DomainEntry
-from megatron_ddk.data.preprocess import tokenize_to_datasets
+from megatron_ddk.data.preprocessing.writer import commit_dataset, remove_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +123,7 @@ def tokenize_domain(name: str, paths: Sequence[str], out_dir: str, tokenizer_mod
     folder = os.path.join(os.path.abspath(out_dir), name)
     all_prefix = os.path.join(folder, f".all_text_document.tmp{os.getpid()}")
     remove_stale_tmp(os.path.join(folder, ".all_text_document"))  # a killed build's leftovers
-    from megatron_ddk.data.encode_engine import EmptyInputError
+    from megatron_ddk.data.preprocessing.engine import EmptyInputError
 
     try:
         tokenize_to_datasets(paths, {"text": all_prefix}, tokenizer_model, workers=workers,

@@ -4,7 +4,7 @@ Pipeline: the main process reads raw lines in batches of about BATCH_BYTES (whol
 output order; `workers` processes (or the main process itself when workers == 1) parse the JSON,
 encode the batch with one tokenizer call (SentencePiece / Rust tokenizers batch APIs) and pack the
 ids into one array per json key; the main process appends the arrays to the .bin and the lengths
-to the streaming index writer (indexed_writer.py) strictly in batch order. So the bytes do not
+to the streaming index writer (writer.py) strictly in batch order. So the bytes do not
 depend on the worker count, and they equal Megatron-LM's preprocess_data.py for the same
 tokenizer and flags:
 - a document is one sequence, or one per sentence (--split-sentences, or a JSON list of strings),
@@ -38,8 +38,8 @@ or interrupt the temporary files are removed and older outputs are left as they 
 files a killed earlier run left beside the outputs are removed first.
 
 Imports numpy and, lazily, the tokenizer library in use; no torch or megatron.core on the
-SentencePiece / GPT-2 path. From megatron_ddk: atomic, data.corpus, data.indexed_writer,
-data.megatron_tokenizers, data.pieces, data.sentence_split.
+SentencePiece / GPT-2 path. From megatron_ddk: atomic, data.megatron_tokenizers and
+data.preprocessing's corpus, writer, pieces and sentences.
 """
 
 from __future__ import annotations
@@ -61,15 +61,15 @@ import numpy as np
 
 from megatron_ddk.atomic import remove_stale_tmp
 from megatron_ddk.console import CommandFailed
-from megatron_ddk.data.corpus import (
+from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
+from megatron_ddk.data.preprocessing.corpus import (
     MalformedLineError,
     check_input_files,
     input_format,
     parse_record,
 )
-from megatron_ddk.data.indexed_writer import IndexedWriter, commit_dataset, token_dtype
-from megatron_ddk.data.megatron_tokenizers import TokenizerSpec, build_encoder
-from megatron_ddk.data.pieces import document_splitter
+from megatron_ddk.data.preprocessing.pieces import document_splitter
+from megatron_ddk.data.preprocessing.writer import IndexedWriter, commit_dataset, token_dtype
 from megatron_ddk.data.tokenizer import tokenizer_hash
 from megatron_ddk.lifeline import watch_parent
 
@@ -112,7 +112,7 @@ class EncodeJob:
 
     max_piece_bytes: int = 0
     """Cut every document longer than this many UTF-8 bytes into pieces at paragraph / line
-    boundaries (data/pieces.py), one sequence per piece, the eod after the last; 0: never cut
+    boundaries (pieces.py), one sequence per piece, the eod after the last; 0: never cut
     (Megatron-LM's behaviour). Excludes split_sentences."""
 
     partitions: int = 1
@@ -414,7 +414,7 @@ def _record_errors(stats: EncodeStats, path: str, errors, skip: bool) -> None:
 def run_encode(job: EncodeJob, progress: Optional[Callable[[int, int, int], None]] = None
                ) -> EncodeStats:
     """Run the job; progress(docs, bytes, tokens) after each batch; each finished dataset is
-    renamed into place with the record of its tokenizer (indexed_writer.commit_dataset).
+    renamed into place with the record of its tokenizer (writer.commit_dataset).
     Returns the counts."""
     if _STATE.get("job") is not job:
         prepare(job)

@@ -16,8 +16,8 @@ from typing import List, Sequence
 
 import numpy as np
 
-from megatron_ddk.data.corpus import domain_name
-from megatron_ddk.data.sources.cluster import ClusterSpec, Fit
+from megatron_ddk.data.preprocessing.corpus import domain_name
+from megatron_ddk.data.preprocessing.sources.cluster import ClusterSpec, Fit
 
 NUM_TERMS = 8
 """Top terms listed per cluster."""
