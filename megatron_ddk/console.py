@@ -17,8 +17,11 @@ Must not import anything of megatron_ddk (the bottom layer; every other layer ma
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import time
 from typing import Callable, Union
 
 
@@ -75,9 +78,27 @@ class CommandFailed(RuntimeError):
 
 
 def report_failure(err: Union[CommandFailed, ValueError]) -> int:
-    """Write `error: <message>` to stderr and return the failure's exit code (module docstring)."""
-    messages().error(f"error: {err}")
+    """Write `error: <message>` to stderr and return the failure's exit code (module docstring).
+    Under torchrun the line also goes to the worker's reply file, so the launcher's failure
+    summary names it (parallel/torchrun.py prints it as its one line)."""
+    line = f"error: {err}"
+    messages().error(line)
+    _elastic_reply(line)
     return err.exit_code if isinstance(err, CommandFailed) else USER_ERROR
+
+
+def _elastic_reply(line: str) -> None:
+    """torchelastic's reply file (TORCHELASTIC_ERROR_FILE, set by torchrun for each worker):
+    {"message": line, "timestamp": s}, the form its failure summary reads. Written whole by this
+    process just before it exits; the agent reads it only after the exit."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # the error line is on stderr already
 
 
 def run_command(fn: Callable[..., int], *args, **kwargs) -> int:

@@ -87,6 +87,7 @@ TRAIN_ARGS=(
 )
 
 echo "[launch] node $NODE_RANK/$NNODES, $NPROC_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
-echo "[launch] $PYTHON -m torch.distributed.run ${DISTRIBUTED_ARGS[*]} ${TRAIN_ARGS[*]} $*" >&2
-exec "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" "${EXTRA_ARGS[@]}" \
+# torchrun's launcher, with a failed worker reported in one line (megatron_ddk/parallel/torchrun.py)
+echo "[launch] $PYTHON -m megatron_ddk.parallel.torchrun ${DISTRIBUTED_ARGS[*]} ${TRAIN_ARGS[*]} $*" >&2
+exec "$PYTHON" -m megatron_ddk.parallel.torchrun "${DISTRIBUTED_ARGS[@]}" "${EXTRA_ARGS[@]}" \
   "${TRAIN_ARGS[@]}" "$@"

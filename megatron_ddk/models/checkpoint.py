@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,9 @@ from megatron_ddk.models.checkpoint_layout import (  # noqa: F401  (re-exported 
     LATEST_FILE,
     META_FILE,
     CheckpointError,
+    ResolvedCheckpoint,
     check_compatible,
+    describe_checkpoint,
     iteration_dir,
     prune_checkpoints,
     read_latest_iteration,
@@ -243,13 +245,13 @@ def save_model(root: str, iteration: int, model, metadata: Dict[str, Any],
                         config_yaml)
 
 
-def load_model(path: str, model) -> Dict[str, Any]:
+def load_model(path: Union[str, ResolvedCheckpoint], model) -> Dict[str, Any]:
     """Load only the model weights of a checkpoint (any TP/PP it was saved at) into `model`.
 
-    `path` is a checkpoint root or an iteration folder (resolving a resolved folder is a no-op,
-    also for Megatron-LM folders without megatron_ddk.json). Returns the checkpoint's metadata.
+    `path` is a checkpoint root, an iteration folder (also Megatron-LM's, without
+    megatron_ddk.json) or the run's ResolvedCheckpoint (not read again). Returns its metadata.
     """
-    folder, _ = resolve_checkpoint(path)
-    state = load_sharded(folder, {"model": model.sharded_state_dict()})
+    ckpt = describe_checkpoint(path)
+    state = load_sharded(ckpt.folder, {"model": model.sharded_state_dict()})
     model.load_state_dict(state["model"], strict=True)
-    return read_metadata(folder)
+    return ckpt.metadata

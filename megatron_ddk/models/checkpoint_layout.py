@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "megatron_ddk.json"
@@ -100,6 +101,38 @@ def resolve_checkpoint(path: str) -> Tuple[str, int]:
         raise CheckpointError(f"{os.path.join(path, LATEST_FILE)} names iteration {iteration} "
                               f"but {folder} is missing")
     return folder, iteration
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """One checkpoint as a run uses it, resolved once (training/prepare.py) and carried to every
+    reader: the path given, its iteration folder and iteration, and its megatron_ddk.json."""
+
+    path: str
+    """As the config gave it (a root, an iter_NNNNNNN or a release folder)."""
+
+    folder: str
+    """The iteration folder it resolves to."""
+
+    iteration: int
+    """Its iteration (0 for a release folder)."""
+
+    metadata: Dict[str, Any] = field(default_factory=dict)
+    """megatron_ddk.json ({} for Megatron-LM's own checkpoints)."""
+
+    @property
+    def tokenizer_hash(self) -> Optional[str]:
+        """The tokenizer hash it records (None: unknown)."""
+        return self.metadata.get("tokenizer_hash")
+
+
+def describe_checkpoint(path: Union[str, ResolvedCheckpoint]) -> ResolvedCheckpoint:
+    """`path` resolved and its metadata read (CheckpointError naming the file); a
+    ResolvedCheckpoint is returned unchanged."""
+    if isinstance(path, ResolvedCheckpoint):
+        return path
+    folder, iteration = resolve_checkpoint(path)
+    return ResolvedCheckpoint(path, folder, iteration, read_metadata(folder))
 
 
 def checkpoint_root(path: str) -> str:

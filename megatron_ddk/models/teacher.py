@@ -7,7 +7,7 @@ torch.no_grad, never wrapped in DDP, never handed to the optimizer, never saved 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -16,10 +16,10 @@ from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.models.build import build_gpt_model
 from megatron_ddk.models.checkpoint import (
     META_FILE,
+    ResolvedCheckpoint,
     check_compatible,
+    describe_checkpoint,
     load_model,
-    read_metadata,
-    resolve_checkpoint,
 )
 from megatron_ddk.models.fp8 import recast_fp8_weights_every_forward
 from megatron_ddk.parallel.state import ParallelContext
@@ -36,10 +36,12 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_checkpoint_model(model_cfg: ModelConfig, ctx: ParallelContext, padded_vocab_size: int,
-                          folder: str, *, bf16: bool = False) -> torch.nn.Module:
-    """This rank's stage of `model_cfg` with the weights of checkpoint `folder` (any saved
-    TP/PP). With bf16 the whole module is cast as Float16Module does in training (torch's
-    norms are built fp32). The one way the package builds a model from a checkpoint."""
+                          folder: Union[str, ResolvedCheckpoint], *,
+                          bf16: bool = False) -> torch.nn.Module:
+    """This rank's stage of `model_cfg` with the weights of checkpoint `folder` (a path or the
+    run's ResolvedCheckpoint; any saved TP/PP). With bf16 the whole module is cast as
+    Float16Module does in training (torch's norms are built fp32). The one way the package
+    builds a model from a checkpoint."""
     model = build_gpt_model(model_cfg, ctx, padded_vocab_size, bf16=bf16)
     load_model(folder, model)
     if bf16:
@@ -47,21 +49,23 @@ def load_checkpoint_model(model_cfg: ModelConfig, ctx: ParallelContext, padded_v
     return model
 
 
-def build_teacher(teacher: ModelConfig, ctx: ParallelContext, padded_vocab_size: int, load: str,
-                  *, bf16: bool = False, tokenizer_hash: Optional[str] = None):
+def build_teacher(teacher: ModelConfig, ctx: ParallelContext, padded_vocab_size: int,
+                  load: Union[str, ResolvedCheckpoint], *, bf16: bool = False,
+                  tokenizer_hash: Optional[str] = None):
     """Build the teacher's stage, load its checkpoint (any saved TP/PP), freeze it.
 
-    `load` is a megatron-ddk or Megatron-LM checkpoint (root, iter_NNNNNNN or release folder),
-    resolved once here; a Megatron-LM checkpoint records no model, so `teacher` (the config's)
-    is the architecture and its padded vocabulary must match the checkpoint's embedding rows."""
-    folder, _ = resolve_checkpoint(load)
-    meta = read_metadata(folder)
+    `load` is a megatron-ddk or Megatron-LM checkpoint (root, iter_NNNNNNN or release folder), or
+    the run's ResolvedCheckpoint of it (not read again); a Megatron-LM checkpoint records no
+    model, so `teacher` (the config's) is the architecture and its padded vocabulary must match
+    the checkpoint's embedding rows."""
+    ckpt = describe_checkpoint(load)
+    folder, meta = ckpt.folder, ckpt.metadata
     check_compatible(meta, to_dict(teacher), padded_vocab_size, tokenizer_hash,
-                     f"{load} (distill.teacher_load)")
+                     f"{ckpt.path} (distill.teacher_load)")
     if not meta:
         logger.info("teacher %s has no %s (a Megatron-LM checkpoint): built from distill.teacher "
                     "with %d embedding rows", folder, META_FILE, padded_vocab_size)
-    model = load_checkpoint_model(teacher, ctx, padded_vocab_size, folder, bf16=bf16)
+    model = load_checkpoint_model(teacher, ctx, padded_vocab_size, ckpt, bf16=bf16)
     logger.info("teacher loaded from %s (%d parameters on this rank)", folder,
                 sum(p.numel() for p in model.parameters()))
     recast_fp8_weights_every_forward(model)  # no-op without FP8; see models/fp8.py

@@ -35,9 +35,9 @@ from megatron_ddk.models.checkpoint_layout import (
     META_FILE,
     SHAPE_FIELDS,
     CheckpointError,
+    ResolvedCheckpoint,
+    describe_checkpoint,
     model_differences,
-    read_metadata,
-    resolve_checkpoint,
 )
 
 FUNCTION_FIELDS = SHAPE_FIELDS + ("norm_epsilon", "rotary_base", "rotary_percent")
@@ -73,8 +73,10 @@ def model_from_metadata(saved: Dict[str, Any], student: ModelConfig, where: str)
         raise ConfigError(f"distill.teacher: from_checkpoint: {where}: {exc}") from None
 
 
-def teacher_problems(cfg: RunConfig) -> Tuple[Optional[ModelConfig], List[str]]:
-    """(the teacher's ModelConfig or None, the errors that prevent resolving it)."""
+def teacher_problems(cfg: RunConfig, ckpt: Optional[ResolvedCheckpoint] = None
+                     ) -> Tuple[Optional[ModelConfig], List[str]]:
+    """(the teacher's ModelConfig or None, the errors that prevent resolving it); `ckpt` is
+    distill.teacher_load already resolved (None: resolve it here)."""
     d = cfg.distill
     if d.teacher is None:
         return None, []
@@ -85,14 +87,13 @@ def teacher_problems(cfg: RunConfig) -> Tuple[Optional[ModelConfig], List[str]]:
                           "teacher's checkpoint folder)"]
         return explicit, []  # static checks report the missing teacher_load
     try:
-        folder, _ = resolve_checkpoint(d.teacher_load)
-        meta = read_metadata(folder)
+        ckpt = ckpt or describe_checkpoint(d.teacher_load)
     except CheckpointError as exc:
         if explicit is not None:  # nothing to compare (e.g. a preset's placeholder path): the
             return explicit, []   # load reports it, check-config --deep too
         return None, [f"distill.teacher is from_checkpoint but distill.teacher_load cannot be "
                       f"read: {exc}"]
-    saved = meta.get("model")
+    folder, saved = ckpt.folder, ckpt.metadata.get("model")
     where = os.path.join(folder, META_FILE)
     if explicit is None:
         if not saved:
@@ -114,9 +115,10 @@ def teacher_problems(cfg: RunConfig) -> Tuple[Optional[ModelConfig], List[str]]:
     return explicit, []
 
 
-def resolve_teacher(cfg: RunConfig) -> RunConfig:
-    """cfg with distill.teacher resolved to a ModelConfig (or None); ConfigError otherwise."""
-    teacher, errs = teacher_problems(cfg)
+def resolve_teacher(cfg: RunConfig, ckpt: Optional[ResolvedCheckpoint] = None) -> RunConfig:
+    """cfg with distill.teacher resolved to a ModelConfig (or None); ConfigError otherwise.
+    `ckpt`: distill.teacher_load already resolved (training/prepare.py), not read again."""
+    teacher, errs = teacher_problems(cfg, ckpt)
     if errs:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
     if teacher is cfg.distill.teacher:

@@ -8,21 +8,28 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch.distributed as dist
 
-from megatron_ddk.config import ModelConfig, RunConfig, to_dict, train_iters
+from megatron_ddk.config import RunConfig, to_dict, train_iters
 from megatron_ddk.config.optional import have_cuda
 from megatron_ddk.data.domain_datasets import DomainDatasets, build_domain_datasets
 from megatron_ddk.data.manifest import DomainManifest, load_manifest_and_tokenizer
 from megatron_ddk.models.build import build_gpt_model
-from megatron_ddk.models.checkpoint import read_metadata, resolve_checkpoint
-from megatron_ddk.models.pair import DistillationPair
+from megatron_ddk.models.checkpoint_layout import ResolvedCheckpoint
 from megatron_ddk.models.teacher import build_teacher
 from megatron_ddk.models.vocab import check_tokenizer_hashes, common_padded_vocab_size
 from megatron_ddk.parallel.state import ParallelContext
+from megatron_ddk.training.prepare import RunCheckpoints
 from megatron_ddk.training.run_folder import run_id
+from megatron_ddk.training.teacher_source import (
+    OnlineTeacher,
+    StoredTeacher,
+    TeacherSource,
+    open_store,
+    source_kind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +95,6 @@ def build_data(cfg: RunConfig, ctx: ParallelContext, valid_samples: int) -> Data
     return DataParts(manifest, tokenizer, manifest.tokenizer_hash, manifest.vocab_size, datasets)
 
 
-def _checkpoint_hash(path: Optional[str]) -> Optional[str]:
-    if not path:
-        return None
-    folder, _ = resolve_checkpoint(path)
-    return read_metadata(folder).get("tokenizer_hash")
-
-
 def model_vocab(cfg: RunConfig, vocab_size: int, tp_size: int) -> int:
     """The common padded vocabulary size of student and teacher."""
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab_size:
@@ -103,22 +103,26 @@ def model_vocab(cfg: RunConfig, vocab_size: int, tp_size: int) -> int:
     return common_padded_vocab_size(cfg.model, cfg.distill.teacher, vocab_size, tp_size)
 
 
-def build_models(cfg: RunConfig, ctx: ParallelContext, padded_vocab: int,
-                 data_hash: Optional[str], load: Optional[str]):
-    """(student stage, frozen teacher stage or None, pair) on this rank."""
-    # an offline teacher (distill.teacher_logits) is read from its store: no teacher model
-    with_teacher = isinstance(cfg.distill.teacher, ModelConfig) and not cfg.distill.teacher_logits
-    check_tokenizer_hashes(_checkpoint_hash(load),
-                           _checkpoint_hash(cfg.distill.teacher_load) if with_teacher else None,
-                           data_hash)
+def build_models(cfg: RunConfig, ctx: ParallelContext, padded_vocab: int, data: DataParts,
+                 checkpoints: RunCheckpoints) -> Tuple[Any, TeacherSource]:
+    """(student stage, teacher source) on this rank: the teacher built once, of the kind the
+    config names (training/teacher_source.py); student, teacher and data share one tokenizer."""
+    kind = source_kind(cfg)
+    resume, teacher_ckpt = checkpoints.resume, checkpoints.teacher
+    check_tokenizer_hashes(resume.tokenizer_hash if resume else None,
+                           teacher_ckpt.tokenizer_hash if teacher_ckpt and kind == "online"
+                           else None, data.tokenizer_hash)
     bf16 = use_bf16(cfg)
     student = build_gpt_model(cfg.model, ctx, padded_vocab, bf16=bf16,
                               sequence_parallel=cfg.parallel.sequence_parallel)
-    teacher = None
-    if with_teacher:  # resolved by models/teacher_config.py before the static checks
-        teacher = build_teacher(cfg.distill.teacher, ctx, padded_vocab, cfg.distill.teacher_load,
-                                bf16=bf16, tokenizer_hash=data_hash)
-    return student, teacher, DistillationPair(student, teacher)
+    if kind == "offline":  # no teacher model: its top-K is read from the store
+        return student, StoredTeacher(open_store(cfg, data, teacher_ckpt))
+    if kind == "online":  # resolved by models/teacher_config.py before the static checks
+        teacher = build_teacher(cfg.distill.teacher, ctx, padded_vocab,
+                                teacher_ckpt or cfg.distill.teacher_load, bf16=bf16,
+                                tokenizer_hash=data.tokenizer_hash)
+        return student, OnlineTeacher(teacher, cfg.distill.teacher)
+    return student, TeacherSource()
 
 
 def num_iters(cfg: RunConfig) -> int:
@@ -126,18 +130,19 @@ def num_iters(cfg: RunConfig) -> int:
     return int(train_iters(cfg))
 
 
-def _shared_run_id(cfg: RunConfig) -> str:
+def _shared_run_id(cfg: RunConfig, resume: Optional[ResolvedCheckpoint]) -> str:
     """run_folder.run_id, rank 0's on every rank (a fresh id is random)."""
-    value = [run_id(cfg)]
+    value = [run_id(cfg, resume)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(value, src=0)
     return value[0]
 
 
-def checkpoint_metadata(cfg: RunConfig, padded_vocab: int, data: DataParts) -> dict:
+def checkpoint_metadata(cfg: RunConfig, padded_vocab: int, data: DataParts,
+                        resume: Optional[ResolvedCheckpoint] = None) -> dict:
     """What models/checkpoint.py records beside every checkpoint of the student; run_id marks
     the iterations this run writes (keep_last prunes only those). All ranks call it."""
     return {"model": to_dict(cfg.model), "padded_vocab_size": padded_vocab,
             "tokenizer_hash": data.tokenizer_hash, "vocab_size": data.vocab_size,
             "tokenizer_model": data.manifest.tokenizer_model,  # export_hf's default tokenizer
-            "domains": data.manifest.names(), "run_id": _shared_run_id(cfg)}
+            "domains": data.manifest.names(), "run_id": _shared_run_id(cfg, resume)}

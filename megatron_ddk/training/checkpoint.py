@@ -12,16 +12,16 @@ Megatron-Core 0.16's optimizer-loading quirks are handled in mcore_compat.py.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
 from megatron_ddk.config.optional import have_cuda
 from megatron_ddk.models.checkpoint import (
+    ResolvedCheckpoint,
     check_compatible,
+    describe_checkpoint,
     load_sharded,
-    read_metadata,
-    resolve_checkpoint,
     save_sharded,
 )
 from megatron_ddk.training.mcore_compat import (
@@ -93,13 +93,15 @@ def save_training_checkpoint(root: str, iteration: int, *, model, optimizer, ctx
     return save_sharded(root, iteration, state, meta, config_yaml, keep_last)
 
 
-def load_training_checkpoint(path: str, *, model, optimizer, ctx, model_dict: Dict[str, Any],
-                             padded_vocab_size: int, tokenizer_hash: Optional[str],
+def load_training_checkpoint(path: Union[str, ResolvedCheckpoint], *, model, optimizer, ctx,
+                             model_dict: Dict[str, Any], padded_vocab_size: int,
+                             tokenizer_hash: Optional[str],
                              finetune: bool = False) -> Optional[Dict[str, Any]]:
-    """Load a checkpoint into model (+ optimizer, RNG); returns its run state (None: finetune
-    or a model-only checkpoint, i.e. start at step 0 from these weights)."""
-    folder, iteration = resolve_checkpoint(path)
-    meta = read_metadata(folder)
+    """Load a checkpoint (a path, or the run's ResolvedCheckpoint: not read again) into model
+    (+ optimizer, RNG); returns its run state (None: finetune or a model-only checkpoint, i.e.
+    start at step 0 from these weights)."""
+    ckpt = describe_checkpoint(path)
+    folder, iteration, meta, path = ckpt.folder, ckpt.iteration, ckpt.metadata, ckpt.path
     check_compatible(meta, model_dict, padded_vocab_size, tokenizer_hash, path)
     full = meta.get("kind") == "training" and not finetune
     request: Dict[str, Any] = {"model": model.sharded_state_dict()}

@@ -25,7 +25,7 @@ from megatron_ddk.atomic import check_writable_folder, write_atomic
 from megatron_ddk.config import RunConfig
 from megatron_ddk.console import results
 from megatron_ddk.parallel.launcher import launcher_env
-from megatron_ddk.training.prepare import prepare_run
+from megatron_ddk.training.prepare import PreparedRun, prepare
 
 logger = logging.getLogger("megatron_ddk")
 
@@ -79,13 +79,20 @@ def _setup_logging(cfg, rank: int) -> None:
 
 def prepare_config(config: str, overrides: List[str], load: Optional[str] = None,
                    training: bool = False) -> RunConfig:
-    """prepare_run (what check-config runs), then the host checks and this rank's logging."""
-    cfg = prepare_run(config, overrides, load=load, training=training)
+    """The config of prepared_run."""
+    return prepared_run(config, overrides, load, training).cfg
+
+
+def prepared_run(config: str, overrides: List[str], load: Optional[str] = None,
+                 training: bool = False) -> PreparedRun:
+    """prepare (what check-config runs: the config and its checkpoints, each resolved once),
+    then the host checks and this rank's logging."""
+    run = prepare(config, overrides, load=load, training=training)
     from megatron_ddk.config.host import host_checks  # imports torch
 
-    host_checks(cfg)
-    _setup_logging(cfg, launcher_env()[0])
-    return cfg
+    host_checks(run.cfg)
+    _setup_logging(run.cfg, launcher_env()[0])
+    return run
 
 
 def start_parallel(cfg: RunConfig):
@@ -100,14 +107,15 @@ def start_parallel(cfg: RunConfig):
 
 def train_main(config: str, overrides: List[str], load: Optional[str] = None) -> int:
     """Train a run (one process or one torchrun rank); returns the Trainer's exit code."""
-    cfg = prepare_config(config, overrides, load, training=True)
+    run = prepared_run(config, overrides, load, training=True)
     from megatron_ddk.parallel import destroy
     from megatron_ddk.training.trainer import Trainer
 
-    ctx = start_parallel(cfg)
-    _install_stop_signals(cfg.checkpoint.save_on_signal)
+    ctx = start_parallel(run.cfg)
+    _install_stop_signals(run.cfg.checkpoint.save_on_signal)
     try:
-        return Trainer(cfg, ctx, stop_flag=lambda: _STOP["requested"]).run()
+        return Trainer(run.cfg, ctx, stop_flag=lambda: _STOP["requested"],
+                       checkpoints=run.checkpoints).run()
     finally:
         destroy()
 

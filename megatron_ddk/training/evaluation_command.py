@@ -29,12 +29,12 @@ from typing import Any, Dict, Optional
 from megatron_ddk.config import RunConfig, static_checks, to_dict
 from megatron_ddk.config.schema import ModelConfig
 from megatron_ddk.data.domain_datasets import build_heldout_samples
-from megatron_ddk.models.checkpoint import (
+from megatron_ddk.models.checkpoint_layout import (
+    META_FILE,
     check_compatible,
-    read_metadata,
-    resolve_checkpoint,
+    describe_checkpoint,
+    model_differences,
 )
-from megatron_ddk.models.checkpoint_layout import META_FILE, model_differences
 from megatron_ddk.models.pair import DistillationPair
 from megatron_ddk.models.teacher import load_checkpoint_model
 from megatron_ddk.models.teacher_config import compared_fields, model_from_metadata
@@ -87,8 +87,8 @@ def evaluate_checkpoint(cfg: RunConfig, ctx: ParallelContext, load: str, split: 
         raise ValueError(f"--samples {num_samples}: must be >= 1")
     if num_samples is None and split == "valid":
         num_samples = cfg.ddk.valid_samples_per_domain
-    folder, iteration = resolve_checkpoint(load)
-    meta = read_metadata(folder)
+    ckpt = describe_checkpoint(load)
+    folder, iteration, meta = ckpt.folder, ckpt.iteration, ckpt.metadata
     model_cfg = eval_model(cfg, meta, folder)
     from_checkpoint = model_cfg is not cfg.model
     if from_checkpoint:
@@ -100,7 +100,7 @@ def evaluate_checkpoint(cfg: RunConfig, ctx: ParallelContext, load: str, split: 
     padded = meta.get("padded_vocab_size") or common_padded_vocab_size(
         cfg.model, None, manifest.vocab_size, ctx.tp_size)
     check_compatible(meta, to_dict(cfg.model), padded, manifest.tokenizer_hash, load)
-    model = load_checkpoint_model(cfg.model, ctx, padded, folder, bf16=builder.use_bf16(cfg))
+    model = load_checkpoint_model(cfg.model, ctx, padded, ckpt, bf16=builder.use_bf16(cfg))
     res = evaluate_domains(
         DistillationPair(model, None), ctx, samples, micro_batch_size=cfg.train.micro_batch_size,
         seq_length=cfg.data.seq_length, vocab_size=manifest.vocab_size, with_teacher=False,

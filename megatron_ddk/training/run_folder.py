@@ -27,8 +27,10 @@ from megatron_ddk.config.validate import train_iters
 from megatron_ddk.models.checkpoint_layout import (
     SHAPE_FIELDS,
     CheckpointError,
+    ResolvedCheckpoint,
     checkpoint_root,
     complete_iterations,
+    describe_checkpoint,
     model_differences,
     read_latest_iteration,
     read_metadata,
@@ -107,17 +109,19 @@ def save_folder_errors(cfg: RunConfig) -> List[str]:
             f"checkpoint.overwrite=true"]
 
 
-def resume_errors(cfg: RunConfig) -> List[str]:
+def resume_errors(cfg: RunConfig, resume: Optional[ResolvedCheckpoint] = None) -> List[str]:
     """A full resume from a checkpoint already past the run's last step (it would be saved
-    again under its own iteration, with this config, rewriting a finished checkpoint)."""
+    again under its own iteration, with this config, rewriting a finished checkpoint).
+    `resume`: checkpoint.load already resolved (None: resolve it here)."""
     c = cfg.checkpoint
     last = train_iters(cfg)
     if not c.load or c.finetune or last is None or not os.path.exists(c.load):
         return []
     try:
-        folder, iteration = resolve_checkpoint(c.load)
+        resume = resume or describe_checkpoint(c.load)
     except CheckpointError:
         return []  # the load reports it, naming the file
+    folder, iteration = resume.folder, resume.iteration
     if iteration <= last:
         return []
     return [f"checkpoint.load={c.load} is at iteration {iteration} ({folder}), past this run's "
@@ -126,22 +130,24 @@ def resume_errors(cfg: RunConfig) -> List[str]:
             f"continue, or set checkpoint.finetune=true to start a new run from its weights"]
 
 
-def check_save_folder(cfg: RunConfig) -> RunConfig:
+def check_save_folder(cfg: RunConfig, resume: Optional[ResolvedCheckpoint] = None
+                      ) -> RunConfig:
     """Raise ConfigError when the run must not write into checkpoint.save (or would rewrite
-    the checkpoint it resumes from); return cfg."""
-    errs = save_folder_errors(cfg) + resume_errors(cfg)
+    the checkpoint it resumes from, `resume` when already resolved); return cfg."""
+    errs = save_folder_errors(cfg) + resume_errors(cfg, resume)
     if errs:
         raise ConfigError("refusing to write checkpoints:\n  - " + "\n  - ".join(errs))
     return cfg
 
 
-def run_id(cfg: RunConfig) -> str:
+def run_id(cfg: RunConfig, resume: Optional[ResolvedCheckpoint] = None) -> str:
     """The id this run writes into its checkpoints: the resumed checkpoint's (a full resume of a
-    training checkpoint that records one), otherwise a new one."""
+    training checkpoint that records one; `resume` when already resolved), otherwise a new
+    one."""
     c = cfg.checkpoint
     if c.load and not c.finetune:
         try:
-            meta = read_metadata(resolve_checkpoint(c.load)[0])
+            meta = (resume or describe_checkpoint(c.load)).metadata
         except CheckpointError:
             meta = {}
         if meta.get("kind") == "training" and meta.get("run_id"):

@@ -26,6 +26,7 @@ from megatron_ddk.console import CommandFailed
 from megatron_ddk.data.mixture import IntervalMixture, collate, micro_batches_for_rank
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.losses.distill import distillation_loss_from_config
+from megatron_ddk.models.checkpoint_layout import ResolvedCheckpoint
 from megatron_ddk.models.pair import DistillationPair
 from megatron_ddk.parallel.reduce import reduce_named
 from megatron_ddk.parallel.state import ParallelContext
@@ -35,8 +36,8 @@ from megatron_ddk.training.evaluate import evaluate_domains
 from megatron_ddk.training.flops import FlopCounter
 from megatron_ddk.training.metrics import RunLogger, step_line
 from megatron_ddk.training.optimizer import build_training_objects
+from megatron_ddk.training.prepare import RunCheckpoints, run_checkpoints
 from megatron_ddk.training.schedule import run_batches
-from megatron_ddk.training.teacher_cache import open_run_store
 from megatron_ddk.training.timing import StageTimer
 from megatron_ddk.training.wandb_log import wandb_factory
 
@@ -52,8 +53,12 @@ class NonFiniteLossError(CommandFailed):
 class Trainer:
     """Builds a run from its config and trains it; `run()` returns the process exit code."""
 
-    def __init__(self, cfg: RunConfig, ctx: ParallelContext, stop_flag=None):
+    def __init__(self, cfg: RunConfig, ctx: ParallelContext, stop_flag=None,
+                 checkpoints: Optional[RunCheckpoints] = None):
+        """`checkpoints`: the run's checkpoints as training/prepare.py resolved them (None:
+        resolve them now)."""
         self.cfg, self.ctx = cfg, ctx
+        checkpoints = checkpoints or run_checkpoints(cfg)
         self.stop_flag = stop_flag or (lambda: False)
         self.iters = builder.num_iters(cfg)
         self.gbs, self.mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
@@ -61,10 +66,9 @@ class Trainer:
         self.data = builder.build_data(cfg, ctx, cfg.ddk.valid_samples_per_domain)
         self.names = self.data.manifest.names()
         self.padded_vocab = builder.model_vocab(cfg, self.data.vocab_size, ctx.tp_size)
-        self.store = open_run_store(cfg, self.data)  # offline teacher (teacher_logits) or None
-        load = cfg.checkpoint.load
-        self.student, self.teacher, self.pair = builder.build_models(
-            cfg, ctx, self.padded_vocab, self.data.tokenizer_hash, load)
+        self.student, self.source = builder.build_models(cfg, ctx, self.padded_vocab, self.data,
+                                                         checkpoints)
+        self.pair = DistillationPair(self.student, self.source.model)
         self.eval_student = DistillationPair(self.student, None)
         self.model, self.optimizer, self.scheduler = build_training_objects(
             self._maybe_float16(self.pair), cfg.train, cfg.parallel, ctx, self.iters,
@@ -72,7 +76,7 @@ class Trainer:
         self.loss = distillation_loss_from_config(
             cfg.distill, tp_group=ctx.tp_group, num_domains=len(self.names),
             vocab_size=self.data.vocab_size, logits_layout="bsv",
-            teacher_ce=cfg.ddk.signal == "training" and self.teacher is not None)
+            teacher_ce=cfg.ddk.signal == "training" and self.source.training_ce)
         self.mixture = IntervalMixture(self.data.datasets.num_train_samples, self.gbs,
                                        cfg.ddk.interval, cfg.train.seed, self.names)
         self.controller = DDKController(
@@ -81,15 +85,15 @@ class Trainer:
             samples_per_epoch=self.data.datasets.num_train_samples,
             samples_per_interval=cfg.ddk.interval * self.gbs)
         self.step = 0
-        self.meta = builder.checkpoint_metadata(cfg, self.padded_vocab, self.data)
-        self.timer = StageTimer(self.teacher)
-        self.flops = FlopCounter(cfg.model, cfg.distill.teacher if self.store is None else None,
-                                 cfg.data.seq_length,
+        self.meta = builder.checkpoint_metadata(cfg, self.padded_vocab, self.data,
+                                                checkpoints.resume)
+        self.timer = StageTimer(self.source.model)
+        self.flops = FlopCounter(cfg.model, self.source.flops_model, cfg.data.seq_length,
                                  self.padded_vocab, self.gbs * cfg.data.seq_length)
         # per domain, since the last interval start: student CE sum, tokens, teacher CE sum
         self.domain_train = np.zeros((3, len(self.names)))
-        if load:
-            self._resume(load)
+        if checkpoints.resume is not None:
+            self._resume(checkpoints.resume)
         self.log = RunLogger(cfg.logging.run_dir, ctx.is_logging_rank, cfg.logging.tensorboard,
                              resume_step=self.step, wandb=wandb_factory(cfg, self.step))
         self.log.write_metadata(config_to_yaml(cfg), dict(
@@ -100,9 +104,9 @@ class Trainer:
     def _maybe_float16(self, module):
         return builder.float16_wrap(module, builder.use_bf16(self.cfg))
 
-    def _resume(self, path: str) -> None:
+    def _resume(self, ckpt: ResolvedCheckpoint) -> None:
         state = load_training_checkpoint(
-            path, model=self.student, optimizer=self.optimizer, ctx=self.ctx,
+            ckpt, model=self.student, optimizer=self.optimizer, ctx=self.ctx,
             model_dict=to_dict(self.cfg.model), padded_vocab_size=self.padded_vocab,
             tokenizer_hash=self.data.tokenizer_hash, finetune=self.cfg.checkpoint.finetune)
         if state is None:
@@ -146,18 +150,18 @@ class Trainer:
         self.timer.total["ddk_eval"] += 0.0  # present in the split even when nothing runs
         if self.controller.needs_validation():
             self.timer.start("ddk_eval")
-            with_teacher = self.controller.teacher_losses is None and self.store is None
+            with_teacher = self.controller.teacher_losses is None and self.source.evaluates_online
             model = self.pair if with_teacher else self.eval_student
             res = evaluate_domains(
                 model, self.ctx, self.data.datasets.valid, micro_batch_size=self.mbs,
                 seq_length=self.cfg.data.seq_length, vocab_size=self.data.vocab_size,
                 with_teacher=with_teacher, chunk_tokens=self.cfg.distill.kl_chunk_tokens)
-            student_losses, teacher_losses = res.student, res.teacher
+            student_losses = res.student
+            if self.controller.teacher_losses is None:  # measured once (online or by a store)
+                teacher_losses = self.source.valid_losses(res.teacher)
             per_sample = dict(student_sample_losses=res.student_samples,
                               teacher_sample_losses=res.teacher_samples,
                               sample_tokens=res.sample_tokens)
-            if self.store is not None and self.controller.teacher_losses is None:
-                teacher_losses = self.store.valid_losses()  # measured by the store's producer
             self.timer.stop("ddk_eval")
         elif self.loss.teacher_ce and self.controller.interval >= 0:
             s_sum, signal_tokens, t_sum = self.domain_train
@@ -210,26 +214,17 @@ class Trainer:
         domains = batch["domain_id"].to(device)
 
         def loss_func(output):
-            student_logits, teacher_logits = output
-            topk = self._read_store(batch) if self.store is not None else None
+            student_logits, teacher_logits = output  # teacher_logits: None unless online
+            topk = self.source.targets(batch, device, self.timer)  # None unless a store
             return self.loss(student_logits, labels=labels, loss_mask=mask, domain_id=domains,
                              teacher_logits=teacher_logits, teacher_topk=topk)
 
         return loss_func
 
-    def _read_store(self, batch: Dict[str, torch.Tensor]):
-        """The offline teacher of one micro-batch (last stage), timed as teacher_cache_read."""
-        self.timer.start("teacher_cache_read")
-        out = tuple(t.to(self.ctx.device) for t in self.store.read(
-            batch["domain_id"], batch["sample_id"], tokens=batch["tokens"]))
-        self.timer.stop("teacher_cache_read")
-        return out
-
     def train_step(self) -> Dict[str, Any]:
         """One optimizer step on the next global batch; returns this step's metrics."""
         global_batch = self.mixture.next_global_batch()
-        if self.store is not None:  # every rank stops at the same step, naming the pair
-            self.store.check_covered(global_batch)
+        self.source.check_covered(global_batch)  # every rank stops at the same step
         entries = micro_batches_for_rank(global_batch, self.ctx.dp_rank, self.ctx.dp_size,
                                          self.mbs)
         batches = [collate(e, self.data.datasets.train) for e in entries]
@@ -317,10 +312,7 @@ class Trainer:
         reason = None
         logger.info("training %d steps (%d left), %d domains, %s, policy %s", self.iters,
                     self.iters - self.step, len(self.names),
-                    "teacher" if self.teacher is not None else
-                    f"teacher store {self.store.root}" if self.store is not None else
-                    "no teacher (CPT)",
-                    self.cfg.ddk.policy)
+                    self.source.describe(), self.cfg.ddk.policy)
         self.model.train()
         while self.step < self.iters:
             if self.mixture.steps_left == 0:
@@ -344,7 +336,6 @@ class Trainer:
         self.log.record("end", {"step": self.step, "reason": reason or "budget",
                                 "timing": self.timer.summary(),
                                 "elapsed_s": time.time() - started,
-                                "teacher_store_samples": None if self.store is None
-                                else self.store.samples_served})
+                                "teacher_store_samples": self.source.samples_served})
         self.log.close()
         return 0

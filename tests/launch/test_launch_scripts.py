@@ -43,6 +43,10 @@ def test_scripts_are_shellcheck_clean():
 
 FAKE_TRAINER = '''
 import os, signal, sys, time
+if os.environ.get("FAKE_FAIL_RANK") == os.environ["RANK"]:  # a user error on this rank only
+    from megatron_ddk.console import report_failure
+    sys.exit(report_failure(ValueError("logging.run_dir=/ro/run is not writable (read-only file "
+                                       "system): choose another logging.run_dir")))
 got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
 signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
@@ -109,6 +113,21 @@ def test_launch_sh_runs_torchrun_with_config_and_overrides(fake_repo):
     missing = subprocess.run(["bash", "scripts/launch.sh", "nope.yaml"], cwd=repo, env=env,
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_a_failure_on_rank_0_only_ends_with_its_one_line_error(fake_repo):
+    """Rank 0 exits 2 with a user error while rank 1 waits (as in init_process_group): torchrun
+    stops rank 1, and the launch ends with rank 0's error line, exit 2, no traceback."""
+    repo, out, env = fake_repo
+    env = dict(env, FAKE_FAIL_RANK="0", FAKE_WAIT="1")
+    result = subprocess.run(["bash", "scripts/launch.sh", PRESET], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0 (local rank 0 on "), result.stderr
+    assert last.endswith("exited 2: logging.run_dir=/ro/run is not writable (read-only file "
+                         "system): choose another logging.run_dir"), last
 
 
 def test_sbatch_resumes_forwards_usr1_and_requeues(fake_repo, tmp_path):

@@ -146,7 +146,7 @@ def _precision_facts(trainer) -> dict:
     opts = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
     main = [p for opt in opts for g in opt.shard_fp32_from_float16_groups for p in g]
     return {"student": sorted({str(p.dtype) for p in trainer.student.parameters()}),
-            "teacher": sorted({str(p.dtype) for p in trainer.teacher.parameters()}),
+            "teacher": sorted({str(p.dtype) for p in trainer.source.model.parameters()}),
             "main_grad": sorted({str(p.main_grad.dtype) for p in trainer.student.parameters()}),
             "main_params": sorted({str(p.dtype) for p in main}), "num_main_params": len(main),
             "optimizers": sorted({type(opt).__name__ for opt in opts}),

@@ -54,7 +54,7 @@ def _dense_teacher_ce(trainer, weights0):
     with torch.no_grad():
         for _ in range(K):
             batch = collate(mix.next_global_batch(), data.datasets.train)
-            logits = trainer.teacher(batch["tokens"], batch["position_ids"], None)
+            logits = trainer.source.model(batch["tokens"], batch["position_ids"], None)
             logp = torch.log_softmax(logits[..., :data.vocab_size].double(), -1)
             ce = -logp.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
             mask = batch["loss_mask"].double()
@@ -79,8 +79,8 @@ def _three_runs(rank, world, tiny, root):
             seed_everything(cfg.train.seed, 0, 0)  # as a fresh process would start
             trainer = Trainer(cfg, ctx)
             calls = {"teacher": 0, "student": 0}
-            for key in calls:
-                getattr(trainer, key).register_forward_hook(
+            for key, module in (("teacher", trainer.source.model), ("student", trainer.student)):
+                module.register_forward_hook(
                     lambda *_, key=key, calls=calls: calls.__setitem__(key, calls[key] + 1))
             assert trainer.run() == 0
             out[name] = dict(calls, run_dir=run_dir)

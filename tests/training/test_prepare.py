@@ -41,11 +41,13 @@ def _cases(tiny, tmp):
         f.write("in the way")
     blocked["logging"]["run_dir"] = os.path.join(tmp, "a_file", "run")
     missing = cfg("missing", teacher_load=os.path.join(tmp, "no_such_teacher"))
+    no_resume = cfg("no_resume")
+    no_resume["checkpoint"]["load"] = os.path.join(tmp, "no_such_checkpoint")
     return {"cpt": (cfg("cpt", policy="static"), 0),
             "ddk": (cfg("ddk", teacher_load=tiny["teacher"]), 0),
             "typo": (typo, 2), "bad_type": (bad_type, 2), "batch": (batch, 2),
             "foreign_save_folder": (foreign, 2), "unwritable_run_dir": (blocked, 2),
-            "missing_teacher": (missing, 2)}
+            "missing_teacher": (missing, 2), "missing_resume": (no_resume, 2)}
 
 
 def test_check_config_and_train_agree(tiny, tmp_path, capsys):
@@ -98,3 +100,52 @@ def test_eval_and_cache_teacher_report_a_typo_before_torch(tmp_path, entry):
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert res.stdout.split() == ["2", "False"], res.stdout + res.stderr
+
+
+def _metadata_reads(rank, world_size, config):
+    """prepare + Trainer set-up of `config` (teacher + resume) in one process, counting the
+    opens of each checkpoint's megatron_ddk.json."""
+    import builtins
+    from collections import Counter
+
+    from megatron_ddk.models.checkpoint_layout import META_FILE
+    from megatron_ddk.parallel import destroy, initialize
+    from megatron_ddk.training.prepare import prepare
+    from megatron_ddk.training.trainer import Trainer
+
+    reads, real_open = Counter(), builtins.open
+
+    def counting_open(path, *args, **kwargs):
+        if str(path).endswith(META_FILE):
+            reads[os.path.dirname(os.path.realpath(path))] += 1
+        return real_open(path, *args, **kwargs)
+
+    builtins.open = counting_open
+    try:
+        run = prepare(config, training=True)
+        ctx = initialize(1, 1, seed=1234)
+        trainer = Trainer(run.cfg, ctx, checkpoints=run.checkpoints)
+        step = trainer.step
+    finally:
+        builtins.open = real_open
+        destroy()
+    return dict(reads), step, run.checkpoints.teacher.folder, run.checkpoints.resume.folder
+
+
+def test_each_checkpoint_is_resolved_and_read_once(tiny, tmp_path):
+    """The teacher's and the resumed checkpoint's metadata: one read each, from prepare to the
+    trainer's first step (its description is carried to the builder, teacher and loaders)."""
+    from megatron_ddk.testing.multiproc import run_distributed
+
+    data = tiny_run.run_config(tiny["manifest"], str(tmp_path / "run"), train_iters=2,
+                               interval=2, teacher_load=tiny["teacher"])
+    data["train"]["lr_warmup_iters"] = 1
+    path = tiny_run.write_config(data, str(tmp_path / "run.yaml"))
+    tiny_run.train(path)
+    resumed = tiny_run.write_config(dict(data, train=dict(data["train"], train_iters=3),
+                                         checkpoint=dict(data["checkpoint"], load="auto")),
+                                    str(tmp_path / "resume.yaml"))
+    reads, step, teacher, resume = run_distributed(_metadata_reads, 1, resumed)[0]
+    assert step == 2  # it did resume
+    assert reads.get(os.path.realpath(teacher)) == 1, reads
+    assert reads.get(os.path.realpath(resume)) == 1, reads
