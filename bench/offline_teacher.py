@@ -1,7 +1,7 @@
 """Benchmark: the offline teacher store's encodings at the quickstart's sizes (issue 30's table).
 
     .venv/bin/python bench/offline_teacher.py                 # reuses runs/quickstart
-    .venv/bin/python bench/offline_teacher.py --arms v1:32:1:float16,v2:16:1:q8
+    .venv/bin/python bench/offline_teacher.py --arms v1:32:1:float16,v2:24:1:q4:ef
 
 Sizes are the quickstart's (megatron_ddk/examples/quickstart/pipeline.yaml): teacher 4 x 256
 (240 steps), student 2 x 128 (80 steps), seq 256, a 4,096-token tokenizer, five demo domains;
@@ -10,17 +10,19 @@ starting student and the KD arm's config come from a finished quickstart pipelin
 (--pipeline, default runs/quickstart: `megatron-ddk pipeline --config
 megatron_ddk/examples/quickstart/pipeline.yaml`), so nothing is re-trained.
 
-1. The grid (bench/offline_teacher_kl.py): format 1 (today's fixed-K float16 store) and format 2
-   for every K x top_p x codec, on held-out tokens: KL error per token against the dense
-   teacher (mean, p99), entries per token, bytes per token of a real store on disk (none / zstd),
-   read throughput (tokens/s, cold and warm page cache).
+1. The grid (bench/offline_teacher_kl.py): format 1 (the fixed-K float16 store) and format 2
+   for every K x top_p x codec x id codec, on held-out tokens: KL error per token against the
+   dense teacher (mean, p99), entries per token, bytes per token of a real store on disk (none /
+   zstd), read throughput (tokens/s, cold and warm page cache).
 2. Per --arms setting, in one sequence on this machine: the producer (`megatron-ddk
    cache-teacher ... --cover-runs KD.yaml`: exactly the samples the KD arm draws), the KD arm
    reading that store (`python -m megatron_ddk.train`), its test-split perplexity (`megatron-ddk
    eval`), the share of the step spent reading the store (the trainer's teacher_cache_read).
 3. Bytes per token for a 152k vocabulary (Qwen-1.5's 151,646) from the measured entries per
-   token (data/store_codec.bytes_per_token: uncompressed, 18-bit ids), against format 1 at K = 32
-   (196 bytes), and what one training step needs from the store against its step time.
+   token (data/store_codec.bytes_per_token, uncompressed: packed 18-bit ids; ef the most its ids
+   can take at that vocabulary whatever they are, never the demo's 4,096-token ids), against
+   format 1 at K = 32 (196 bytes), and what one training step needs from the store against its
+   step time.
 
 Prints the tables and the acceptance lines; writes <workdir>/bench_offline_teacher.json.
 """
@@ -56,16 +58,27 @@ def sh(args, log):
 
 
 def parse_arm(text):
-    """'online' / 'v1:32:1:float16' / 'v2:16:0.95:q8[:zstd]' -> dict."""
+    """'online' / 'v1:32:1:float16' / 'v2:16:0.95:q8[:zstd|none][:ef|packed]' -> dict (no id
+    codec given: packed, the labels of the runs before ef)."""
     if text == "online":
         return {"fmt": 0, "k": 0, "top_p": 1.0, "codec": "", "compression": "none",
-                "label": "KD online (same run)"}
+                "id_codec": "", "label": "KD online (same run)"}
     parts = text.split(":")
     fmt, k, p, codec = int(parts[0][1:]), int(parts[1]), float(parts[2]), parts[3]
-    comp = parts[4] if len(parts) > 4 else "none"
+    comp, id_codec = "none", "packed"
+    for extra in parts[4:]:
+        if extra in ("none", "zstd"):
+            comp = extra
+        elif extra in ("packed", "ef"):
+            id_codec = extra
+        else:
+            raise SystemExit(f"--arms {text!r}: {extra!r} is neither a compression (none, zstd) "
+                             f"nor an id codec (packed, ef)")
     label = (f"v1 float16 K={k}" if fmt == 1 else f"v2 {codec} K={k} p={p:g}"
+             + ("" if id_codec == "packed" else f" {id_codec}")
              + ("" if comp == "none" else f" {comp}"))
-    return {"fmt": fmt, "k": k, "top_p": p, "codec": codec, "compression": comp, "label": label}
+    return {"fmt": fmt, "k": k, "top_p": p, "codec": codec, "compression": comp,
+            "id_codec": id_codec if fmt == 2 else "", "label": label}
 
 
 def producer_args(arm, kd_cfg, store):
@@ -74,7 +87,8 @@ def producer_args(arm, kd_cfg, store):
     if arm["fmt"] == 1:
         return args + ["--store-format", "1", "--logprob-dtype", arm["codec"]]
     return args + ["--store-format", "2", "--top-p", str(arm["top_p"]), "--logprob-codec",
-                   arm["codec"], "--compression", arm["compression"]]
+                   arm["codec"], "--compression", arm["compression"], "--id-codec",
+                   arm.get("id_codec") or "packed"]
 
 
 def end_record(run_dir):
@@ -131,14 +145,15 @@ def main(argv=None):
     p.add_argument("--pipeline", default=os.path.join(ROOT, "runs", "quickstart"),
                    help="a finished quickstart pipeline folder (data, teacher, student, configs)")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench_offline_teacher"))
-    p.add_argument("--ks", default="8,16,20,24,32")
-    p.add_argument("--top-ps", default="1,0.95,0.9,0.8")
-    p.add_argument("--codecs", default="float16,q8,q6,q4")
+    p.add_argument("--ks", default="16,20,24,32")
+    p.add_argument("--top-ps", default="1,0.95")
+    p.add_argument("--codecs", default="float16,q8,q4")
+    p.add_argument("--id-codecs", default="packed,ef")
     p.add_argument("--grid-samples", type=int, default=32, help="validation samples per domain")
-    p.add_argument("--arms", default="v1:32:1:float16,v2:32:0.95:q8,v2:16:1:q8,v2:16:0.95:q8,"
-                                     "v2:20:1:q4,v2:24:1:q4",
+    p.add_argument("--arms", default="v1:32:1:float16,v2:24:1:q4:ef,v2:24:1:q4",
                    help="store settings trained as KD arms (the first is the baseline)")
-    p.add_argument("--default", default="v2:24:1:q4", help="the setting checked for acceptance")
+    p.add_argument("--default", default="v2:24:1:q4:ef",
+                   help="the setting checked for acceptance")
     p.add_argument("--skip-grid", action="store_true", help="reuse <workdir>/grid.json")
     p.add_argument("--reuse-arms", action="store_true",
                    help="take the arms already in <workdir>/bench_offline_teacher.json (their "
@@ -167,7 +182,8 @@ def main(argv=None):
         print("grid (bench/offline_teacher_kl.py) ...", flush=True)
         sh([os.path.join(ROOT, "bench", "offline_teacher_kl.py"), "--config", kd_cfg,
             "--student", os.path.join(pipe, "runs", "student", "ckpt"), "--ks", args.ks,
-            "--top-ps", args.top_ps, "--codecs", args.codecs, "--samples",
+            "--top-ps", args.top_ps, "--codecs", args.codecs, "--id-codecs", args.id_codecs,
+            "--samples",
             str(args.grid_samples), "--out", grid_path], os.path.join(work, "grid.log"))
     with open(grid_path) as f:
         grid = json.load(f)
@@ -193,13 +209,15 @@ def main(argv=None):
 
 
 def projected(row):
-    """Uncompressed bytes per token at Qwen-1.5's vocabulary from the measured entries."""
+    """Uncompressed bytes per token at Qwen-1.5's vocabulary from the measured entries (ef: the
+    most its ids can take there whatever they are)."""
     from megatron_ddk.data.store_codec import bytes_per_token as v2_bytes
     from megatron_ddk.data.teacher_store import bytes_per_token as v1_bytes
 
     if row["format"] == 1:
         return float(v1_bytes(row["top_k"], QWEN15_VOCAB, "float16"))
-    return v2_bytes(row["entries_per_token"], QWEN15_VOCAB, row["codec"], row["top_k"])
+    return v2_bytes(row["entries_per_token"], QWEN15_VOCAB, row["codec"], row["top_k"],
+                    row["top_p"], row.get("id_codec") or "packed")
 
 
 def report(result, default_label):
@@ -227,11 +245,16 @@ def report(result, default_label):
               f"{row['kl_err_p99']:>7.3f} {100 * row['kl_of_mean_rel']:>10.2f}% {cold:>11.0f} "
               f"{st['none']['read_warm_tokens_per_s']:>11.0f} "
               f"{100 * step_tokens / cold / step_s:>10.2f}%")
-    print(f"\n{'KD arm on store':<30} {'entries':>7} {'B/tok':>7} {'producer s':>10} {'loop s':>7} "
-          f"{'read % step':>11} {'test ppl':>9} {'vs v1 K32':>9} {'vs online':>9}")
+    print(f"\n{'KD arm on store':<30} {'entries':>7} {'B/tok':>7} {'B/tok 152k':>10} "
+          f"{'producer s':>10} {'loop s':>7} {'read % step':>11} {'test ppl':>9} "
+          f"{'vs v1 K32':>9} {'vs online':>9}")
     for a in arms:
-        print(f"{a['label']:<30} {a.get('entries_per_token') or a['k']:>7.2f} "
-              f"{a['store_bytes_per_token']:>7.1f} {a['producer_wall_s']:>10.1f} "
+        entries = a.get("entries_per_token") or a["k"]
+        b152 = projected({"format": a["fmt"], "top_k": a["k"], "top_p": a["top_p"],
+                          "codec": a["codec"], "entries_per_token": entries,
+                          "id_codec": a.get("id_codec")}) if a["fmt"] else float("nan")
+        print(f"{a['label']:<30} {entries:>7.2f} "
+              f"{a['store_bytes_per_token']:>7.1f} {b152:>10.1f} {a['producer_wall_s']:>10.1f} "
               f"{a['loop_s']:>7.1f} {100 * a['read_share']:>10.2f}% {a['ppl']:>9.3f} "
               f"{100 * (a['ppl'] / base['ppl'] - 1):>+8.3f}% "
               f"{100 * (a['ppl'] / result['online_kd_ppl'] - 1):>+8.3f}%")

@@ -1,7 +1,8 @@
 """Helper of bench/offline_teacher.py: the store's encodings against the dense teacher.
 
     .venv/bin/python bench/offline_teacher_kl.py --config KD_RUN.yaml --student CKPT \\
-        --ks 16,32,64 --top-ps 1,0.99,0.95,0.9 --codecs float16,q8,q4 --out grid.json
+        --ks 16,32,64 --top-ps 1,0.99,0.95,0.9 --codecs float16,q8,q4 --id-codecs packed,ef \\
+        --out grid.json
 
 Builds the run's teacher and the student checkpoint (one process, TP=1) and runs both over the
 first --samples validation samples of every domain (held out from training). Per token it
@@ -9,8 +10,9 @@ computes the exact KL(p_T || p_S) (losses/kl.vocab_parallel_kl) and, for every s
 the KL the offline teacher gives (losses/topk_kl.vocab_parallel_ce_and_topk_kl) on what that
 setting stores:
 - format 1 (fixed K, float16 log-probabilities: today's store) for every K;
-- format 2 for every K x top_p x codec (data/store_codec.py: adaptive entries, bit-packed ids,
-  quantised log-probabilities; encode + decode exactly as the store does).
+- format 2 for every K x top_p x codec x id codec (data/store_codec.py: adaptive entries,
+  Elias-Fano or bit-packed ids, quantised log-probabilities; encode + decode exactly as the
+  store does).
 Per setting: the error |KL_store - KL| per token (mean, 99th percentile, in nats), the error of
 the mean KL (relative), entries per token, and, for each --compressions, a real store of these
 samples (teacher_store.StoreWriter) measured on disk (bytes per token) and read back through
@@ -32,10 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def settings(ks, top_ps, codecs):
-    """(label, format, K, top_p, codec) of every setting of the grid."""
-    out = [(f"v1 float16 K={k}", 1, k, 1.0, "float16") for k in ks]
-    out += [(f"v2 {c} K={k} p={p:g}", 2, k, p, c) for k in ks for p in top_ps for c in codecs]
+def settings(ks, top_ps, codecs, id_codecs=("packed",)):
+    """(label, format, K, top_p, codec, id codec) of every setting of the grid (packed rows keep
+    the labels of the runs before the ef id codec; ef rows end in " ef")."""
+    out = [(f"v1 float16 K={k}", 1, k, 1.0, "float16", "") for k in ks]
+    out += [(f"v2 {c} K={k} p={p:g}" + ("" if i == "packed" else f" {i}"), 2, k, p, c, i)
+            for k in ks for p in top_ps for c in codecs for i in id_codecs]
     return out
 
 
@@ -45,14 +49,15 @@ def stored(setting, ids, logp, rest, vocab):
 
     from megatron_ddk.data.store_codec import StoreEncoding, decode_sample, encode_sample, fold_rest
 
-    _, fmt, k, top_p, codec = setting
+    _, fmt, k, top_p, codec, id_codec = setting
     b, s, _ = ids.shape
     if fmt == 1:
         counts = np.full(b * s, k)
         r = fold_rest(logp.reshape(b * s, -1), rest.reshape(-1), counts).reshape(b, s)
         return ids[..., :k], logp[..., :k].astype(np.float16).astype(np.float32), \
             r.astype(np.float32), np.full((b, s), k)
-    enc = StoreEncoding(vocab_size=vocab, top_k=k, top_p=top_p, logprob_codec=codec)
+    enc = StoreEncoding(vocab_size=vocab, top_k=k, top_p=top_p, logprob_codec=codec,
+                        id_codec=id_codec)
     outs = [decode_sample(encode_sample(ids[i], logp[i], rest[i], enc), s, enc) for i in range(b)]
     i2, l2, r2 = (np.stack(x) for x in zip(*outs))
     return i2, l2, r2, (i2 >= 0).sum(-1)
@@ -75,12 +80,13 @@ def store_measure(setting, compression, samples, vocab, seq, mbs, work):
     from megatron_ddk.data.store_codec import StoreEncoding
     from megatron_ddk.data.teacher_store import StoreWriter, TeacherStore
 
-    _, fmt, k, top_p, codec = setting
+    _, fmt, k, top_p, codec, id_codec = setting
     root = tempfile.mkdtemp(dir=work)
     m = len(samples)
     ident = {"vocab_size": vocab, "seq_length": seq, "domains": ["d"], "num_train_samples": [m],
              "temperature": 1.0, "seed": 0}
-    enc = None if fmt == 1 else StoreEncoding(vocab, k, top_p, codec, compression)
+    enc = None if fmt == 1 else StoreEncoding(vocab, k, top_p, codec, compression,
+                                              id_codec=id_codec)
     w = StoreWriter(root, ident, k, "float16", max(mbs, 1024 // mbs * mbs),
                     {"d": np.arange(m)}, encoding=enc)
     w.begin()
@@ -124,12 +130,14 @@ def main(argv=None):
     p.add_argument("--ks", default="16,32,64")
     p.add_argument("--top-ps", default="1,0.99,0.95,0.9")
     p.add_argument("--codecs", default="float16,q8,q4")
+    p.add_argument("--id-codecs", default="packed,ef")
     p.add_argument("--compressions", default="none,zstd")
     p.add_argument("--samples", type=int, default=32, help="validation samples per domain")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
-    grid = settings(ks, [float(x) for x in args.top_ps.split(",")], args.codecs.split(","))
+    grid = settings(ks, [float(x) for x in args.top_ps.split(",")], args.codecs.split(","),
+                    args.id_codecs.split(","))
 
     import numpy as np
     import torch
@@ -187,6 +195,7 @@ def main(argv=None):
     for g in grid:
         e = np.concatenate(errs[g[0]])
         row = {"label": g[0], "format": g[1], "top_k": g[2], "top_p": g[3], "codec": g[4],
+               "id_codec": g[5] or None,
                "kl_err_mean": float(e.mean()), "kl_err_p99": float(np.percentile(e, 99)),
                "kl_of_mean_rel": abs(sums[g[0]][0] - exact.sum()) / exact.sum(),
                "entries_per_token": sums[g[0]][1] / exact.size, "stores": {}}

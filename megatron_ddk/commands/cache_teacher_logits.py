@@ -8,8 +8,9 @@
 Runs the run config's teacher (distill.teacher / teacher_load; any TP/PP/DP layout of its
 parallel section) over each domain's training samples and writes a store that a run reads with
 `distill.teacher_logits: DIR` instead of running the teacher (docs/offline_teacher.md). Format 2
-(default): per token the fewest of the top-K entries reaching --top-p, bit-packed ids,
---logprob-codec log-probabilities, optional --compression zstd. --store-format 1 (or the
+(default): per token the fewest of the top-K entries reaching --top-p, the ids as an
+Elias-Fano coded set (--id-codec ef) or bit-packed (packed), --logprob-codec log-probabilities,
+optional --compression zstd. --store-format 1 (or the
 format-1 flag --logprob-dtype) writes the fixed-K format of earlier releases. An interrupted
 run, restarted with the same arguments, resumes where it stopped. Exit status 0, or 2 with one
 `error:` line on bad input.
@@ -25,6 +26,7 @@ from typing import List, Optional
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     from megatron_ddk.data.store_codec import (
         DEFAULT_COMPRESSION,
+        DEFAULT_ID_CODEC,
         DEFAULT_LOGPROB_CODEC,
         DEFAULT_STORE_FORMAT,
         DEFAULT_TOP_K,
@@ -47,6 +49,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--logprob-codec", default=DEFAULT_LOGPROB_CODEC,
                    help=f"float32 | float16 | q2..q12 (b-bit log-scale codes; default "
                         f"{DEFAULT_LOGPROB_CODEC})")
+    p.add_argument("--id-codec", choices=["packed", "ef"], default=DEFAULT_ID_CODEC,
+                   help=f"token ids: ef (Elias-Fano over each token's id set, ~n log2(V/n) + 2n "
+                        f"bits) or packed (ceil(log2 V) bits each); default {DEFAULT_ID_CODEC}")
     p.add_argument("--compression", choices=["none", "zstd"], default=DEFAULT_COMPRESSION,
                    help="zstd per sample chunk (needs pip install 'megatron-ddk[formats]')")
     p.add_argument("--store-format", type=int, choices=[1, 2], default=None,
@@ -72,7 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                        max_samples_per_domain=args.max_samples_per_domain,
                        logprob_dtype=args.logprob_dtype, shard_samples=args.shard_samples,
                        top_p=args.top_p, logprob_codec=args.logprob_codec,
-                       compression=args.compression, store_format=args.store_format,
+                       compression=args.compression, id_codec=args.id_codec,
+                       store_format=args.store_format,
                        cover_runs=args.cover_runs)
 
 

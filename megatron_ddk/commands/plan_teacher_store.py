@@ -8,8 +8,10 @@ Format 2 (the default store): bytes per token follow from the entries kept per t
 a real store measures. With --store DIR the measured entries per token come from that store's
 header (and its measured bytes per token on disk, at its own vocabulary, are shown); without it,
 from bench/offline_teacher.py's default setting (BENCH_ENTRIES_PER_TOKEN). The projection to
---vocab-size is data/store_codec.bytes_per_token: uncompressed, ceil(log2(vocab)) bits per id
-(zstd's gain depends on the data and is not projected). Format 1 rows (fixed K; uint16 ids up to
+--vocab-size is data/store_codec.bytes_per_token, uncompressed (zstd's gain depends on the data
+and is not projected): with the ef id codec (the default) the most the ids can take at that
+vocabulary whatever they are (data/store_ids.ef_mean_bits_bound), with packed ceil(log2(vocab))
+bits per id. Format 1 rows (fixed K; uint16 ids up to
 65,536 entries, else int32; float16 log-probabilities) are teacher_store.bytes_per_token, for
 comparison. Prints decimal TB and binary TiB.
 """
@@ -27,13 +29,14 @@ from megatron_ddk.data.teacher_store import bytes_per_token as v1_bytes
 QWEN15_VOCAB = 151_646
 """Qwen-1.5's tokenizer (the paper's main teacher/student family)."""
 
-BENCH_SETTING = {"top_k": 24, "top_p": 1.0, "logprob_codec": "q4"}
+BENCH_SETTING = {"top_k": 24, "top_p": 1.0, "logprob_codec": "q4", "id_codec": "ef"}
 """The producer's default (training/teacher_cache.py), chosen from bench/offline_teacher.py's
 table (docs/offline_teacher.md, "Benchmark")."""
 
 BENCH_ENTRIES_PER_TOKEN = 24.0
 """Entries per token the bench measured at BENCH_SETTING on the quickstart's teacher (top_p = 1
-keeps all K)."""
+keeps all K). At 151,646 entries that is at most 61.6 bytes/token (ef: the worst case over the
+ids, not the demo's 4,096-token ids), 0.314 of format 1 K = 32."""
 
 
 def _row(label: str, bpt: float, tokens: float) -> str:
@@ -45,8 +48,10 @@ def table(tokens: float, vocab_size: int, ks: List[int], setting: dict, entries:
     head = (f"offline teacher store for {tokens:.3g} tokens, vocabulary {vocab_size:,}\n"
             f"{'store':<52} {'bytes/token':>11} {'TB':>9} {'TiB':>9}")
     lines = [head]
-    b = v2_bytes(entries, vocab_size, setting["logprob_codec"], setting["top_k"])
-    lines.append(_row(f"format 2 K={setting['top_k']} top_p={setting['top_p']:g} "
+    id_codec = setting.get("id_codec", "packed")
+    b = v2_bytes(entries, vocab_size, setting["logprob_codec"], setting["top_k"],
+                 setting["top_p"], id_codec)
+    lines.append(_row(f"format 2 {id_codec} K={setting['top_k']} top_p={setting['top_p']:g} "
                       f"{setting['logprob_codec']} ({entries:.2f} entries/token)", b, tokens))
     for k in ks:
         lines.append(_row(f"format 1 K={k} float16", v1_bytes(k, vocab_size, "float16"), tokens))
@@ -66,6 +71,7 @@ def _from_store(root: str):
                          f"its size is the fixed format-1 formula, nothing to measure")
     enc = header["encoding"]
     setting = {k: enc[k] for k in ("top_k", "top_p", "logprob_codec")}
+    setting["id_codec"] = enc.get("id_codec", "packed")  # stores written before ef: packed
     return setting, float(header["entries_per_token"]), f"measured by {root}", \
         float(header["measured_bytes_per_token"])
 

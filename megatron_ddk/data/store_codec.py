@@ -6,29 +6,49 @@ order, plus the log of the mass outside them). Format 2 keeps, per token:
 - adaptive coverage: the n smallest-rank entries whose probabilities first reach `top_p`
   (1 <= n <= K; top_p >= 1 keeps all K); the mass of the dropped entries joins the rest bucket,
   computed as logaddexp(rest_K, logsumexp(dropped)) so it stays exact;
-- ids bit-packed in id_bits(vocab) = ceil(log2(vocab)) bits (18 for a 152k vocabulary);
+- ids by `id_codec` (data/store_ids.py): packed, every id in id_bits(vocab) = ceil(log2(vocab))
+  bits in rank order (18 for a 152k vocabulary); ef (Elias-Fano), the token's ids as a set in
+  ascending id order, L = max(0, floor(log2(vocab / n))) low bits each plus the high parts in
+  unary: at most n L + n + ((vocab - 1) >> L) bits per token whatever the ids (349 for n = 24
+  at 151,646 against 432 packed). With ef the values (codes) are stored in that same ascending
+  id order and the decoder restores the descending order of the log-probabilities, so both id
+  codecs decode to the same (id, log-probability) pairs per token in rank order (entries of
+  equal value may come in another order among themselves);
 - log-probabilities by `logprob_codec`:
     float32 / float16: the values as given (lossless / float16 rounding);
     q<b> (2 <= b <= 12): the gaps d_i = l_1 - l_i to the token's top entry on a per-token grid
     of step Delta = (l_1 - l_n) / (2^b - 1) (rounded up to float16, stored per token), code
     round(d_i / Delta) in b bits (stored as increments from the previous entry's code: the
     codes never decrease, so the increments are small and compress), the top entry's code (0)
-    not stored. Decoding renormalises the
+    not stored; with ef the codes themselves in id order, the top entry's code (0) included
+    when b <= ceil(log2 K), else its index among the token's entries in ceil(log2 K) bits in
+    place of its code (whichever is smaller). Decoding renormalises the
     entries to 1 - R with the rest mass R kept exact (float32), so every token sums to 1;
     per entry |log p_hat - log p| <= Delta and KL(p || p_hat) <= (1 - R) (e^Delta - 1)^2
     over the n + 1 outcomes (chi-square bound; docs/offline_teacher.md);
-- the rest's log-mass as float32 and n as uint8 (uint16 / uint32 when K needs it).
+- the rest's log-mass as float32 and n as uint8 (uint16 / uint32 when K needs it); with ef
+  and top_p >= 1 n is always K and not stored.
+
+Payload of one sample of s tokens, E entries (in this order; `off` advances over each):
+  packed: [n: s] [rest: s float32] ([step: s float16] [ids: E x id_bits] [increments:
+          (E - s) x b bits] | [ids: E x id_bits] [values: E float16|float32])
+  ef:     ([n: s]) [rest] ([step]) [low bits: sum n L] ([codes: E x b bits] | [codes of the
+          non-top entries: (E - s) x b bits] [top index: s x ceil(log2 K) bits] | [values: E])
+          [high bits in unary: to the end of the payload]
+each bit stream padded to a byte.
 
 One sample ([s] tokens) is one chunk: a 16-byte frame (magic, format version, encoding tag,
 payload length) and the payload, zstd-compressed when `compression` is zstd (the `formats`
 extra; zstd_module() is the one place that decides it). Decoded samples are padded to K with
 id -1 and log-probability -inf, which losses/topk_kl.py reads as "no entry".
 
-Imports numpy and zlib only; must not import torch, models, losses or training.
+Coverage and quantiser math: data/store_values.py; id coding: data/store_ids.py (both re-exported
+here). Imports numpy, zlib and those two only; must not import torch, models, losses or training.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -37,6 +57,26 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+
+from megatron_ddk.data.store_ids import (  # noqa: F401 (pack_bits, unpack_bits: re-exported)
+    ID_CODECS,
+    ef_decode,
+    ef_encode,
+    ef_low_bytes,
+    ef_mean_bits_bound,
+    ef_sample_bytes_bound,
+    pack_bits,
+    position_bits,
+    unpack_bits,
+)
+from megatron_ddk.data.store_values import (  # noqa: F401 (re-exported)
+    adaptive_counts,
+    delta_bound,
+    dequantise,
+    fold_rest,
+    quant_step,
+    quantise,
+)
 
 FRAME = struct.Struct("<4sBxxxII")
 """Chunk frame: magic, format version, 3 pad bytes, encoding tag (crc32), payload bytes."""
@@ -51,8 +91,9 @@ EXTRA = "formats"
 DEFAULT_TOP_K = 24
 """Default K (most entries per token). bench/offline_teacher.py (docs/offline_teacher.md,
 "Benchmark"): the KD student's test perplexity against format 1's float16 K = 32 store was
-+0.007% at K = 32 (q8, top_p 0.95), +0.207% at K = 24, +0.331% at K = 20, +0.49% at K = 16;
-K = 24 is the smallest K measured within 0.3%."""
++0.007% at K = 32 (q8, top_p 0.95), +0.207% at K = 24 (q4; the same with ef ids, rerun),
++0.331% at K = 20, +0.49% at K = 16: K = 24 is the smallest K measured within 0.3%. With ef ids
+and q4 it takes at most 61.6 bytes/token at 151,646 entries, under 1/3 of format 1's 196."""
 
 DEFAULT_TOP_P = 1.0
 """Default adaptive coverage: 1 keeps all K. On the quickstart's flat teacher top_p 0.95 kept
@@ -63,6 +104,15 @@ DEFAULT_LOGPROB_CODEC = "q4"
 float16, q8, q6 and q4 at any K (truncation dominates); q4 is the smallest. The per-entry error
 bound is the token's spread / 15 (docs/offline_teacher.md); use q8 for a sharper teacher whose
 kept entries span many nats."""
+
+DEFAULT_ID_CODEC = "ef"
+"""Default id codec (bench, docs/offline_teacher.md "Benchmark"): at K = 24, top_p 1, q4, ef takes
+at most 61.6 bytes/token at Qwen-1.5's 151,646 entries whatever the ids (packed: 72.5), 0.314 of
+format 1 K = 32 (target <= 1/3; packed 0.370), and 46.0 against 54.7 on disk at the demo's 4,096.
+It decodes to the same (id, log-probability) pairs as packed: KL error identical and the KD
+student's test perplexity bit-identical (+0.207% against format 1 K = 32). The price is decode
+speed, about half of packed (0.51 against 1.0 M tokens/s from a cold page cache, one thread):
+0.95% of a KD step at that rate, 2.2% in the trainer's own teacher_cache_read (target <= 5%)."""
 
 DEFAULT_COMPRESSION = "none"
 """Default chunk compression: zstd saved 15-20% more on the demo's 12-bit ids, at about half the
@@ -95,6 +145,10 @@ class StoreEncoding:
     zstd_level: int = 3
     """zstd level when compression is zstd."""
 
+    id_codec: str = "packed"
+    """packed (ceil(log2 vocab) bits per id, rank order) | ef (Elias-Fano over the token's id set,
+    module docstring). An encoding recorded without it (stores written before ef) is packed."""
+
     @property
     def id_bits(self) -> int:
         """Bits per token id: ceil(log2(vocab_size)), at least 1."""
@@ -112,16 +166,33 @@ class StoreEncoding:
                         else np.uint32)
 
     @property
+    def stores_counts(self) -> bool:
+        """Whether the payload holds n per token (not with ef and top_p >= 1: n is always K)."""
+        return not (self.id_codec == "ef" and self.top_p >= 1.0)
+
+    @property
+    def top_position(self) -> bool:
+        """ef with q<b>: the top entry's index (ceil(log2 K) bits) is stored instead of its code
+        (b bits), when that is smaller."""
+        return self.id_codec == "ef" and self.code_bits > position_bits(self.top_k)
+
+    @functools.cached_property
     def tag(self) -> int:
-        """crc32 of the encoding's JSON: every chunk carries it (mixed encodings are named)."""
-        return zlib.crc32(json.dumps(asdict(self), sort_keys=True).encode())
+        """crc32 of the encoding's JSON: every chunk carries it (mixed encodings are named).
+        id_codec packed is left out of the JSON, so the tags of stores written before id_codec
+        existed are unchanged."""
+        fields = asdict(self)
+        if fields["id_codec"] == "packed":
+            del fields["id_codec"]
+        return zlib.crc32(json.dumps(fields, sort_keys=True).encode())
 
     def to_dict(self) -> dict:
         return dict(asdict(self), id_bits=self.id_bits, format_version=FORMAT_VERSION)
 
     @classmethod
     def from_dict(cls, data: dict) -> "StoreEncoding":
-        keys = ("vocab_size", "top_k", "top_p", "logprob_codec", "compression", "zstd_level")
+        keys = ("vocab_size", "top_k", "top_p", "logprob_codec", "compression", "zstd_level",
+                "id_codec")  # a missing id_codec (a store written before ef): packed
         return cls(**{k: data[k] for k in keys if k in data})
 
     def errors(self) -> list:
@@ -137,6 +208,8 @@ class StoreEncoding:
             errs.append(f"logprob_codec={codec!r}: use float32, float16 or q2 .. q12 (b-bit codes)")
         if self.compression not in ("none", "zstd"):
             errs.append(f"compression={self.compression!r}: use none or zstd")
+        if self.id_codec not in ID_CODECS:
+            errs.append(f"id_codec={self.id_codec!r}: use packed or ef")
         return errs
 
 
@@ -150,96 +223,23 @@ def zstd_module():
     return zstandard
 
 
-# ------------------------------------------------------------------------------ bits
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Non-negative integers < 2**bits packed little-endian, `bits` each (last byte padded)."""
-    v = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1)
-    if bits <= 0 or v.size == 0:
-        return b""
-    shifts = np.arange(bits, dtype=np.uint64)
-    bitmat = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bitmat.reshape(-1), bitorder="little").tobytes()
-
-
-def unpack_bits(buf, count: int, bits: int) -> np.ndarray:
-    """Inverse of pack_bits: `count` integers of `bits` bits each, as int64."""
-    if bits <= 0 or count == 0:
-        return np.zeros(count, dtype=np.int64)
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    need = -(-count * bits // 8)
-    if raw.size < need:
-        raise ValueError(f"bit-packed block holds {raw.size} bytes, {need} needed")
-    bitmat = np.unpackbits(raw[:need], count=count * bits, bitorder="little").reshape(count, bits)
-    return bitmat.astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
-
-
-# ------------------------------------------------------------------------------ coverage
-def adaptive_counts(logp: np.ndarray, top_p: float) -> np.ndarray:
-    """[n] entries kept per token of [n, K] descending log-probabilities: the fewest whose
-    probabilities reach top_p (at least 1; all K when top_p >= 1)."""
-    n, k = logp.shape
-    if top_p >= 1.0:
-        return np.full(n, k, dtype=np.int64)
-    cum = np.cumsum(np.exp(logp.astype(np.float64)), axis=1)
-    reached = cum >= top_p
-    first = np.where(reached.any(axis=1), reached.argmax(axis=1), k - 1)
-    return first.astype(np.int64) + 1
-
-
-def fold_rest(logp: np.ndarray, rest: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """[n] log of the mass outside the kept entries: the stored rest plus the dropped entries."""
-    k = logp.shape[1]
-    dropped = np.arange(k)[None, :] >= counts[:, None]
-    vals = np.where(dropped, logp.astype(np.float64), -np.inf)
-    both = np.concatenate([vals, rest.astype(np.float64)[:, None]], axis=1)
-    m = both.max(axis=1)
-    safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        out = safe + np.log(np.exp(both - safe[:, None]).sum(axis=1))
-    return np.where(np.isfinite(m), out, -np.inf)
-
-
-# ------------------------------------------------------------------------------ quantiser
-def quant_step(spread: np.ndarray, bits: int) -> np.ndarray:
-    """Per-token grid step: spread / (2^bits - 1), rounded up to the next float16."""
-    step = spread.astype(np.float64) / float((1 << bits) - 1)
-    s16 = step.astype(np.float16)
-    low = s16.astype(np.float64) < step
-    s16[low] = np.nextafter(s16[low], np.float16(np.inf))
-    return s16
-
-
-def quantise(gaps: np.ndarray, step16: np.ndarray, bits: int) -> np.ndarray:
-    """Codes round(gap / step) in [0, 2^bits - 1] ([E] gaps, [E] float16 steps)."""
-    step = step16.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        codes = np.where(step > 0, np.rint(gaps / np.where(step > 0, step, 1.0)), 0.0)
-    return np.clip(codes, 0, (1 << bits) - 1).astype(np.int64)
-
-
-def dequantise(codes: np.ndarray, step16: np.ndarray, token: np.ndarray, rest: np.ndarray,
-               num_tokens: int) -> np.ndarray:
-    """[E] log-probabilities from codes (entry e of token token[e]): exp(-code * step),
-    renormalised per token to the exact mass 1 - exp(rest)."""
-    gaps = codes.astype(np.float64) * step16.astype(np.float64)[token]
-    w = np.exp(-gaps)  # the top entry has gap 0: every token's sum is >= 1
-    total = np.bincount(token, weights=w, minlength=num_tokens)
-    with np.errstate(divide="ignore"):
-        kept = np.log(-np.expm1(rest.astype(np.float64)))  # log(1 - R); R = 0 gives 0
-    return kept[token] - gaps - np.log(total)[token]
-
-
-def delta_bound(logp: np.ndarray, counts: np.ndarray, bits: int) -> np.ndarray:
-    """[n] the per-entry log-probability error bound Delta of q<bits> (module docstring)."""
-    last = np.take_along_axis(logp.astype(np.float64), (counts - 1)[:, None], axis=1)[:, 0]
-    return quant_step(logp[:, 0].astype(np.float64) - last, bits).astype(np.float64)
-
-
 # ------------------------------------------------------------------------------ samples
 def _kept(ids: np.ndarray, logp: np.ndarray, counts: np.ndarray):
     mask = np.arange(ids.shape[1])[None, :] < counts[:, None]
     token = np.repeat(np.arange(ids.shape[0]), counts)
     return ids[mask], logp[mask].astype(np.float64), token, mask
+
+
+def _order_within(key: np.ndarray, counts: np.ndarray, top_k: int) -> np.ndarray:
+    """[E] permutation sorting the entries of each token (contiguous, counts[t] each) by `key`
+    ascending, ties in their given order; tokens stay in order."""
+    s = counts.size
+    mask = np.arange(top_k)[None, :] < counts[:, None]
+    mat = np.empty((s, top_k), dtype=np.float64)
+    mat[mask] = key
+    mat[~mask] = np.inf  # after every entry (a stable sort keeps an entry's own inf before them)
+    perm = np.argsort(mat, axis=1, kind="stable")
+    return ((np.cumsum(counts) - counts)[:, None] + perm)[mask]
 
 
 def encode_sample(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray,
@@ -248,57 +248,105 @@ def encode_sample(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray,
     them; entries past enc.top_k (K' > K) join the rest like the ones top_p drops."""
     ids, logp = np.asarray(ids), np.asarray(logp, np.float64)
     counts = np.minimum(adaptive_counts(logp, enc.top_p), enc.top_k)
+    if not enc.stores_counts and ids.shape[1] < enc.top_k:
+        raise ValueError(f"{ids.shape[1]} entries per token given, but id codec ef with top_p "
+                         f">= 1 stores no counts: every token needs top_k={enc.top_k}")
     rest = fold_rest(logp, np.asarray(rest, np.float64), counts).astype(np.float32)
     ids, logp = ids[:, :enc.top_k], logp[:, :enc.top_k]
     flat_ids, flat_lp, token, _ = _kept(ids, logp, counts)
-    parts = [counts.astype(enc.count_dtype).tobytes(), rest.tobytes()]
+    starts = np.cumsum(counts) - counts
+    parts = [counts.astype(enc.count_dtype).tobytes()] if enc.stores_counts else []
+    parts.append(rest.tobytes())
+    codes = None
     if enc.code_bits:
         last = flat_lp[np.cumsum(counts) - 1]
         step = quant_step(logp[:, 0] - last, enc.code_bits)
         not_top = np.ones(flat_lp.size, dtype=bool)
-        not_top[np.cumsum(counts) - counts] = False
+        not_top[starts] = False
         gaps = logp[:, 0][token] - flat_lp
         codes = np.zeros(flat_lp.size, dtype=np.int64)
         codes[not_top] = quantise(gaps[not_top], step[token][not_top], enc.code_bits)
-        # codes are non-decreasing within a token: store the increments (small, compressible)
-        increments = np.diff(codes, prepend=0)[not_top]
-        parts += [step.tobytes(), pack_bits(flat_ids, enc.id_bits),
-                  pack_bits(increments, enc.code_bits)]
+        parts.append(step.tobytes())
+    if enc.id_codec == "packed":
+        parts.append(pack_bits(flat_ids, enc.id_bits))
+        if codes is not None:
+            # codes are non-decreasing within a token: store the increments (small, compressible)
+            parts.append(pack_bits(np.diff(codes, prepend=0)[not_top], enc.code_bits))
+        else:
+            parts.append(flat_lp.astype(np.dtype(enc.logprob_codec)).tobytes())
+        return b"".join(parts)
+    order = _order_within(flat_ids, counts, enc.top_k)  # ascending ids within each token
+    low, high = ef_encode(flat_ids[order], counts, enc.vocab_size)
+    parts.append(low)
+    if codes is None:
+        parts.append(flat_lp[order].astype(np.dtype(enc.logprob_codec)).tobytes())
+    elif enc.top_position:
+        where = np.empty(order.size, dtype=np.int64)
+        where[order] = np.arange(order.size)  # rank-order entry -> its place in id order
+        top = where[starts]
+        keep = np.ones(order.size, dtype=bool)
+        keep[top] = False
+        parts += [pack_bits(codes[order][keep], enc.code_bits),
+                  pack_bits(top - starts, position_bits(enc.top_k))]
     else:
-        parts += [pack_bits(flat_ids, enc.id_bits),
-                  flat_lp.astype(np.dtype(enc.logprob_codec)).tobytes()]
+        parts.append(pack_bits(codes[order], enc.code_bits))
+    parts.append(high)
     return b"".join(parts)
+
+
+def sample_counts(payload: bytes, num_tokens: int, enc: StoreEncoding) -> np.ndarray:
+    """[s] entries per token of one sample's payload."""
+    if not enc.stores_counts:
+        return np.full(num_tokens, enc.top_k, dtype=np.int64)
+    return np.frombuffer(payload, enc.count_dtype, num_tokens, 0).astype(np.int64)
 
 
 def decode_sample(payload: bytes, num_tokens: int, enc: StoreEncoding
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids [s, K] int64 padded with -1, log-probabilities [s, K] float32 padded with -inf,
-    rest [s] float32) of one sample's payload."""
-    s, k, off = num_tokens, enc.top_k, 0
-    counts = np.frombuffer(payload, enc.count_dtype, s, off).astype(np.int64)
-    off += s * enc.count_dtype.itemsize
+    rest [s] float32) of one sample's payload; entries in descending log-probability order."""
+    s, k = num_tokens, enc.top_k
+    counts = sample_counts(payload, s, enc)
+    off = s * enc.count_dtype.itemsize if enc.stores_counts else 0
     rest = np.frombuffer(payload, np.float32, s, off)
     off += 4 * s
     total = int(counts.sum())
     token = np.repeat(np.arange(s), counts)
+    starts = np.cumsum(counts) - counts
+    step = None
     if enc.code_bits:
         step = np.frombuffer(payload, np.float16, s, off)
         off += 2 * s
+    if enc.id_codec == "packed":
         n_id = -(-total * enc.id_bits // 8)
         flat_ids = unpack_bits(payload[off:off + n_id], total, enc.id_bits)
         off += n_id
-        increments = np.zeros(total, dtype=np.int64)
-        starts = np.cumsum(counts) - counts
-        not_top = np.ones(total, dtype=bool)
-        not_top[starts] = False
-        increments[not_top] = unpack_bits(payload[off:], total - s, enc.code_bits)
-        run = np.cumsum(increments)
-        codes = run - (run[starts] - increments[starts])[token]  # cumsum within each token
-        flat_lp = dequantise(codes, step, token, rest, s)
+        if step is not None:
+            increments = np.zeros(total, dtype=np.int64)
+            not_top = np.ones(total, dtype=bool)
+            not_top[starts] = False
+            increments[not_top] = unpack_bits(payload[off:], total - s, enc.code_bits)
+            run = np.cumsum(increments)
+            codes = run - (run[starts] - increments[starts])[token]  # cumsum within each token
+            flat_lp = dequantise(codes, step, token, rest, s)
+        else:
+            flat_lp = np.frombuffer(payload, np.dtype(enc.logprob_codec), total, off)
     else:
-        n_id = -(-total * enc.id_bits // 8)
-        flat_ids = unpack_bits(payload[off:off + n_id], total, enc.id_bits)
-        flat_lp = np.frombuffer(payload, np.dtype(enc.logprob_codec), total, off + n_id)
+        n_low = ef_low_bytes(counts, enc.vocab_size)
+        low = payload[off:off + n_low]
+        off += n_low
+        if step is None:
+            values = np.frombuffer(payload, np.dtype(enc.logprob_codec), total, off)
+            off += total * values.itemsize
+            key = -values.astype(np.float64)
+        else:
+            codes, off = _ef_codes(payload, off, counts, starts, enc)
+            key = codes
+        flat_ids = ef_decode(low, payload[off:], counts, enc.vocab_size)
+        order = _order_within(key, counts, k)  # back to rank order: descending log-probability
+        flat_ids = flat_ids[order]
+        flat_lp = values[order] if step is None else dequantise(codes[order], step, token,
+                                                                 rest, s)
     mask = np.arange(k)[None, :] < counts[:, None]
     ids = np.full((s, k), -1, dtype=np.int64)
     logp = np.full((s, k), -np.inf, dtype=np.float32)
@@ -306,25 +354,65 @@ def decode_sample(payload: bytes, num_tokens: int, enc: StoreEncoding
     return ids, logp, np.array(rest, dtype=np.float32)
 
 
+def _ef_codes(payload: bytes, off: int, counts: np.ndarray, starts: np.ndarray,
+              enc: StoreEncoding) -> Tuple[np.ndarray, int]:
+    """The [E] codes of an ef payload in id order (the top entry's 0 restored), next offset."""
+    s, total, b = counts.size, int(counts.sum()), enc.code_bits
+    if not enc.top_position:
+        n = -(-total * b // 8)
+        return unpack_bits(payload[off:off + n], total, b), off + n
+    n_codes, pbits = -(-(total - s) * b // 8), position_bits(enc.top_k)
+    stored = unpack_bits(payload[off:off + n_codes], total - s, b)
+    off += n_codes
+    n_pos = -(-s * pbits // 8)
+    top = unpack_bits(payload[off:off + n_pos], s, pbits)
+    if s and (top >= counts).any():
+        raise ValueError("top entry index past the token's entries (corrupt payload)")
+    keep = np.ones(total, dtype=bool)
+    keep[starts + top] = False
+    codes = np.zeros(total, dtype=np.int64)
+    codes[keep] = stored
+    return codes, off + n_pos
+
+
 def payload_bytes(counts: np.ndarray, enc: StoreEncoding) -> int:
-    """Uncompressed payload bytes of one sample with these per-token entry counts."""
+    """Uncompressed payload bytes of one sample with these per-token entry counts: exact for
+    packed; for ef the most it can take, whatever the ids (store_ids.ef_bits_bound)."""
     s, total = counts.size, int(np.sum(counts))
-    fixed = s * (enc.count_dtype.itemsize + 4 + (2 if enc.code_bits else 0))
-    values = (-(-(total - s) * enc.code_bits // 8) if enc.code_bits
-              else total * np.dtype(enc.logprob_codec).itemsize)
-    return fixed + -(-total * enc.id_bits // 8) + values
+    fixed = s * ((enc.count_dtype.itemsize if enc.stores_counts else 0) + 4
+                 + (2 if enc.code_bits else 0))
+    if not enc.code_bits:
+        values = total * np.dtype(enc.logprob_codec).itemsize
+    elif enc.id_codec == "packed" or enc.top_position:
+        values = -(-(total - s) * enc.code_bits // 8)
+        if enc.top_position:
+            values += -(-s * position_bits(enc.top_k) // 8)
+    else:
+        values = -(-total * enc.code_bits // 8)
+    ids = (-(-total * enc.id_bits // 8) if enc.id_codec == "packed"
+           else ef_sample_bytes_bound(counts, enc.vocab_size))
+    return fixed + ids + values
 
 
 def bytes_per_token(entries_per_token: float, vocab_size: int, logprob_codec: str = "q8",
-                    top_k: int = 32) -> float:
+                    top_k: int = 32, top_p: float = 1.0, id_codec: str = "packed") -> float:
     """Uncompressed format-2 bytes per token for a mean number of entries per token (the
-    arithmetic plan_teacher_store and the bench use to project to another vocabulary)."""
-    enc = StoreEncoding(vocab_size=vocab_size, top_k=top_k, logprob_codec=logprob_codec)
-    n = float(entries_per_token)
-    fixed = enc.count_dtype.itemsize + 4 + (2 if enc.code_bits else 0)
-    values = (n - 1) * enc.code_bits / 8 if enc.code_bits else \
-        n * np.dtype(enc.logprob_codec).itemsize
-    return fixed + n * enc.id_bits / 8 + values
+    arithmetic plan_teacher_store and the bench use to project to another vocabulary). packed:
+    exact (byte padding aside); ef: the most, whatever the ids and however the entries are
+    spread over tokens (store_ids.ef_mean_bits_bound; exact worst case when top_p >= 1)."""
+    enc = StoreEncoding(vocab_size=vocab_size, top_k=top_k, top_p=top_p,
+                        logprob_codec=logprob_codec, id_codec=id_codec)
+    n, b = float(entries_per_token), enc.code_bits
+    fixed = (enc.count_dtype.itemsize if enc.stores_counts else 0) + 4 + (2 if b else 0)
+    if not b:
+        values = n * np.dtype(enc.logprob_codec).itemsize
+    elif id_codec == "packed" or enc.top_position:
+        values = ((n - 1) * b + (position_bits(top_k) if enc.top_position else 0)) / 8
+    else:
+        values = n * b / 8
+    ids = (n * enc.id_bits if id_codec == "packed"
+           else ef_mean_bits_bound(n, top_k, vocab_size)) / 8
+    return fixed + ids + values
 
 
 # ------------------------------------------------------------------------------ chunks

@@ -3,7 +3,8 @@
     format 1 (fixed K, dense arrays; still read, and written with --store-format 1):
         sample_ids.npy [m] int64, checksums.npy [m] uint32, topk_ids.npy [m, s, K] uint16|int32,
         topk_logprobs.npy [m, s, K] float16|float32, rest_logprob.npy [m, s] float32
-    format 2 (data/store_codec.py: adaptive entries, bit-packed ids, quantised log-probs):
+    format 2 (data/store_codec.py: adaptive entries, Elias-Fano or bit-packed ids, quantised
+    log-probs):
         sample_ids.npy [m] int64, checksums.npy [m] uint32,
         index.npy  [m + 1] int64   byte offset of sample row i's chunk in chunks.bin
         chunk_crc.npy [m] uint32   crc32 of each stored chunk (frame + payload)
@@ -33,6 +34,7 @@ from megatron_ddk.data.store_codec import (
     decode_sample,
     encode_sample,
     frame_chunk,
+    sample_counts,
     unframe_chunk,
 )
 
@@ -91,7 +93,7 @@ def write_v2(final: str, arrays: Dict[str, np.ndarray], enc: StoreEncoding) -> N
 
 
 def _entries(payload: bytes, num_tokens: int, enc: StoreEncoding) -> int:
-    return int(np.frombuffer(payload, enc.count_dtype, num_tokens, 0).astype(np.int64).sum())
+    return int(sample_counts(payload, num_tokens, enc).sum())
 
 
 class ShardV1:

@@ -11,10 +11,11 @@ weights (design.md, "Teacher signal"). Layout of a store folder DIR:
                                         whole (a crash leaves shard_000000.tmp; a rerun redoes it)
 
 A shard's files depend on the header's format_version (data/store_shards.py): format 2 (the
-default) stores per token an adaptive number of entries (top_p, capped at K), bit-packed ids and
-quantised log-probabilities (data/store_codec.py), one chunk per sample behind a memory-mapped
-index; format 1 (fixed K, dense uint16|int32 ids and float16|float32 log-probabilities) is still
-read and can still be written. Both read back as fixed-K tensors, unused entries id -1 / -inf.
+default) stores per token an adaptive number of entries (top_p, capped at K), the ids as an
+Elias-Fano coded set (or bit-packed) and quantised log-probabilities (data/store_codec.py), one
+chunk per sample behind a memory-mapped index; format 1 (fixed K, dense uint16|int32 ids and
+float16|float32 log-probabilities) is still read and can still be written. Both read back as
+fixed-K tensors, unused entries id -1 / -inf.
 
 Coverage: with --max-samples-per-domain N a domain's store holds the first N sample ids of the
 run's epoch-0 draw order (mixture.domain_sample_order): any mixture draws a domain's samples in
@@ -238,7 +239,10 @@ class StoreWriter:
              "domains")
 
     def _plan(self, header: dict) -> dict:
-        return {k: header.get(k) for k in self._PLAN}
+        plan = {k: header.get(k) for k in self._PLAN}
+        if plan["encoding"]:  # a header written before id_codec existed reads as packed
+            plan["encoding"] = StoreEncoding.from_dict(plan["encoding"]).to_dict()
+        return plan
 
     def begin(self) -> bool:
         """Write (or check) the header and covered ids; True when an earlier run is resumed."""
@@ -247,7 +251,8 @@ class StoreWriter:
         if resumed:
             old = read_header(self.root)
             if self._plan(old) != self._plan(self.header):
-                diff = [k for k in self._PLAN if old.get(k) != self.header.get(k)]
+                mine, theirs = self._plan(old), self._plan(self.header)
+                diff = [k for k in self._PLAN if mine[k] != theirs[k]]
                 raise ValueError(f"{self.root} already holds a teacher store of another plan "
                                  f"(differs in {diff}); write to a new --out folder or delete it")
             self.header["valid_losses"] = old.get("valid_losses")

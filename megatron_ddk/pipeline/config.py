@@ -211,6 +211,10 @@ class TeacherStoreSpec:
     compression: Optional[Literal["none", "zstd"]] = None
     """Chunk compression (--compression; zstd needs the `formats` extra); None: the default."""
 
+    id_codec: Optional[Literal["packed", "ef"]] = None
+    """Token ids (--id-codec): ef (Elias-Fano over each token's id set) or packed (ceil(log2 V)
+    bits each); None: the producer's default."""
+
 
 @dataclass
 class EvaluationSpec:

@@ -2,7 +2,7 @@
 write its top-K log-probabilities to a store (data/teacher_store.py) keyed by (domain, sample id).
 
     megatron-ddk cache-teacher --config RUN.yaml --out DIR [--top-k K] [--top-p P]
-        [--logprob-codec q8] [--compression none|zstd] [--domains ...]
+        [--logprob-codec q4] [--id-codec ef|packed] [--compression none|zstd] [--domains ...]
         [--max-samples-per-domain N | --cover-runs RUN.yaml ...]
 
 The teacher is the same Megatron-Core model online KD builds (build_teacher: frozen, eval mode),
@@ -11,13 +11,13 @@ round-robin to data-parallel replicas; inside a replica the forward passes go th
 Core's schedules (forward only), the last stage's tensor-parallel ranks compute the top-K on
 their vocabulary shards (losses/topk_kl.vocab_parallel_topk, no gather of the vocabulary) and
 its TP rank 0 writes the shard (encoded there for format 2: data/store_codec.py's adaptive
-coverage, bit-packed ids, quantised log-probabilities). An interrupted run resumes: shards
-already renamed into place are skipped. Last, the teacher's per-domain validation losses
-(DDK's ppl_T) are measured exactly as the trainer would (training/evaluate.py) and the header is
-marked complete.
+coverage, Elias-Fano coded ids (data/store_ids.py), quantised log-probabilities). An interrupted
+run resumes: shards already renamed into place are skipped. Last, the teacher's per-domain
+validation losses (DDK's ppl_T) are measured exactly as the trainer would (training/evaluate.py)
+and the header is marked complete.
 
-Also here: the run identity a store is checked against (run_identity), and opening a store for
-a training run with every check (open_run_store).
+The run identity a store is checked against (run_identity) and the opening of a store for a
+training run are in training/teacher_source.py.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ddk.config import RunConfig, load_config, to_dict
+from megatron_ddk.config import RunConfig, load_config
 from megatron_ddk.data.mixture import collate, domain_sample_order
 from megatron_ddk.data.store_codec import (  # noqa: F401 (the producer's defaults)
     DEFAULT_COMPRESSION,
+    DEFAULT_ID_CODEC,
     DEFAULT_LOGPROB_CODEC,
     DEFAULT_STORE_FORMAT,
     DEFAULT_TOP_K,
@@ -44,61 +45,25 @@ from megatron_ddk.data.store_codec import (  # noqa: F401 (the producer's defaul
 from megatron_ddk.data.store_codec import bytes_per_token as encoded_bytes_per_token
 from megatron_ddk.data.teacher_store import (
     StoreWriter,
-    TeacherStore,
     bytes_per_token,
-    checkpoint_fingerprint,
     max_samples_per_domain,
     sample_checksum,
 )
 from megatron_ddk.losses.topk_kl import vocab_parallel_topk
-from megatron_ddk.models.checkpoint import resolve_checkpoint
+from megatron_ddk.models.checkpoint import describe_checkpoint
 from megatron_ddk.models.pair import DistillationPair
 from megatron_ddk.models.teacher import build_teacher
 from megatron_ddk.parallel.state import ParallelContext
 from megatron_ddk.training import builder
 from megatron_ddk.training.evaluate import evaluate_domains
 from megatron_ddk.training.schedule import run_batches
+from megatron_ddk.training.teacher_source import run_identity
 
 logger = logging.getLogger(__name__)
 
 SHARD_BYTES = 64 << 20
 """Default shard size: about this many bytes of store per shard (whole samples, a multiple of
 the micro-batch size)."""
-
-
-def run_identity(cfg: RunConfig, data: "builder.DataParts") -> dict:
-    """What a store must have been computed from to serve this run (teacher_store.IDENTITY_FIELDS).
-
-    The teacher's checkpoint fingerprint and shape are included when the run names them
-    (distill.teacher_load / distill.teacher); None fields are not compared."""
-    teacher = cfg.distill.teacher
-    fingerprint = None
-    if cfg.distill.teacher_load:
-        fingerprint = checkpoint_fingerprint(resolve_checkpoint(cfg.distill.teacher_load)[0])
-    return {
-        "teacher_fingerprint": fingerprint,
-        "teacher_model": to_dict(teacher) if teacher is not None and not isinstance(teacher, str)
-        else None,
-        "tokenizer_hash": data.tokenizer_hash, "seq_length": int(cfg.data.seq_length),
-        "temperature": float(cfg.distill.temperature), "seed": int(cfg.train.seed),
-        "vocab_size": int(data.vocab_size), "domains": data.manifest.names(),
-        "num_train_samples": [int(n) for n in data.datasets.num_train_samples],
-        "valid_samples_per_domain": int(cfg.ddk.valid_samples_per_domain),
-    }
-
-
-def open_run_store(cfg: RunConfig, data: "builder.DataParts") -> Optional[TeacherStore]:
-    """The store named by distill.teacher_logits, checked against this run (None without one)."""
-    root = getattr(cfg.distill, "teacher_logits", None)
-    if not root:
-        return None
-    # what a store cannot serve is refused by the static checks (validate.offline_teacher_errors)
-    store = TeacherStore(root, data.manifest.names())
-    store.check_identity(run_identity(cfg, data))
-    if cfg.distill.teacher_load is None:
-        logger.warning("distill.teacher_load is not set: the store's teacher (%s) is not checked "
-                       "against a checkpoint", store.identity.get("teacher_fingerprint"))
-    return store
 
 
 def plan_coverage(seed: int, names: Sequence[str], sizes: Sequence[int],
@@ -208,11 +173,13 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
                          top_p: float = DEFAULT_TOP_P,
                          logprob_codec: str = DEFAULT_LOGPROB_CODEC,
                          compression: str = DEFAULT_COMPRESSION,
+                         id_codec: str = DEFAULT_ID_CODEC,
                          store_format: Optional[int] = None,
                          cover_runs: Optional[Sequence[str]] = None) -> dict:
     """Build (or finish) the store at `out` for the run `cfg` (all ranks call it).
 
-    Format 2 (default) with top_p / logprob_codec / compression (data/store_codec.py); format 1
+    Format 2 (default) with top_p / logprob_codec / compression / id_codec (data/store_codec.py,
+    data/store_ids.py); format 1
     (fixed K, `logprob_dtype` float16 | float32) when store_format is 1 or logprob_dtype is
     given (the flag of format 1). cover_runs: run configs whose draws the store must cover
     (coverage_of_runs), instead of max_samples_per_domain.
@@ -235,15 +202,16 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
     limit = coverage_of_runs(cfg, cover_runs, data) if cover_runs else max_samples_per_domain
     covered = plan_coverage(cfg.train.seed, names, sizes, domains, limit)
     encoding, bpt = _encoding(store_format, logprob_dtype, data.vocab_size, top_k, top_p,
-                              logprob_codec, compression)
+                              logprob_codec, compression, id_codec)
     padded_vocab = builder.model_vocab(cfg, data.vocab_size, ctx.tp_size)
-    teacher = build_teacher(cfg.distill.teacher, ctx, padded_vocab, cfg.distill.teacher_load,
+    teacher_ckpt = describe_checkpoint(cfg.distill.teacher_load)  # read once, used twice
+    teacher = build_teacher(cfg.distill.teacher, ctx, padded_vocab, teacher_ckpt,
                             bf16=builder.use_bf16(cfg), tokenizer_hash=data.tokenizer_hash)
     mbs = cfg.train.micro_batch_size
     shard_samples = shard_samples or _default_shard_samples(cfg.data.seq_length, bpt, mbs)
-    writer = StoreWriter(out, run_identity(cfg, data), top_k, logprob_dtype or "float16",
-                         shard_samples, covered, extra={"teacher_load": cfg.distill.teacher_load},
-                         encoding=encoding)
+    writer = StoreWriter(out, run_identity(cfg, data, teacher_ckpt), top_k,
+                         logprob_dtype or "float16", shard_samples, covered,
+                         extra={"teacher_load": cfg.distill.teacher_load}, encoding=encoding)
     resumed = writer.begin() if ctx.rank == 0 else False
     if dist.is_initialized():
         dist.barrier()
@@ -282,6 +250,7 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
         dist.barrier()
     summary = {"out": out, "top_k": top_k, "bytes_per_token": bpt,
                "format_version": writer.header["format_version"],
+               "id_codec": encoding.id_codec if encoding is not None else None,
                "entries_per_token": writer.header.get("entries_per_token"),
                "shards_written": len(todo), "seconds": time.time() - started,
                "samples": {n: int(len(v)) for n, v in covered.items()},
@@ -295,8 +264,10 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
 
 
 def _encoding(store_format: Optional[int], logprob_dtype: Optional[str], vocab_size: int,
-              top_k: int, top_p: float, logprob_codec: str, compression: str):
-    """(StoreEncoding or None for format 1, bytes per token at most) of the producer's flags."""
+              top_k: int, top_p: float, logprob_codec: str, compression: str,
+              id_codec: str = DEFAULT_ID_CODEC):
+    """(StoreEncoding or None for format 1, bytes per token at most) of the producer's flags
+    (format 2 with ef: the most whatever the ids, store_ids.ef_bits_bound)."""
     fmt = store_format or (1 if logprob_dtype else DEFAULT_STORE_FORMAT)
     if fmt not in (1, 2):
         raise ValueError(f"--store-format {fmt}: use 1 or 2")
@@ -308,19 +279,23 @@ def _encoding(store_format: Optional[int], logprob_dtype: Optional[str], vocab_s
         raise ValueError("--logprob-dtype is format 1's flag; with --store-format 2 give "
                          "--logprob-codec float32 | float16 | q8 ...")
     enc = StoreEncoding(vocab_size=vocab_size, top_k=top_k, top_p=float(top_p),
-                        logprob_codec=logprob_codec, compression=compression)
+                        logprob_codec=logprob_codec, compression=compression,
+                        id_codec=id_codec)
     errs = enc.errors()
     if errs:
         raise ValueError("cache-teacher: " + "; ".join(f"--{e.replace('_', '-', 1)}"
                                                         for e in errs))
-    return enc, encoded_bytes_per_token(top_k, vocab_size, logprob_codec, top_k)
+    return enc, encoded_bytes_per_token(top_k, vocab_size, logprob_codec, top_k, float(top_p),
+                                        id_codec)
 
 
 def format_summary(summary: dict) -> str:
     """The per-domain table the tool prints at the end."""
     entries = summary.get("entries_per_token")
+    id_codec = summary.get("id_codec")
     lines = [f"teacher store {summary['out']}: format {summary.get('format_version', 1)}, "
-             f"K={summary['top_k']}, {summary['bytes_per_token']:.1f} bytes/token"
+             + (f"{id_codec} ids, " if id_codec else "")
+             + f"K={summary['top_k']}, {summary['bytes_per_token']:.1f} bytes/token"
              + (f", {entries:.2f} entries/token" if entries else "")
              + f", {summary['seconds']:.1f} s",
              f"{'domain':<24} {'samples':>9} {'teacher valid ppl':>18}"]

@@ -1,11 +1,13 @@
 """The store's files (data/teacher_store.py, data/store_shards.py) without a model: format 2
-written and read back against the arrays it was given, format 1 still read, damaged or mixed
-chunks named, the header's measured sizes equal to the files on disk."""
+(both id codecs) written and read back against the arrays it was given, format 1 and format-2
+stores written before the ef id codec still read, damaged or mixed chunks named, the header's
+measured sizes equal to the files on disk."""
 
 import json
 import math
 import os
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -48,11 +50,12 @@ def _write(root, encoding, shard=4):
     return truth
 
 
+@pytest.mark.parametrize("id_codec", ["packed", "ef"])
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_format2_reads_back_what_the_codec_keeps(tmp_path, compression):
+def test_format2_reads_back_what_the_codec_keeps(tmp_path, compression, id_codec):
     pytest.importorskip("zstandard") if compression == "zstd" else None
     enc = StoreEncoding(vocab_size=V, top_k=K, top_p=0.6, logprob_codec="float32",
-                        compression=compression)
+                        compression=compression, id_codec=id_codec)
     truth = _write(tmp_path, enc)
     store = TeacherStore(str(tmp_path), ["a", "b"])
     keys = list(truth)
@@ -71,6 +74,7 @@ def test_format2_reads_back_what_the_codec_keeps(tmp_path, compression):
                 for f in fs if "shard_" in d)
     assert header["measured_bytes_per_token"] == pytest.approx(files / (2 * M * SEQ))
     assert header["encoding"]["id_bits"] == 10 and header["format_version"] == 2
+    assert header["encoding"]["id_codec"] == id_codec
     assert 1 <= header["entries_per_token"] < K
 
 
@@ -89,8 +93,9 @@ def test_format1_store_still_loads(tmp_path):
         assert np.array_equal(rest[i].numpy(), truth[key]["rest_logprob"])
 
 
-def test_corrupt_chunk_is_named(tmp_path):
-    _write(tmp_path, StoreEncoding(vocab_size=V, top_k=K, top_p=0.9))
+@pytest.mark.parametrize("id_codec", ["packed", "ef"])
+def test_corrupt_chunk_is_named(tmp_path, id_codec):
+    _write(tmp_path, StoreEncoding(vocab_size=V, top_k=K, top_p=0.9, id_codec=id_codec))
     path = tmp_path / "b" / "shard_000001" / "chunks.bin"
     index = np.load(tmp_path / "b" / "shard_000001" / "index.npy")
     with open(path, "r+b") as f:  # one byte inside row 2's chunk
@@ -104,17 +109,23 @@ def test_corrupt_chunk_is_named(tmp_path):
         store.read([1], [6])
 
 
-def test_truncated_shard_is_named_at_open(tmp_path):
-    _write(tmp_path, StoreEncoding(vocab_size=V, top_k=K))
+@pytest.mark.parametrize("id_codec", ["packed", "ef"])
+def test_truncated_shard_is_named_at_open(tmp_path, id_codec):
+    _write(tmp_path, StoreEncoding(vocab_size=V, top_k=K, id_codec=id_codec))
     path = tmp_path / "a" / "shard_000000" / "chunks.bin"
     os.truncate(path, os.path.getsize(path) - 3)
     with pytest.raises(ValueError, match=r"a/shard_000000/chunks.bin: .*\(truncated or corrupt"):
         TeacherStore(str(tmp_path), ["a", "b"])
 
 
-def test_mixed_encoding_shard_is_named(tmp_path):
-    _write(tmp_path / "mine", StoreEncoding(vocab_size=V, top_k=K, logprob_codec="q8"))
-    _write(tmp_path / "other", StoreEncoding(vocab_size=V, top_k=K, logprob_codec="q4"))
+@pytest.mark.parametrize("mine,other", [({"logprob_codec": "q4"}, {"logprob_codec": "q8"}),
+                                        ({"id_codec": "ef"}, {"id_codec": "ef",
+                                                              "logprob_codec": "q4"}),
+                                        ({"id_codec": "ef"}, {"id_codec": "packed"}),
+                                        ({"id_codec": "packed"}, {"id_codec": "ef"})])
+def test_mixed_encoding_shard_is_named(tmp_path, mine, other):
+    _write(tmp_path / "mine", StoreEncoding(vocab_size=V, top_k=K, **mine))
+    _write(tmp_path / "other", StoreEncoding(vocab_size=V, top_k=K, **other))
     target = tmp_path / "mine" / "a" / "shard_000001"
     shutil.rmtree(target)
     shutil.copytree(tmp_path / "other" / "a" / "shard_000001", target)
@@ -122,6 +133,40 @@ def test_mixed_encoding_shard_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"a/shard_000001/chunks.bin row 0 .*: written by format "
                                          r"2 encoding tag .* header says"):
         store.read([0], [5])  # a's ids are covered in reverse: 5 is row 0 of shard 1
+
+
+@pytest.mark.parametrize("codec", ["q8", "float16"])
+def test_format2_store_written_before_ef_still_loads(tmp_path, codec):
+    """A store of the packed path whose header is made the pre-change way: no id_codec in its
+    encoding, chunks tagged with the crc32 of the encoding's fields of then (written here)."""
+    enc = StoreEncoding(vocab_size=V, top_k=K, top_p=0.9, logprob_codec=codec)
+    truth = _write(tmp_path, enc)
+    path = tmp_path / "header.json"
+    header = json.load(open(path))
+    del header["encoding"]["id_codec"]
+    json.dump(header, open(path, "w"))
+    old = {k: header["encoding"][k] for k in ("vocab_size", "top_k", "top_p", "logprob_codec",
+                                                "compression", "zstd_level")}
+    old_tag = zlib.crc32(json.dumps(old, sort_keys=True).encode())
+    chunks = open(tmp_path / "a" / "shard_000000" / "chunks.bin", "rb").read()
+    assert int.from_bytes(chunks[8:12], "little") == old_tag  # the frame's tag field
+    store = TeacherStore(str(tmp_path), ["a", "b"])
+    keys = list(truth)
+    ids, logp, _ = store.read([d for d, _ in keys], [s for _, s in keys])
+    for i, key in enumerate(keys):
+        n = adaptive_counts(truth[key]["topk_logprobs"], 0.9)
+        for tok in range(SEQ):  # packed keeps the rank order: the ids exactly
+            want = truth[key]["topk_ids"][tok, :n[tok]]
+            assert np.array_equal(ids[i, tok, :n[tok]].numpy(), want)
+    # an unfinished store of then resumes with the packed codec, and refuses ef
+    header["complete"] = False
+    json.dump(header, open(path, "w"))
+    covered = {"a": np.arange(M)[::-1].copy(), "b": np.arange(M)}
+    assert StoreWriter(str(tmp_path), IDENT, K, "float32", 4, covered, encoding=enc).begin()
+    json.dump(header, open(path, "w"))
+    ef = StoreEncoding(vocab_size=V, top_k=K, top_p=0.9, logprob_codec=codec, id_codec="ef")
+    with pytest.raises(ValueError, match=r"another plan \(differs in \['encoding'\]\)"):
+        StoreWriter(str(tmp_path), IDENT, K, "float32", 4, covered, encoding=ef).begin()
 
 
 def test_unknown_format_and_another_plan_are_refused(tmp_path):
@@ -152,3 +197,26 @@ def test_coverage_bound_without_known_initial_weights_covers_any_interval_0():
             mix.start_interval(np.array(w), num_steps=k)
             mix.advance(k)
         assert (mix.samples_consumed <= bound).all()
+
+
+@pytest.mark.parametrize("id_codec", ["packed", "ef", None])  # None: a header from before ef
+def test_plan_teacher_store_projects_a_store_s_measured_entries(tmp_path, id_codec):
+    from megatron_ddk.commands import plan_teacher_store as plan
+    from megatron_ddk.data.store_codec import bytes_per_token
+
+    enc = StoreEncoding(vocab_size=V, top_k=K, top_p=0.6, logprob_codec="q4",
+                        id_codec=id_codec or "packed")
+    _write(tmp_path, enc)
+    if id_codec is None:
+        header = json.load(open(tmp_path / "header.json"))
+        del header["encoding"]["id_codec"]
+        json.dump(header, open(tmp_path / "header.json", "w"))
+    setting, entries, _, measured = plan._from_store(str(tmp_path))
+    assert setting["id_codec"] == (id_codec or "packed") and 1 <= entries < K
+    text = plan.table(15e9, 151_646, [32], setting, entries, "x", measured)
+    want = bytes_per_token(entries, 151_646, "q4", K, 0.6, id_codec or "packed")
+    assert f"{want:.1f}" in text.splitlines()[2] and f"{15e9 * want / 1e12:.2f}" in text
+    # the default (no --store): the bench's default setting, ef, at most 61.6 bytes per token
+    default = plan.table(15e9, 151_646, [32], plan.BENCH_SETTING, plan.BENCH_ENTRIES_PER_TOKEN,
+                         "bench")
+    assert "format 2 ef K=24 top_p=1 q4" in default and " 61.6 " in default and " 0.92 " in default

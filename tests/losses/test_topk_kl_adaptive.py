@@ -5,7 +5,9 @@ and -inf), against float64 references written here, at TP = 1 and 2 in one 2-ran
   to 1e-5 in value and gradient;
 - top_p < 1 with a quantised codec: the KL of both distributions coarsened to each token's own
   stored entries plus its rest outcome, written here from the dense student softmax (autograd);
-- TP = 2 equals TP = 1.
+- TP = 2 equals TP = 1;
+- every case again on an ef store (id codec ef, names ending in _ef): value and gradient equal the
+  packed store's to 1e-6 (ef decodes to the same (id, log-probability) pairs per token).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ddk.testing.multiproc import run_distributed
+from megatron_ddk.testing.multiproc import tp_groups
 
 S, B, PADDED, VOCAB = 6, 3, 24, 21
-CASES = {"dense": (VOCAB, 1.0, "float32", 1.0), "adaptive_q8": (12, 0.8, "q8", 1.0),
-         "adaptive_q4_T2": (9, 0.7, "q4", 2.0)}
+BASE = {"dense": (VOCAB, 1.0, "float32", 1.0), "adaptive_q8": (12, 0.8, "q8", 1.0),
+        "adaptive_q4_T2": (9, 0.7, "q4", 2.0), "full_q4": (9, 1.0, "q4", 1.0)}
+CASES = {**BASE, **{f"{name}_ef": case for name, case in BASE.items()}}
 
 
 def _inputs():
@@ -32,14 +35,15 @@ def _inputs():
     return zs, zt, w
 
 
-def _stored(zt, k, top_p, codec, t):
+def _stored(zt, k, top_p, codec, t, id_codec="packed"):
     """Encode + decode every token's teacher top-K as a format-2 store does."""
     from megatron_ddk.data.store_codec import StoreEncoding, decode_sample, encode_sample
 
     log_pt = torch.log_softmax(zt[..., :VOCAB] / t, dim=-1).reshape(S * B, VOCAB)
     vals, ids = log_pt.topk(k, dim=-1)
     rest = log_pt.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    enc = StoreEncoding(vocab_size=VOCAB, top_k=k, top_p=top_p, logprob_codec=codec)
+    enc = StoreEncoding(vocab_size=VOCAB, top_k=k, top_p=top_p, logprob_codec=codec,
+                        id_codec=id_codec)
     i2, l2, r2 = decode_sample(encode_sample(ids.numpy(), vals.float().numpy(),
                                              rest.float().numpy(), enc), S * B, enc)
     return (torch.from_numpy(i2).view(S, B, k), torch.from_numpy(l2).view(S, B, k),
@@ -48,10 +52,11 @@ def _stored(zt, k, top_p, codec, t):
 
 def _reference(name, zs, zt, w):
     k, top_p, codec, t = CASES[name]
-    (ids, logp, rest), log_pt = _stored(zt, k, top_p, codec, t)
+    (ids, logp, rest), log_pt = _stored(zt, k, top_p, codec, t,
+                                        "ef" if name.endswith("_ef") else "packed")
     zs = zs.clone().requires_grad_()
     log_ps = torch.log_softmax(zs[..., :VOCAB] / t, dim=-1)
-    if name == "dense":
+    if name.startswith("dense"):
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
     else:  # coarsened to each token's stored entries + its rest
         valid = ids >= 0
@@ -84,21 +89,13 @@ def _run(name, group, tp, rank) -> Dict[str, object]:
             "entries": float((ids >= 0).float().mean())}
 
 
-def _rank_main(rank: int, world: int):
-    import torch.distributed as dist
+NUM_RANKS = 2
+"""One launch of NUM_RANKS gloo ranks runs every case (tests/losses/conftest.py's results)."""
 
-    dist.init_process_group("gloo")
-    groups = {2: dist.group.WORLD}
-    for r in range(world):
-        g = dist.new_group([r])
-        if r == rank:
-            groups[1] = g
+
+def rank_main(rank: int, world: int):
+    groups = tp_groups(rank, world)
     return {(name, tp): _run(name, groups[tp], tp, rank % tp) for name in CASES for tp in (1, 2)}
-
-
-@pytest.fixture(scope="module")
-def results():
-    return run_distributed(_rank_main, 2, timeout=240)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -114,8 +111,18 @@ def test_matches_float64_reference(results, name, tp):
 
 def test_adaptive_cases_store_fewer_entries(results):
     entries = {name: results[0][(name, 1)]["entries"] for name in CASES}
-    assert entries["dense"] == 1.0
+    assert entries["dense"] == entries["dense_ef"] == 1.0
     assert 0 < entries["adaptive_q8"] < 1 and 0 < entries["adaptive_q4_T2"] < 1, entries
+
+
+@pytest.mark.parametrize("name", list(BASE))
+@pytest.mark.parametrize("tp", [1, 2])
+def test_ef_store_gives_the_packed_store_s_loss(results, name, tp):
+    for per_rank in results:
+        a, b = per_rank[(name, tp)], per_rank[(name + "_ef", tp)]
+        assert a["entries"] == b["entries"]
+        assert torch.allclose(a["kl"], b["kl"], rtol=0, atol=1e-6), (name, tp)
+        assert torch.allclose(a["grad"], b["grad"], rtol=0, atol=1e-6), (name, tp)
 
 
 @pytest.mark.parametrize("name", list(CASES))

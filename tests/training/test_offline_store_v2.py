@@ -65,6 +65,7 @@ def setup(tiny, tmp_path_factory):
 def test_full_vocabulary_v2_store_reproduces_online_ddk(setup):
     header = json.load(open(os.path.join(setup["full"], "header.json")))
     assert header["format_version"] == 2 and header["entries_per_token"] == VOCAB
+    assert header["encoding"]["id_codec"] == "ef"  # the producer's default: Elias-Fano ids
     off = train_on(setup["cfg"], setup["full"], setup["root"] / "off_full")
     a, b = records(setup["online"], "step"), records(off, "step")
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
@@ -83,6 +84,7 @@ def compact_run(setup):
 def test_compact_store_is_small_and_serves_every_sample(setup, compact_run):
     header = json.load(open(os.path.join(setup["compact"], "header.json")))
     assert header["encoding"]["id_bits"] == 9 and header["encoding"]["logprob_codec"] == "q8"
+    assert header["encoding"]["id_codec"] == "ef"
     # the tiny teacher is flat: ~68 of its 512 tokens reach 0.3 (adaptive, below K = 128)
     assert 1 <= header["entries_per_token"] < 128
     v1 = 128 * (2 + 2) + 4  # format 1 at K = 128, float16
