@@ -48,6 +48,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_ddk.atomic import write_atomic
 from megatron_ddk.data.dataset_files import check_dataset
 from megatron_ddk.data.manifest import DomainManifest
 
@@ -272,9 +273,7 @@ def cache_lock(cache_dir: str) -> Iterator[None]:
             logger.info("dataset cache %s: waited %.1fs", cache_dir, time.perf_counter() - start)
         _recover_interrupted_build(cache_dir)
         marker = os.path.join(cache_dir, _BUILDING_FILE)
-        with open(marker + ".tmp", "w") as f:
-            json.dump(sorted(os.listdir(cache_dir)), f)
-        os.replace(marker + ".tmp", marker)
+        write_atomic(marker, json.dumps(sorted(os.listdir(cache_dir))))
         yield
         os.remove(marker)
     finally:

@@ -22,12 +22,12 @@ Imports numpy and data.store_codec only.
 from __future__ import annotations
 
 import os
-import shutil
 import zlib
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from megatron_ddk.atomic import atomic_folder
 from megatron_ddk.data.store_codec import (
     StoreEncoding,
     codec_objects,
@@ -51,11 +51,10 @@ def _save(folder: str, name: str, arr: np.ndarray) -> None:
 
 
 def _write_atomic_dir(final: str, fill) -> None:
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    fill(tmp)
-    os.replace(tmp, final)
+    """`fill(tmp)` builds the shard in a temporary sibling folder, renamed into place whole
+    (atomic.atomic_folder: a dead writer's folder is removed by the next write)."""
+    with atomic_folder(final) as tmp:
+        fill(tmp)
 
 
 def write_v1(final: str, arrays: Dict[str, np.ndarray], dtypes: Dict[str, str]) -> None:

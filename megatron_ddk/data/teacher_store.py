@@ -8,7 +8,8 @@ weights (design.md, "Teacher signal"). Layout of a store folder DIR:
                                         the teacher's validation losses
     DIR/<domain>/covered.npy            [n] int64: the covered sample ids, in the run's draw order
     DIR/<domain>/shard_000000/          shard j: covered ids [j*S, (j+1)*S), renamed into place
-                                        whole (a crash leaves shard_000000.tmp; a rerun redoes it)
+                                        whole (a crash leaves shard_000000.tmp<pid>; a rerun
+                                        removes it and redoes the shard)
 
 A shard's files depend on the header's format_version (data/store_shards.py): format 2 (the
 default) stores per token an adaptive number of entries (top_p, capped at K), the ids as an
@@ -35,6 +36,7 @@ models, losses or training.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import zlib
@@ -43,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from megatron_ddk.atomic import write_atomic
 from megatron_ddk.data import store_codec, store_shards
 from megatron_ddk.data.mixture import IntervalMixture, domain_sample_order
 from megatron_ddk.data.store_codec import StoreEncoding
@@ -153,12 +156,13 @@ def checkpoint_fingerprint(folder: str, block: int = 1 << 16) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
 
 
 def read_header(root: str) -> dict:
@@ -259,10 +263,8 @@ class StoreWriter:
         os.makedirs(self.root, exist_ok=True)
         for name, ids in self.covered.items():
             os.makedirs(os.path.join(self.root, name), exist_ok=True)
-            tmp = os.path.join(self.root, name, "covered.npy.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(ids, dtype=np.int64))
-            os.replace(tmp, os.path.join(self.root, name, "covered.npy"))
+            write_atomic(os.path.join(self.root, name, "covered.npy"),
+                         _npy_bytes(np.asarray(ids, dtype=np.int64)))
         self.header["complete"] = False
         _write_json(path, self.header)
         return resumed
@@ -272,7 +274,8 @@ class StoreWriter:
         return os.path.isdir(shard_dir(self.root, domain, index))
 
     def write_shard(self, domain: str, index: int, arrays: Dict[str, np.ndarray]) -> None:
-        """Write one shard from [m, s, K] top-K arrays into <shard>.tmp, rename it into place."""
+        """Write one shard from [m, s, K] top-K arrays into <shard>.tmp<pid>, renamed into
+        place."""
         final = shard_dir(self.root, domain, index)
         if self.encoding is None:
             store_shards.write_v1(final, arrays, self.dtypes)
