@@ -26,7 +26,7 @@ saved: the inputs plus [n, K] and per-token fp32 tensors.
 Also here: vocab_parallel_topk, the teacher-side top-K of vocabulary-sharded logits (local top-K,
 an all_gather of K candidates per rank, global top-K), used by the store's producer.
 
-The shard plan, chunk loop and shard statistics are vocab_shard.py's (shared with kl.py).
+The shard plan, chunk loop and shard statistics are vocab_shard.py's (`vs.`; shared with kl.py).
 Must not import: megatron_ddk.models, .data, .ddk, .training, nor of config more than the
 schema's KL_CHUNK_TOKENS default (pure torch here).
 """
@@ -39,44 +39,30 @@ import torch
 import torch.distributed as dist
 
 from megatron_ddk.config.schema import KL_CHUNK_TOKENS
-from megatron_ddk.losses.vocab_shard import (
-    ERROR_PREFIX,
-    ShardPlan,
-    all_reduce_sum,
-    check_labels,
-    chunk_rows,
-    global_max,
-    local_columns,
-    local_stats,
-    make_plan,
-    per_token_outputs,
-    shifted,
-    student_grad,
-    target_logits,
-)
+from megatron_ddk.losses import vocab_shard as vs
 
 
-def _forward_chunk(p: ShardPlan, zs, col, inside, buf, st: dict, rows: slice) -> None:
+def _forward_chunk(p: vs.ShardPlan, zs, col, inside, buf, st: dict, rows: slice) -> None:
     """Local max, sum-exp of all columns and of the columns outside the top-K (at 1/T), and the
     CE statistics when they cannot be shared; valid columns only."""
-    st["m_s"][rows], st["s_s"][rows] = local_stats(buf, zs, p.inv_t)
+    st["m_s"][rows], st["s_s"][rows] = vs.local_stats(buf, zs, p.inv_t)
     x = buf  # exp(z / T - max); exact zeros at the top-K columns of this shard (x - x) below
     x.scatter_add_(1, col, torch.where(inside, -x.gather(1, col), 0.0))
     st["r_s"][rows] = x.sum(dim=-1)
     if p.want_ce and not p.share:
-        st["m_1"][rows], st["s_1"][rows] = local_stats(buf, zs, 1.0)
+        st["m_1"][rows], st["s_1"][rows] = vs.local_stats(buf, zs, 1.0)
 
 
-def _forward(p: ShardPlan, z2d, ids, t_logp, t_rest, labels):
+def _forward(p: vs.ShardPlan, z2d, ids, t_logp, t_rest, labels):
     """Per-token (ce or None, kl) and what the backward needs."""
     n, k, dev = z2d.shape[0], ids.shape[1], z2d.device
-    col, inside = local_columns(p, ids)
+    col, inside = vs.local_columns(p, ids)
     st = {key: torch.full((n,), float("-inf"), device=dev) for key in ("m_s", "m_1")}
     st.update({key: torch.zeros(n, device=dev) for key in ("s_s", "r_s", "s_1")})
     nv = p.num_valid
     if nv > 0:
         buf = torch.empty(min(p.chunk, n), nv, dtype=torch.float32, device=dev)
-        for rows in chunk_rows(n, p.chunk):
+        for rows in vs.chunk_rows(n, p.chunk):
             _forward_chunk(p, z2d[rows, :nv], col[rows], inside[rows],
                            buf[:rows.stop - rows.start], st, rows)
         del buf
@@ -84,13 +70,13 @@ def _forward(p: ShardPlan, z2d, ids, t_logp, t_rest, labels):
     else:
         z_k = torch.zeros(n, k, device=dev)
     keys = ["s"] + (["1"] if p.want_ce and not p.share else [])
-    maxes, scale = global_max(p, torch.stack([st["m_" + key] for key in keys]))
+    maxes, scale = vs.global_max(p, torch.stack([st["m_" + key] for key in keys]))
     rows = [st["s_s"] * scale[0], st["r_s"] * scale[0]]
     if "1" in keys:
         rows.append(st["s_1"] * scale[1])
     if p.want_ce:
-        rows.append(target_logits(p, z2d, labels))
-    sums = all_reduce_sum(p, torch.cat([torch.stack(rows).reshape(-1), z_k.reshape(-1)]))
+        rows.append(vs.target_logits(p, z2d, labels))
+    sums = vs.all_reduce_sum(p, torch.cat([torch.stack(rows).reshape(-1), z_k.reshape(-1)]))
     per_token = sums[:len(rows) * n].view(len(rows), n)
     z_k = sums[len(rows) * n:].view(n, k)
     lse_s = maxes[0] + torch.log(per_token[0])
@@ -111,7 +97,7 @@ def _forward(p: ShardPlan, z2d, ids, t_logp, t_rest, labels):
     return ce, kl, saved
 
 
-def _backward_chunk(p: ShardPlan, zs, col, inside, sv: dict, g_ce, g_kl, out, buf, rows) -> None:
+def _backward_chunk(p: vs.ShardPlan, zs, col, inside, sv: dict, g_ce, g_kl, out, buf, rows) -> None:
     """d(sum g_ce * ce + g_kl * kl) / d student for one chunk of tokens (valid columns).
 
     dKL/dz_j = (1/T) [P q_j - p_j] on the top-K, (1/T) q_j [P - R_T / R_S] elsewhere, with
@@ -127,19 +113,19 @@ def _backward_chunk(p: ShardPlan, zs, col, inside, sv: dict, g_ce, g_kl, out, bu
     coef = g * (total - ratio)
     if p.share:
         coef = coef + g_ce[rows]
-    q = shifted(a, zs, sv["lse_s"][rows].unsqueeze(-1), p.inv_t).exp_()
+    q = vs.shifted(a, zs, sv["lse_s"][rows].unsqueeze(-1), p.inv_t).exp_()
     q.mul_(coef.unsqueeze(-1))
     # on the top-K columns: g (q_k R_T / R_S - p_k) on top of the coef * q_k written above
     corr = g.unsqueeze(-1) * (sv["log_q"][rows].exp() * ratio.unsqueeze(-1) - p_k)
     q.scatter_add_(1, col[rows], torch.where(inside[rows], corr, 0.0))
     if p.want_ce and not p.share:
         if buf is None:  # fp32 gradient written in place: a temporary for the T = 1 softmax
-            p1 = shifted(torch.empty_like(q), zs, sv["lse_1"][rows].unsqueeze(-1), 1.0).exp_()
+            p1 = vs.shifted(torch.empty_like(q), zs, sv["lse_1"][rows].unsqueeze(-1), 1.0).exp_()
         else:
             p1 = torch.sub(zs.float(), sv["lse_1"][rows].unsqueeze(-1)).exp_()
         q.add_(p1.mul_(g_ce[rows].unsqueeze(-1)))
     if p.want_ce:  # the one-hot term of CE, where the label is ours
-        lab_col, lab_in = local_columns(p, sv["labels"][rows])
+        lab_col, lab_in = vs.local_columns(p, sv["labels"][rows])
         q.scatter_add_(1, lab_col.unsqueeze(1), torch.where(lab_in, -g_ce[rows], 0.0).unsqueeze(1))
     if q is not out:
         out.copy_(q)
@@ -149,7 +135,7 @@ class _TopKLoss(torch.autograd.Function):
     """(ce, kl) per token; gradient with respect to the student logits only."""
 
     @staticmethod
-    def forward(ctx, student, ids, t_logp, t_rest, labels, plan: ShardPlan):
+    def forward(ctx, student, ids, t_logp, t_rest, labels, plan: vs.ShardPlan):
         local, k = student.shape[-1], ids.shape[-1]
         z2d = student.reshape(-1, local)
         ids2d, logp2d = ids.reshape(-1, k).long(), t_logp.reshape(-1, k).float()
@@ -161,12 +147,12 @@ class _TopKLoss(torch.autograd.Function):
             saved["labels"] = lab1d
         ctx.plan, ctx.keys = plan, tuple(saved)
         ctx.save_for_backward(student, *saved.values())
-        return per_token_outputs(student, ce, kl)
+        return vs.per_token_outputs(student, ce, kl)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ce, grad_kl):
-        p: ShardPlan = ctx.plan
+        p: vs.ShardPlan = ctx.plan
         student, *rest = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
@@ -176,11 +162,11 @@ class _TopKLoss(torch.autograd.Function):
         n = zs.shape[0]
         g_ce = grad_ce.reshape(-1).float() if p.want_ce else None
         g_kl = grad_kl.reshape(-1).float()
-        col, inside = local_columns(p, sv["ids"])
-        grad, buf = student_grad(p, zs)  # buf None: the fp32 gradient is the working buffer
+        col, inside = vs.local_columns(p, sv["ids"])
+        grad, buf = vs.student_grad(p, zs)  # buf None: the fp32 gradient is the working buffer
         nv = p.num_valid
         if nv > 0:
-            for rows in chunk_rows(n, p.chunk):
+            for rows in vs.chunk_rows(n, p.chunk):
                 _backward_chunk(p, zs[rows, :nv], col, inside, sv, g_ce, g_kl, grad[rows, :nv],
                                 None if buf is None else buf[:rows.stop - rows.start], rows)
         return grad.view(student.shape), None, None, None, None, None
@@ -189,14 +175,15 @@ class _TopKLoss(torch.autograd.Function):
 def _check_topk(student, ids, t_logp, t_rest, caller: str) -> None:
     lead = tuple(student.shape[:-1])
     if ids.dim() != student.dim() or tuple(ids.shape[:-1]) != lead or ids.shape != t_logp.shape:
-        raise ValueError(f"{ERROR_PREFIX}.{caller}: topk_ids {tuple(ids.shape)} and topk_logprobs "
-                         f"{tuple(t_logp.shape)} must be shaped like the logits with K in the "
-                         f"last dim ({lead} + (K,)); logits are {tuple(student.shape)}")
+        raise ValueError(f"{vs.ERROR_PREFIX}.{caller}: topk_ids {tuple(ids.shape)} and "
+                         f"topk_logprobs {tuple(t_logp.shape)} must be shaped like the logits "
+                         f"with K in the last dim ({lead} + (K,)); logits are "
+                         f"{tuple(student.shape)}")
     if ids.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint16):
-        raise ValueError(f"{ERROR_PREFIX}.{caller}: topk_ids must be integer token ids, got "
+        raise ValueError(f"{vs.ERROR_PREFIX}.{caller}: topk_ids must be integer token ids, got "
                          f"{ids.dtype}")
     if tuple(t_rest.shape) != lead:
-        raise ValueError(f"{ERROR_PREFIX}.{caller}: rest_logprob {tuple(t_rest.shape)} must be "
+        raise ValueError(f"{vs.ERROR_PREFIX}.{caller}: rest_logprob {tuple(t_rest.shape)} must be "
                          f"shaped like the logits without their vocabulary dim {lead}")
 
 
@@ -227,8 +214,8 @@ def vocab_parallel_ce_and_topk_kl(
     caller = "vocab_parallel_ce_and_topk_kl"
     _check_topk(student_logits, topk_ids, topk_logprobs, rest_logprob, caller)
     if labels is not None:
-        check_labels(student_logits, labels, caller)
-    plan = make_plan(student_logits, tp_group, vocab_size, want_kl=True,
+        vs.check_labels(student_logits, labels, caller)
+    plan = vs.make_plan(student_logits, tp_group, vocab_size, want_kl=True,
                       want_ce=labels is not None, reverse=False, temperature=temperature,
                       chunk_tokens=chunk_tokens, caller=caller)
     ce, kl = _TopKLoss.apply(student_logits, topk_ids.detach(), topk_logprobs.detach(),
@@ -245,11 +232,11 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, *, tp_group, temperature: 
     log of the mass outside the K ids [..] fp32, -inf when K covers the vocabulary). Every rank
     of `tp_group` gets the same result. Padded columns (>= vocab_size) never enter.
     """
-    plan = make_plan(logits, tp_group, vocab_size, want_kl=False, want_ce=False, reverse=False,
+    plan = vs.make_plan(logits, tp_group, vocab_size, want_kl=False, want_ce=False, reverse=False,
                      temperature=temperature, chunk_tokens=chunk_tokens,
                      caller="vocab_parallel_topk")
     if not 1 <= int(k) <= plan.vocab_size:
-        raise ValueError(f"{ERROR_PREFIX}.vocab_parallel_topk: k={k} must be in [1, vocab_size="
+        raise ValueError(f"{vs.ERROR_PREFIX}.vocab_parallel_topk: k={k} must be in [1, vocab_size="
                          f"{plan.vocab_size}]")
     lead, local = logits.shape[:-1], logits.shape[-1]
     z = logits.detach().reshape(-1, local)
@@ -258,7 +245,7 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, *, tp_group, temperature: 
     ids = torch.zeros(n, k, dtype=torch.int64, device=dev)
     kk = min(k, nv)
     if kk > 0:
-        for rows in chunk_rows(n, plan.chunk):
+        for rows in vs.chunk_rows(n, plan.chunk):
             v, i = z[rows, :nv].float().mul(plan.inv_t).topk(kk, dim=-1)
             vals[rows, :kk], ids[rows, :kk] = v, i + plan.start
     if plan.world_size > 1:
@@ -271,14 +258,14 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, *, tp_group, temperature: 
     # log-normaliser and the mass outside the K ids, with the same shard statistics as the loss
     st = {"m_s": torch.full((n,), float("-inf"), device=dev), "s_s": torch.zeros(n, device=dev),
           "r_s": torch.zeros(n, device=dev)}
-    col, inside = local_columns(plan, ids)
+    col, inside = vs.local_columns(plan, ids)
     if nv > 0:
         buf = torch.empty(min(plan.chunk, n), nv, dtype=torch.float32, device=dev)
-        for rows in chunk_rows(n, plan.chunk):
+        for rows in vs.chunk_rows(n, plan.chunk):
             _forward_chunk(plan, z[rows, :nv], col[rows], inside[rows],
                            buf[:rows.stop - rows.start], st, rows)
-    m, scale = global_max(plan, st["m_s"])
-    sums = all_reduce_sum(plan, torch.stack([st["s_s"] * scale, st["r_s"] * scale]))
+    m, scale = vs.global_max(plan, st["m_s"])
+    sums = vs.all_reduce_sum(plan, torch.stack([st["s_s"] * scale, st["r_s"] * scale]))
     lse = m + torch.log(sums[0])
     rest = m + torch.log(sums[1]) - lse
     logp = vals - lse.unsqueeze(-1)
