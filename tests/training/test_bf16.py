@@ -106,7 +106,8 @@ class _DtypeRecorder:
 def _copy_weights(src, dst) -> None:
     """dst's parameters := src's (upcast); the optimizer's main parameters follow."""
     with torch.no_grad():
-        for model_src, model_dst in ((src.student, dst.student), (src.teacher, dst.teacher)):
+        for model_src, model_dst in ((src.student, dst.student),
+                                     (src.source.model, dst.source.model)):
             pairs = zip(model_src.named_parameters(), model_dst.named_parameters())
             for (name, a), (name_b, b) in pairs:
                 assert name == name_b and a.shape == b.shape
