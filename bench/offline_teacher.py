@@ -58,27 +58,29 @@ def sh(args, log):
 
 
 def parse_arm(text):
-    """'online' / 'v1:32:1:float16' / 'v2:16:0.95:q8[:zstd|none][:ef|packed]' -> dict (no id
-    codec given: packed, the labels of the runs before ef)."""
+    """'online' / 'v1:32:1:float16' / 'v2:16:0.95:q8[:zstd|none][:ef|packed][:t<M>]' -> dict (no
+    id codec given: packed, the labels of the runs before ef; t<M>: M tail samples per token)."""
     if text == "online":
         return {"fmt": 0, "k": 0, "top_p": 1.0, "codec": "", "compression": "none",
                 "id_codec": "", "label": "KD online (same run)"}
     parts = text.split(":")
     fmt, k, p, codec = int(parts[0][1:]), int(parts[1]), float(parts[2]), parts[3]
-    comp, id_codec = "none", "packed"
+    comp, id_codec, tail = "none", "packed", 0
     for extra in parts[4:]:
         if extra in ("none", "zstd"):
             comp = extra
         elif extra in ("packed", "ef"):
             id_codec = extra
+        elif extra[:1] == "t" and extra[1:].isdigit():
+            tail = int(extra[1:])
         else:
-            raise SystemExit(f"--arms {text!r}: {extra!r} is neither a compression (none, zstd) "
-                             f"nor an id codec (packed, ef)")
+            raise SystemExit(f"--arms {text!r}: {extra!r} is neither a compression (none, zstd), "
+                             f"an id codec (packed, ef) nor tail samples (t<M>)")
     label = (f"v1 float16 K={k}" if fmt == 1 else f"v2 {codec} K={k} p={p:g}"
              + ("" if id_codec == "packed" else f" {id_codec}")
-             + ("" if comp == "none" else f" {comp}"))
+             + ("" if comp == "none" else f" {comp}") + (f" tail={tail}" if tail else ""))
     return {"fmt": fmt, "k": k, "top_p": p, "codec": codec, "compression": comp,
-            "id_codec": id_codec if fmt == 2 else "", "label": label}
+            "id_codec": id_codec if fmt == 2 else "", "tail_samples": tail, "label": label}
 
 
 def producer_args(arm, kd_cfg, store):
@@ -88,7 +90,8 @@ def producer_args(arm, kd_cfg, store):
         return args + ["--store-format", "1", "--logprob-dtype", arm["codec"]]
     return args + ["--store-format", "2", "--top-p", str(arm["top_p"]), "--logprob-codec",
                    arm["codec"], "--compression", arm["compression"], "--id-codec",
-                   arm.get("id_codec") or "packed"]
+                   arm.get("id_codec") or "packed", "--tail-samples",
+                   str(arm.get("tail_samples", 0))]
 
 
 def end_record(run_dir):
@@ -217,7 +220,7 @@ def projected(row):
     if row["format"] == 1:
         return float(v1_bytes(row["top_k"], QWEN15_VOCAB, "float16"))
     return v2_bytes(row["entries_per_token"], QWEN15_VOCAB, row["codec"], row["top_k"],
-                    row["top_p"], row.get("id_codec") or "packed")
+                    row["top_p"], row.get("id_codec") or "packed", row.get("tail_samples", 0))
 
 
 def report(result, default_label):
@@ -252,7 +255,8 @@ def report(result, default_label):
         entries = a.get("entries_per_token") or a["k"]
         b152 = projected({"format": a["fmt"], "top_k": a["k"], "top_p": a["top_p"],
                           "codec": a["codec"], "entries_per_token": entries,
-                          "id_codec": a.get("id_codec")}) if a["fmt"] else float("nan")
+                          "id_codec": a.get("id_codec"),
+                          "tail_samples": a.get("tail_samples", 0)}) if a["fmt"] else float("nan")
         print(f"{a['label']:<30} {entries:>7.2f} "
               f"{a['store_bytes_per_token']:>7.1f} {b152:>10.1f} {a['producer_wall_s']:>10.1f} "
               f"{a['loop_s']:>7.1f} {100 * a['read_share']:>10.2f}% {a['ppl']:>9.3f} "

@@ -10,7 +10,8 @@ parallel section) over each domain's training samples and writes a store that a 
 `distill.teacher_logits: DIR` instead of running the teacher (docs/offline_teacher.md). Format 2
 (default): per token the fewest of the top-K entries reaching --top-p, the ids as an
 Elias-Fano coded set (--id-codec ef) or bit-packed (packed), --logprob-codec log-probabilities,
-optional --compression zstd. --store-format 1 (or the
+optional --compression zstd, and with --tail-samples M the mass outside the top K as M ids drawn
+from it instead of one rest bucket. --store-format 1 (or the
 format-1 flag --logprob-dtype) writes the fixed-K format of earlier releases. An interrupted
 run, restarted with the same arguments, resumes where it stopped. Exit status 0, or 2 with one
 `error:` line on bad input.
@@ -29,6 +30,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         DEFAULT_ID_CODEC,
         DEFAULT_LOGPROB_CODEC,
         DEFAULT_STORE_FORMAT,
+        DEFAULT_TAIL_SAMPLES,
         DEFAULT_TOP_K,
         DEFAULT_TOP_P,
     )
@@ -52,6 +54,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--id-codec", choices=["packed", "ef"], default=DEFAULT_ID_CODEC,
                    help=f"token ids: ef (Elias-Fano over each token's id set, ~n log2(V/n) + 2n "
                         f"bits) or packed (ceil(log2 V) bits each); default {DEFAULT_ID_CODEC}")
+    p.add_argument("--tail-samples", type=int, default=DEFAULT_TAIL_SAMPLES, metavar="M",
+                   help=f"replace the rest bucket by M ids drawn from the teacher's mass outside "
+                        f"the top K (an unbiased sample of the tail; needs --top-p 1); 0: the "
+                        f"bucket alone (default {DEFAULT_TAIL_SAMPLES})")
     p.add_argument("--compression", choices=["none", "zstd"], default=DEFAULT_COMPRESSION,
                    help="zstd per sample chunk (needs pip install 'megatron-ddk[formats]')")
     p.add_argument("--store-format", type=int, choices=[1, 2], default=None,
@@ -79,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        top_p=args.top_p, logprob_codec=args.logprob_codec,
                        compression=args.compression, id_codec=args.id_codec,
                        store_format=args.store_format,
-                       cover_runs=args.cover_runs)
+                       cover_runs=args.cover_runs, tail_samples=args.tail_samples)
 
 
 if __name__ == "__main__":

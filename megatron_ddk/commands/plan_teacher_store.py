@@ -48,11 +48,12 @@ def table(tokens: float, vocab_size: int, ks: List[int], setting: dict, entries:
     head = (f"offline teacher store for {tokens:.3g} tokens, vocabulary {vocab_size:,}\n"
             f"{'store':<52} {'bytes/token':>11} {'TB':>9} {'TiB':>9}")
     lines = [head]
-    id_codec = setting.get("id_codec", "packed")
+    id_codec, tail = setting.get("id_codec", "packed"), int(setting.get("tail_samples", 0))
     b = v2_bytes(entries, vocab_size, setting["logprob_codec"], setting["top_k"],
-                 setting["top_p"], id_codec)
+                 setting["top_p"], id_codec, tail)
     lines.append(_row(f"format 2 {id_codec} K={setting['top_k']} top_p={setting['top_p']:g} "
-                      f"{setting['logprob_codec']} ({entries:.2f} entries/token)", b, tokens))
+                      f"{setting['logprob_codec']}" + (f" tail {tail}" if tail else "")
+                      + f" ({entries:.2f} entries/token)", b, tokens))
     for k in ks:
         lines.append(_row(f"format 1 K={k} float16", v1_bytes(k, vocab_size, "float16"), tokens))
     lines.append(f"format 2 entries per token: {source}")
@@ -72,6 +73,7 @@ def _from_store(root: str):
     enc = header["encoding"]
     setting = {k: enc[k] for k in ("top_k", "top_p", "logprob_codec")}
     setting["id_codec"] = enc.get("id_codec", "packed")  # stores written before ef: packed
+    setting["tail_samples"] = int(enc.get("tail_samples", 0))
     return setting, float(header["entries_per_token"]), f"measured by {root}", \
         float(header["measured_bytes_per_token"])
 

@@ -39,11 +39,14 @@ each bit stream padded to a byte.
 
 One sample ([s] tokens) is one chunk: a 16-byte frame (magic, format version, encoding tag,
 payload length) and the payload, zstd-compressed when `compression` is zstd (the `formats`
-extra; zstd_module() is the one place that decides it). Decoded samples are padded to K with
+extra; zstd_module() is the one place that decides it). With tail_samples M > 0 the rest bucket
+is replaced by M ids drawn outside the top K (data/store_tail.py: the section follows the rest
+log-masses) and a token decodes to K + M slots with no rest. Decoded samples are padded to K with
 id -1 and log-probability -inf, which losses/topk_kl.py reads as "no entry".
 
 Coverage and quantiser math: data/store_values.py; id coding: data/store_ids.py (both re-exported
-here). Imports numpy, zlib and those two only; must not import torch, models, losses or training.
+here); tail samples: data/store_tail.py. Imports numpy, zlib and those three only; must not import
+torch, models, losses or training.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ from megatron_ddk.data.store_ids import (  # noqa: F401 (pack_bits, unpack_bits:
     pack_bits,
     position_bits,
     unpack_bits,
+)
+from megatron_ddk.data.store_tail import (
+    decode_tail,
+    encode_tail,
+    tail_bits_per_token,
+    tail_section_bytes,
 )
 from megatron_ddk.data.store_values import (  # noqa: F401 (re-exported)
     adaptive_counts,
@@ -114,6 +123,9 @@ student's test perplexity bit-identical (+0.207% against format 1 K = 32). The p
 speed, about half of packed (0.51 against 1.0 M tokens/s from a cold page cache, one thread):
 0.95% of a KD step at that rate, 2.2% in the trainer's own teacher_cache_read (target <= 5%)."""
 
+DEFAULT_TAIL_SAMPLES = 0
+"""Default tail samples per token (0: the rest bucket alone)."""
+
 DEFAULT_COMPRESSION = "none"
 """Default chunk compression: zstd saved 15-20% more on the demo's 12-bit ids, at about half the
 read throughput; it needs the `formats` extra, so it is opt-in."""
@@ -148,6 +160,16 @@ class StoreEncoding:
     id_codec: str = "packed"
     """packed (ceil(log2 vocab) bits per id, rank order) | ef (Elias-Fano over the token's id set,
     module docstring). An encoding recorded without it (stores written before ef) is packed."""
+
+    tail_samples: int = 0
+    """M > 0: the rest bucket is replaced by M ids drawn from the teacher's distribution outside
+    the top-K (data/store_tail.py, losses/tail_sample.py), an unbiased sample of the tail; needs
+    top_p 1. 0: the rest bucket alone (an encoding recorded without it has 0)."""
+
+    @property
+    def width(self) -> int:
+        """Entries per decoded token: top_k, plus tail_samples with tail samples."""
+        return self.top_k + max(0, self.tail_samples)
 
     @property
     def id_bits(self) -> int:
@@ -184,6 +206,8 @@ class StoreEncoding:
         fields = asdict(self)
         if fields["id_codec"] == "packed":
             del fields["id_codec"]
+        if not fields["tail_samples"]:  # likewise for stores written before tail samples
+            del fields["tail_samples"]
         return zlib.crc32(json.dumps(fields, sort_keys=True).encode())
 
     def to_dict(self) -> dict:
@@ -192,7 +216,7 @@ class StoreEncoding:
     @classmethod
     def from_dict(cls, data: dict) -> "StoreEncoding":
         keys = ("vocab_size", "top_k", "top_p", "logprob_codec", "compression", "zstd_level",
-                "id_codec")  # a missing id_codec (a store written before ef): packed
+                "id_codec", "tail_samples")  # missing (older stores): packed, 0
         return cls(**{k: data[k] for k in keys if k in data})
 
     def errors(self) -> list:
@@ -210,6 +234,11 @@ class StoreEncoding:
             errs.append(f"compression={self.compression!r}: use none or zstd")
         if self.id_codec not in ID_CODECS:
             errs.append(f"id_codec={self.id_codec!r}: use packed or ef")
+        if not 0 <= self.tail_samples <= 65535:
+            errs.append(f"tail_samples={self.tail_samples}: must be in [0, 65535] (0: none)")
+        elif self.tail_samples and self.top_p < 1.0:
+            errs.append(f"tail_samples={self.tail_samples}: needs top_p 1 (the draws cover "
+                        f"the mass outside the top_k entries), got top_p={self.top_p}")
         return errs
 
 
@@ -243,10 +272,17 @@ def _order_within(key: np.ndarray, counts: np.ndarray, top_k: int) -> np.ndarray
 
 
 def encode_sample(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray,
-                  enc: StoreEncoding) -> bytes:
+                  enc: StoreEncoding, tail_ids: Optional[np.ndarray] = None) -> bytes:
     """One sample's payload from its [s, K'] top entries (descending) and [s] log-mass outside
-    them; entries past enc.top_k (K' > K) join the rest like the ones top_p drops."""
+    them; entries past enc.top_k (K' > K) join the rest like the ones top_p drops. With
+    enc.tail_samples M > 0, tail_ids [s, M] are the ids drawn outside the top K (K' = K)."""
     ids, logp = np.asarray(ids), np.asarray(logp, np.float64)
+    want = ((ids.shape[0], enc.tail_samples), enc.top_k) if enc.tail_samples else (None, None)
+    got = (None if tail_ids is None else np.shape(tail_ids),
+           ids.shape[1] if enc.tail_samples else None)
+    if want != got:
+        raise ValueError(f"encoding with tail_samples={enc.tail_samples}: (tail ids, entries "
+                         f"per token) must be {want}, got {got}")
     counts = np.minimum(adaptive_counts(logp, enc.top_p), enc.top_k)
     if not enc.stores_counts and ids.shape[1] < enc.top_k:
         raise ValueError(f"{ids.shape[1]} entries per token given, but id codec ef with top_p "
@@ -257,6 +293,9 @@ def encode_sample(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray,
     starts = np.cumsum(counts) - counts
     parts = [counts.astype(enc.count_dtype).tobytes()] if enc.stores_counts else []
     parts.append(rest.tobytes())
+    if enc.tail_samples:
+        parts.append(encode_tail(np.asarray(tail_ids), rest, enc.vocab_size, enc.id_codec,
+                                 enc.id_bits))
     codes = None
     if enc.code_bits:
         last = flat_lp[np.cumsum(counts) - 1]
@@ -310,6 +349,13 @@ def decode_sample(payload: bytes, num_tokens: int, enc: StoreEncoding
     off = s * enc.count_dtype.itemsize if enc.stores_counts else 0
     rest = np.frombuffer(payload, np.float32, s, off)
     off += 4 * s
+    tail = None
+    if enc.tail_samples:
+        n_tail = tail_section_bytes(s, enc.tail_samples, enc.vocab_size, enc.id_codec,
+                                    enc.id_bits)
+        tail = decode_tail(payload[off:off + n_tail], rest, enc.tail_samples, enc.vocab_size,
+                           enc.id_codec, enc.id_bits)
+        off += n_tail
     total = int(counts.sum())
     token = np.repeat(np.arange(s), counts)
     starts = np.cumsum(counts) - counts
@@ -351,7 +397,10 @@ def decode_sample(payload: bytes, num_tokens: int, enc: StoreEncoding
     ids = np.full((s, k), -1, dtype=np.int64)
     logp = np.full((s, k), -np.inf, dtype=np.float32)
     ids[mask], logp[mask] = flat_ids, flat_lp
-    return ids, logp, np.array(rest, dtype=np.float32)
+    if tail is None:
+        return ids, logp, np.array(rest, dtype=np.float32)
+    return (np.concatenate([ids, tail[0]], axis=1), np.concatenate([logp, tail[1]], axis=1),
+            np.full(s, -np.inf, dtype=np.float32))  # the draws carry the rest's mass
 
 
 def _ef_codes(payload: bytes, off: int, counts: np.ndarray, starts: np.ndarray,
@@ -391,17 +440,19 @@ def payload_bytes(counts: np.ndarray, enc: StoreEncoding) -> int:
         values = -(-total * enc.code_bits // 8)
     ids = (-(-total * enc.id_bits // 8) if enc.id_codec == "packed"
            else ef_sample_bytes_bound(counts, enc.vocab_size))
-    return fixed + ids + values
+    tail = tail_section_bytes(s, enc.tail_samples, enc.vocab_size, enc.id_codec, enc.id_bits)
+    return fixed + ids + values + tail
 
 
 def bytes_per_token(entries_per_token: float, vocab_size: int, logprob_codec: str = "q8",
-                    top_k: int = 32, top_p: float = 1.0, id_codec: str = "packed") -> float:
+                    top_k: int = 32, top_p: float = 1.0, id_codec: str = "packed",
+                    tail_samples: int = 0) -> float:
     """Uncompressed format-2 bytes per token for a mean number of entries per token (the
     arithmetic plan_teacher_store and the bench use to project to another vocabulary). packed:
     exact (byte padding aside); ef: the most, whatever the ids and however the entries are
     spread over tokens (store_ids.ef_mean_bits_bound; exact worst case when top_p >= 1)."""
     enc = StoreEncoding(vocab_size=vocab_size, top_k=top_k, top_p=top_p,
-                        logprob_codec=logprob_codec, id_codec=id_codec)
+                        logprob_codec=logprob_codec, id_codec=id_codec, tail_samples=tail_samples)
     n, b = float(entries_per_token), enc.code_bits
     fixed = (enc.count_dtype.itemsize if enc.stores_counts else 0) + 4 + (2 if b else 0)
     if not b:
@@ -412,7 +463,8 @@ def bytes_per_token(entries_per_token: float, vocab_size: int, logprob_codec: st
         values = n * b / 8
     ids = (n * enc.id_bits if id_codec == "packed"
            else ef_mean_bits_bound(n, top_k, vocab_size)) / 8
-    return fixed + ids + values
+    tail = tail_bits_per_token(tail_samples, vocab_size, id_codec, enc.id_bits) / 8
+    return fixed + ids + values + tail
 
 
 # ------------------------------------------------------------------------------ chunks

@@ -74,8 +74,9 @@ def write_v2(final: str, arrays: Dict[str, np.ndarray], enc: StoreEncoding) -> N
     def fill(tmp):
         with open(os.path.join(tmp, CHUNKS), "wb") as f:
             for i in range(m):
+                tail = arrays["tail_ids"][i] if enc.tail_samples else None
                 payload = encode_sample(arrays["topk_ids"][i], arrays["topk_logprobs"][i],
-                                        arrays["rest_logprob"][i], enc)
+                                        arrays["rest_logprob"][i], enc, tail)
                 chunk = frame_chunk(payload, enc, compressor)
                 f.write(chunk)
                 index[i + 1] = index[i] + len(chunk)

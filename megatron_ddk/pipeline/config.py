@@ -215,6 +215,10 @@ class TeacherStoreSpec:
     """Token ids (--id-codec): ef (Elias-Fano over each token's id set) or packed (ceil(log2 V)
     bits each); None: the producer's default."""
 
+    tail_samples: Optional[int] = None
+    """Ids drawn per token from the teacher's mass outside the top K (--tail-samples; 0: the rest
+    bucket alone); None: the producer's default."""
+
 
 @dataclass
 class EvaluationSpec:

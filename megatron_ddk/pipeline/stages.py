@@ -179,7 +179,7 @@ def _store_stage(plan: PipelinePlan, seed: int, folder: str, arms: List[ArmSpec]
     spec, paths = plan.cfg.teacher_store, {}
     name = "teacher_store/" + os.path.basename(folder)
     flags: List[str] = []
-    for key in ("top_k", "top_p", "logprob_codec", "compression", "id_codec"):
+    for key in ("top_k", "top_p", "logprob_codec", "compression", "id_codec", "tail_samples"):
         if getattr(spec, key) is not None:
             flags += ["--" + key.replace("_", "-"), str(getattr(spec, key))]
 

@@ -2,7 +2,8 @@
 write its top-K log-probabilities to a store (data/teacher_store.py) keyed by (domain, sample id).
 
     megatron-ddk cache-teacher --config RUN.yaml --out DIR [--top-k K] [--top-p P]
-        [--logprob-codec q4] [--id-codec ef|packed] [--compression none|zstd] [--domains ...]
+        [--logprob-codec q4] [--id-codec ef|packed] [--tail-samples M] [--compression none|zstd]
+        [--domains ...]
         [--max-samples-per-domain N | --cover-runs RUN.yaml ...]
 
 The teacher is the same Megatron-Core model online KD builds (build_teacher: frozen, eval mode),
@@ -11,7 +12,9 @@ round-robin to data-parallel replicas; inside a replica the forward passes go th
 Core's schedules (forward only), the last stage's tensor-parallel ranks compute the top-K on
 their vocabulary shards (losses/topk_kl.vocab_parallel_topk, no gather of the vocabulary) and
 its TP rank 0 writes the shard (encoded there for format 2: data/store_codec.py's adaptive
-coverage, Elias-Fano coded ids (data/store_ids.py), quantised log-probabilities). An interrupted
+coverage, Elias-Fano coded ids (data/store_ids.py), quantised log-probabilities; with
+--tail-samples M, M ids drawn from the teacher's mass outside the top K, losses/tail_sample.py,
+from uniforms seeded by (train.seed, domain, sample): tail_uniforms). An interrupted
 run resumes: shards already renamed into place are skipped. Last, the teacher's per-domain
 validation losses (DDK's ppl_T) are measured exactly as the trainer would (training/evaluate.py)
 and the header is marked complete.
@@ -38,6 +41,7 @@ from megatron_ddk.data.store_codec import (  # noqa: F401 (the producer's defaul
     DEFAULT_ID_CODEC,
     DEFAULT_LOGPROB_CODEC,
     DEFAULT_STORE_FORMAT,
+    DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
     StoreEncoding,
@@ -49,6 +53,7 @@ from megatron_ddk.data.teacher_store import (
     max_samples_per_domain,
     sample_checksum,
 )
+from megatron_ddk.losses.tail_sample import vocab_parallel_tail_sample
 from megatron_ddk.losses.topk_kl import vocab_parallel_topk
 from megatron_ddk.models.checkpoint import describe_checkpoint
 from megatron_ddk.models.pair import DistillationPair
@@ -64,6 +69,9 @@ logger = logging.getLogger(__name__)
 SHARD_BYTES = 64 << 20
 """Default shard size: about this many bytes of store per shard (whole samples, a multiple of
 the micro-batch size)."""
+
+TAIL_STREAM = 0x7A11
+"""Seeds the tail draws' uniforms apart from every other use of train.seed."""
 
 
 def plan_coverage(seed: int, names: Sequence[str], sizes: Sequence[int],
@@ -132,16 +140,29 @@ def _todo(writer: StoreWriter, covered: Dict[str, np.ndarray], shard_samples: in
     return box[0]
 
 
+def tail_uniforms(seed: int, domain: int, sample: int, seq_length: int) -> np.ndarray:
+    """[seq_length] the u of each token's tail draws (losses/tail_sample.py): a function of
+    (train.seed, domain, sample) only, so a store is the same whatever the layout or shard."""
+    return np.random.default_rng([int(seed), TAIL_STREAM, int(domain), int(sample)]).random(
+        int(seq_length))
+
+
 def _shard_arrays(teacher, ctx: ParallelContext, entries, datasets, cfg: RunConfig, top_k: int,
-                  vocab_size: int) -> Optional[Dict[str, np.ndarray]]:
+                  vocab_size: int, tail_samples: int = 0) -> Optional[Dict[str, np.ndarray]]:
     """Run the teacher over one shard's samples; the writing rank gets its arrays, others None."""
     mbs = cfg.train.micro_batch_size
     num_mb = -(-len(entries) // mbs)
     padded = list(entries) + [entries[-1]] * (num_mb * mbs - len(entries))
     batches = [collate(padded[i * mbs:(i + 1) * mbs], datasets) for i in range(num_mb)]
     rows: Dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "rest_logprob": []}
+    if tail_samples:
+        rows["tail_ids"] = []
+        for i, batch in enumerate(batches):
+            batch["tail_uniforms"] = torch.from_numpy(np.stack([
+                tail_uniforms(cfg.train.seed, d, smp, cfg.data.seq_length)
+                for d, smp in padded[i * mbs:(i + 1) * mbs]]))
 
-    def loss_of(_batch):
+    def loss_of(batch):
         def loss_func(logits):
             ids, logp, rest = vocab_parallel_topk(
                 logits, top_k, tp_group=ctx.tp_group, temperature=cfg.distill.temperature,
@@ -149,6 +170,12 @@ def _shard_arrays(teacher, ctx: ParallelContext, entries, datasets, cfg: RunConf
             rows["topk_ids"].append(ids.cpu().numpy())
             rows["topk_logprobs"].append(logp.cpu().numpy())
             rows["rest_logprob"].append(rest.cpu().numpy())
+            if tail_samples:
+                tail = vocab_parallel_tail_sample(
+                    logits, ids, batch["tail_uniforms"].to(logits.device), tail_samples,
+                    tp_group=ctx.tp_group, temperature=cfg.distill.temperature,
+                    vocab_size=vocab_size, chunk_tokens=cfg.distill.kl_chunk_tokens)
+                rows["tail_ids"].append(tail.cpu().numpy())
             return torch.zeros((), device=logits.device), {}
 
         return loss_func
@@ -175,11 +202,12 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
                          compression: str = DEFAULT_COMPRESSION,
                          id_codec: str = DEFAULT_ID_CODEC,
                          store_format: Optional[int] = None,
-                         cover_runs: Optional[Sequence[str]] = None) -> dict:
+                         cover_runs: Optional[Sequence[str]] = None,
+                         tail_samples: int = DEFAULT_TAIL_SAMPLES) -> dict:
     """Build (or finish) the store at `out` for the run `cfg` (all ranks call it).
 
-    Format 2 (default) with top_p / logprob_codec / compression / id_codec (data/store_codec.py,
-    data/store_ids.py); format 1
+    Format 2 (default) with top_p / logprob_codec / compression / id_codec / tail_samples
+    (data/store_codec.py, data/store_ids.py, data/store_tail.py); format 1
     (fixed K, `logprob_dtype` float16 | float32) when store_format is 1 or logprob_dtype is
     given (the flag of format 1). cover_runs: run configs whose draws the store must cover
     (coverage_of_runs), instead of max_samples_per_domain.
@@ -202,7 +230,8 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
     limit = coverage_of_runs(cfg, cover_runs, data) if cover_runs else max_samples_per_domain
     covered = plan_coverage(cfg.train.seed, names, sizes, domains, limit)
     encoding, bpt = _encoding(store_format, logprob_dtype, data.vocab_size, top_k, top_p,
-                              logprob_codec, compression, id_codec)
+                              logprob_codec, compression, id_codec, tail_samples)
+    tail_samples = encoding.tail_samples if encoding is not None else 0
     padded_vocab = builder.model_vocab(cfg, data.vocab_size, ctx.tp_size)
     teacher_ckpt = describe_checkpoint(cfg.distill.teacher_load)  # read once, used twice
     teacher = build_teacher(cfg.distill.teacher, ctx, padded_vocab, teacher_ckpt,
@@ -217,9 +246,9 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
         dist.barrier()
     todo = _todo(writer, covered, shard_samples)
     total_shards = sum(-(-len(v) // shard_samples) for v in covered.values())
-    logger.info("teacher store %s: format %d, %d domain(s), K=%d, <= %.1f bytes/token, %d of %d "
-                "shards to write%s", out, writer.header["format_version"], len(covered), top_k,
-                bpt, len(todo), total_shards,
+    logger.info("teacher store %s: format %d, %d domain(s), K=%d, %d tail samples, <= %.1f "
+                "bytes/token, %d of %d shards to write%s", out, writer.header["format_version"],
+                len(covered), top_k, tail_samples, bpt, len(todo), total_shards,
                 " (resuming)" if resumed else "")
     mine = todo[ctx.dp_rank::ctx.dp_size]
     index = {n: i for i, n in enumerate(names)}
@@ -228,7 +257,7 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
         ids = covered[name][j * shard_samples:(j + 1) * shard_samples]
         entries = [(index[name], int(s)) for s in ids]
         arrays = _shard_arrays(teacher, ctx, entries, data.datasets.train, cfg, top_k,
-                               data.vocab_size)
+                               data.vocab_size, tail_samples)
         if arrays is not None:
             writer.write_shard(name, j, arrays)
         done_tokens += len(entries) * cfg.data.seq_length
@@ -251,6 +280,7 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
     summary = {"out": out, "top_k": top_k, "bytes_per_token": bpt,
                "format_version": writer.header["format_version"],
                "id_codec": encoding.id_codec if encoding is not None else None,
+               "tail_samples": tail_samples,
                "entries_per_token": writer.header.get("entries_per_token"),
                "shards_written": len(todo), "seconds": time.time() - started,
                "samples": {n: int(len(v)) for n, v in covered.items()},
@@ -265,7 +295,7 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
 
 def _encoding(store_format: Optional[int], logprob_dtype: Optional[str], vocab_size: int,
               top_k: int, top_p: float, logprob_codec: str, compression: str,
-              id_codec: str = DEFAULT_ID_CODEC):
+              id_codec: str = DEFAULT_ID_CODEC, tail_samples: int = DEFAULT_TAIL_SAMPLES):
     """(StoreEncoding or None for format 1, bytes per token at most) of the producer's flags
     (format 2 with ef: the most whatever the ids, store_ids.ef_bits_bound)."""
     fmt = store_format or (1 if logprob_dtype else DEFAULT_STORE_FORMAT)
@@ -274,19 +304,22 @@ def _encoding(store_format: Optional[int], logprob_dtype: Optional[str], vocab_s
     if fmt == 1:
         if logprob_dtype not in (None, "float16", "float32"):
             raise ValueError(f"--logprob-dtype {logprob_dtype!r}: use float16 or float32")
+        if tail_samples:
+            raise ValueError(f"--tail-samples {tail_samples}: format 1 stores no tail samples; "
+                             f"use --store-format 2 or --tail-samples 0")
         return None, bytes_per_token(top_k, vocab_size, logprob_dtype or "float16")
     if logprob_dtype:
         raise ValueError("--logprob-dtype is format 1's flag; with --store-format 2 give "
                          "--logprob-codec float32 | float16 | q8 ...")
     enc = StoreEncoding(vocab_size=vocab_size, top_k=top_k, top_p=float(top_p),
                         logprob_codec=logprob_codec, compression=compression,
-                        id_codec=id_codec)
+                        id_codec=id_codec, tail_samples=int(tail_samples))
     errs = enc.errors()
     if errs:
         raise ValueError("cache-teacher: " + "; ".join(f"--{e.replace('_', '-', 1)}"
                                                         for e in errs))
     return enc, encoded_bytes_per_token(top_k, vocab_size, logprob_codec, top_k, float(top_p),
-                                        id_codec)
+                                        id_codec, enc.tail_samples)
 
 
 def format_summary(summary: dict) -> str:
@@ -295,7 +328,10 @@ def format_summary(summary: dict) -> str:
     id_codec = summary.get("id_codec")
     lines = [f"teacher store {summary['out']}: format {summary.get('format_version', 1)}, "
              + (f"{id_codec} ids, " if id_codec else "")
-             + f"K={summary['top_k']}, {summary['bytes_per_token']:.1f} bytes/token"
+             + f"K={summary['top_k']}"
+             + (f" + {summary['tail_samples']} tail samples" if summary.get("tail_samples")
+                else "")
+             + f", {summary['bytes_per_token']:.1f} bytes/token"
              + (f", {entries:.2f} entries/token" if entries else "")
              + f", {summary['seconds']:.1f} s",
              f"{'domain':<24} {'samples':>9} {'teacher valid ppl':>18}"]

@@ -132,3 +132,59 @@ def test_cover_runs_covers_what_the_run_draws(setup, tmp_path):
                        "--out", store, "--cover-runs", setup["cfg"], "--top-k", "8"])
     run_dir = train_on(setup["cfg"], store, tmp_path / "off_cover")  # no uncovered sample
     assert records(run_dir, "end")[-1]["teacher_store_samples"] == STEPS * GBS
+
+
+def test_tail_sample_store_draws_the_dense_teacher_s_tail(setup, tmp_path):
+    """--tail-samples against the full-vocabulary store (the dense teacher, float32): the head is
+    its top K, the draws are the systematic draws of its tail with the producer's uniforms
+    (computed here in numpy float64), and a run trains on the store."""
+    import numpy as np
+
+    from megatron_ddk.data.store_shards import open_shard
+    from megatron_ddk.data.teacher_store import shard_dir
+    from megatron_ddk.training.teacher_cache import tail_uniforms
+
+    k, m = 8, 16
+    store = cache(setup["cfg"], str(tmp_path / "tail"), "--top-k", str(k), "--tail-samples",
+                  str(m), "--logprob-codec", "float32")
+    header = json.load(open(os.path.join(store, "header.json")))
+    full_header = json.load(open(os.path.join(setup["full"], "header.json")))
+    assert header["encoding"]["tail_samples"] == m and header["entries_per_token"] == k
+    seed, seq = header["identity"]["seed"], header["identity"]["seq_length"]
+    draws = mismatched = 0
+    for d, name in enumerate(header["identity"]["domains"]):
+        if name not in header["domains"]:
+            continue
+        tail, full = (open_shard(shard_dir(s, name, 0), h) for s, h in
+                      ((store, header), (setup["full"], full_header)))
+        assert list(tail.sample_ids) == list(full.sample_ids)
+        for row, sample in enumerate(tail.sample_ids):
+            ids, logp, rest = tail.row(row)
+            f_ids, f_logp, _ = full.row(row)
+            dense = np.full((seq, VOCAB), -np.inf)
+            np.put_along_axis(dense, f_ids, f_logp.astype(np.float64), axis=1)
+            assert np.all(rest == -np.inf)
+            assert np.allclose(np.exp(logp.astype(np.float64)).sum(1), 1.0, atol=1e-5)
+            u = tail_uniforms(seed, d, int(sample), seq)
+            for t in range(seq):
+                p = np.exp(dense[t])
+                top = np.sort(ids[t, :k])
+                assert np.array_equal(top, np.sort(np.argsort(-p, kind="stable")[:k])) or \
+                    np.allclose(np.sort(p)[-k:], np.sort(p[ids[t, :k]]), rtol=1e-5)
+                p[ids[t, :k]] = 0.0
+                cum = np.cumsum(p)
+                ref = np.searchsorted(cum, (np.arange(m) + u[t]) / m * cum[-1], side="right")
+                uniq, hits = np.unique(ref, return_counts=True)
+                got = ids[t, k:][ids[t, k:] >= 0]
+                draws += 1
+                if not (np.array_equal(got, uniq) and np.allclose(
+                        np.exp(logp[t, k:k + len(got)].astype(np.float64)),
+                        hits / m * cum[-1], rtol=1e-4)):
+                    mismatched += 1
+    # the producer draws from exp(z / T - max) of the live logits, the reference from the full
+    # store's float32 log-probabilities: a target within ~1e-6 of a boundary may land on the
+    # neighbour (probability ~ m x 1e-6 per token); 1% of tokens bounds that with a wide margin
+    assert draws > 1000 and mismatched <= 0.01 * draws, (mismatched, draws)
+    run_dir = train_on(setup["cfg"], store, tmp_path / "off_tail")
+    assert records(run_dir, "end")[-1]["teacher_store_samples"] == STEPS * GBS
+    assert all(np.isfinite(r["kd_loss"]) for r in records(run_dir, "step"))
