@@ -97,16 +97,17 @@ EXTRA = "formats"
 
 # The producer's defaults (megatron-ddk cache-teacher), chosen from the bench's table.
 
-DEFAULT_TOP_K = 24
-"""Default K (most entries per token). bench/offline_teacher.py (docs/offline_teacher.md,
-"Benchmark"): the KD student's test perplexity against format 1's float16 K = 32 store was
-+0.007% at K = 32 (q8, top_p 0.95), +0.207% at K = 24 (q4; the same with ef ids, rerun),
-+0.331% at K = 20, +0.49% at K = 16: K = 24 is the smallest K measured within 0.3%. With ef ids
-and q4 it takes at most 61.6 bytes/token at 151,646 entries, under 1/3 of format 1's 196."""
+DEFAULT_TOP_K = 16
+"""Default K (most entries per token), with DEFAULT_TAIL_SAMPLES draws for the rest.
+bench/offline_teacher.py (docs/offline_teacher.md, "Benchmark"): without tail samples the KD
+student trailed the online teacher's by +1.9% (format 1, K = 32) to +2.1% (K = 24, q4, ef): a
+rest bucket coarsens this flat teacher. K = 16 with 8 tail samples: -0.14% from online, K = 8
+with 16: -0.04% (one seed each). K = 16 + 8 keeps twice the exact head (for a sharper teacher,
+whose mass sits there) at 60.4 bytes/token at most at 151,646 entries (K = 8 + 16: 56.2)."""
 
 DEFAULT_TOP_P = 1.0
-"""Default adaptive coverage: 1 keeps all K. On the quickstart's flat teacher top_p 0.95 kept
-94% of the entries at K = 32 (no perplexity change); only K = 24 with top_p 1 was trained."""
+"""Default adaptive coverage: 1 keeps all K (tail samples need it). On the quickstart's flat
+teacher top_p 0.95 kept 94% of the entries at K = 32 (no perplexity change)."""
 
 DEFAULT_LOGPROB_CODEC = "q4"
 """Default log-probability encoding: the bench's KL error and perplexity did not move between
@@ -123,8 +124,10 @@ student's test perplexity bit-identical (+0.207% against format 1 K = 32). The p
 speed, about half of packed (0.51 against 1.0 M tokens/s from a cold page cache, one thread):
 0.95% of a KD step at that rate, 2.2% in the trainer's own teacher_cache_read (target <= 5%)."""
 
-DEFAULT_TAIL_SAMPLES = 0
-"""Default tail samples per token (0: the rest bucket alone)."""
+DEFAULT_TAIL_SAMPLES = 8
+"""Default tail samples per token (0: the rest bucket alone): the M draws that make the KL's
+gradient unbiased (losses/tail_sample.py); see DEFAULT_TOP_K for the measurement. With q4 and
+ef at K = 16 they add at most 16.1 bytes/token at 151,646 entries (Elias-Fano, 129 bits)."""
 
 DEFAULT_COMPRESSION = "none"
 """Default chunk compression: zstd saved 15-20% more on the demo's 12-bit ids, at about half the

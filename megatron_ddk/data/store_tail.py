@@ -28,6 +28,7 @@ from typing import Tuple
 import numpy as np
 
 from megatron_ddk.data.store_ids import (
+    ef_bits_bound,
     ef_decode,
     ef_encode,
     ef_low_bytes,
@@ -49,12 +50,13 @@ def tail_section_bytes(num_tokens: int, samples: int, vocab_size: int, id_codec:
 
 
 def tail_bits_per_token(samples: int, vocab_size: int, id_codec: str, id_bits: int) -> float:
-    """Bits per token of the tail section (ef: its bound, which the section always takes)."""
+    """Bits per token of the tail section, byte padding of the sample aside (ef: its bound,
+    M L + M + ((vocab - 1) >> L), which the section always takes)."""
     if samples <= 0:
         return 0.0
     if id_codec == "packed":
         return float(samples * id_bits)
-    return 8.0 * tail_section_bytes(1, samples, vocab_size, id_codec, id_bits)
+    return float(ef_bits_bound(samples, vocab_size))
 
 
 def encode_tail(tail_ids: np.ndarray, rest: np.ndarray, vocab_size: int, id_codec: str,

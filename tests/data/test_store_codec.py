@@ -258,7 +258,12 @@ def test_default_setting_at_qwen_vocabulary():
     ef = sc.bytes_per_token(24, 151_646, "q4", 24, 1.0, "ef")
     assert ef == 4 + 2 + (349 + 96) / 8 == 61.625
     assert sc.bytes_per_token(24, 151_646, "q4", 24, 1.0, "packed") == 72.5
-    assert ef <= 196 / 3
+    # the default, K = 16 + 8 tail draws: head ids 16 x 13 + 16 + (151,645 >> 13) = 242 bits,
+    # codes 16 x 4, tail 8 x 14 + 8 + (151,645 >> 14) = 129 bits
+    assert (sc.DEFAULT_TOP_K, sc.DEFAULT_TAIL_SAMPLES, sc.DEFAULT_LOGPROB_CODEC) == (16, 8, "q4")
+    default = sc.bytes_per_token(16, 151_646, "q4", 16, 1.0, "ef", 8)
+    assert default == 4 + 2 + (242 + 64 + 129) / 8 == 60.375
+    assert default <= 196 / 3
 
 
 def test_top_entry_code_or_position_whichever_is_smaller():

@@ -216,7 +216,8 @@ def test_plan_teacher_store_projects_a_store_s_measured_entries(tmp_path, id_cod
     text = plan.table(15e9, 151_646, [32], setting, entries, "x", measured)
     want = bytes_per_token(entries, 151_646, "q4", K, 0.6, id_codec or "packed")
     assert f"{want:.1f}" in text.splitlines()[2] and f"{15e9 * want / 1e12:.2f}" in text
-    # the default (no --store): the bench's default setting, ef, at most 61.6 bytes per token
+    # the default (no --store): the bench's default setting, ef, at most 60.4 bytes per token
     default = plan.table(15e9, 151_646, [32], plan.BENCH_SETTING, plan.BENCH_ENTRIES_PER_TOKEN,
                          "bench")
-    assert "format 2 ef K=24 top_p=1 q4" in default and " 61.6 " in default and " 0.92 " in default
+    assert "format 2 ef K=16 top_p=1 q4 tail 8" in default and " 60.4 " in default \
+        and " 0.91 " in default
