@@ -54,10 +54,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--id-codec", choices=["packed", "ef"], default=DEFAULT_ID_CODEC,
                    help=f"token ids: ef (Elias-Fano over each token's id set, ~n log2(V/n) + 2n "
                         f"bits) or packed (ceil(log2 V) bits each); default {DEFAULT_ID_CODEC}")
-    p.add_argument("--tail-samples", type=int, default=DEFAULT_TAIL_SAMPLES, metavar="M",
+    p.add_argument("--tail-samples", type=int, default=None, metavar="M",
                    help=f"replace the rest bucket by M ids drawn from the teacher's mass outside "
                         f"the top K (an unbiased sample of the tail; needs --top-p 1); 0: the "
-                        f"bucket alone (default {DEFAULT_TAIL_SAMPLES})")
+                        f"bucket alone (default {DEFAULT_TAIL_SAMPLES} with format 2, --top-p 1 "
+                        f"and --top-k below the vocabulary, else 0)")
     p.add_argument("--compression", choices=["none", "zstd"], default=DEFAULT_COMPRESSION,
                    help="zstd per sample chunk (needs pip install 'megatron-ddk[formats]')")
     p.add_argument("--store-format", type=int, choices=[1, 2], default=None,

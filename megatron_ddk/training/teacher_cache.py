@@ -203,7 +203,7 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
                          id_codec: str = DEFAULT_ID_CODEC,
                          store_format: Optional[int] = None,
                          cover_runs: Optional[Sequence[str]] = None,
-                         tail_samples: int = DEFAULT_TAIL_SAMPLES) -> dict:
+                         tail_samples: Optional[int] = None) -> dict:
     """Build (or finish) the store at `out` for the run `cfg` (all ranks call it).
 
     Format 2 (default) with top_p / logprob_codec / compression / id_codec / tail_samples
@@ -293,14 +293,25 @@ def cache_teacher_logits(cfg: RunConfig, ctx: ParallelContext, out: str, *,
     return summary
 
 
+def default_tail_samples(store_format: int, top_k: int, top_p: float, vocab_size: int) -> int:
+    """DEFAULT_TAIL_SAMPLES where tail samples apply: format 2, top_p 1 (adaptive coverage moves
+    mass into the rest the draws would not cover) and a top K short of the vocabulary (else
+    there is no tail); 0 otherwise."""
+    applies = store_format == 2 and float(top_p) >= 1.0 and int(top_k) < int(vocab_size)
+    return DEFAULT_TAIL_SAMPLES if applies else 0
+
+
 def _encoding(store_format: Optional[int], logprob_dtype: Optional[str], vocab_size: int,
               top_k: int, top_p: float, logprob_codec: str, compression: str,
-              id_codec: str = DEFAULT_ID_CODEC, tail_samples: int = DEFAULT_TAIL_SAMPLES):
+              id_codec: str = DEFAULT_ID_CODEC, tail_samples: Optional[int] = None):
     """(StoreEncoding or None for format 1, bytes per token at most) of the producer's flags
-    (format 2 with ef: the most whatever the ids, store_ids.ef_bits_bound)."""
+    (format 2 with ef: the most whatever the ids, store_ids.ef_bits_bound). tail_samples None:
+    default_tail_samples."""
     fmt = store_format or (1 if logprob_dtype else DEFAULT_STORE_FORMAT)
     if fmt not in (1, 2):
         raise ValueError(f"--store-format {fmt}: use 1 or 2")
+    if tail_samples is None:
+        tail_samples = default_tail_samples(fmt, top_k, top_p, vocab_size)
     if fmt == 1:
         if logprob_dtype not in (None, "float16", "float32"):
             raise ValueError(f"--logprob-dtype {logprob_dtype!r}: use float16 or float32")

@@ -93,3 +93,16 @@ def test_bad_tail_settings_are_named():
         encode_sample(ids, vals, rest, enc, tail[:, ::-1])
     with pytest.raises(ValueError, match=r"\[0, 5000\)"):
         encode_sample(ids, vals, rest, enc, tail + V)
+
+
+def test_the_producer_default_draws_only_where_there_is_an_uncovered_tail():
+    from megatron_ddk.training.teacher_cache import _encoding, default_tail_samples
+
+    assert default_tail_samples(2, 16, 1.0, 4096) == 8
+    assert default_tail_samples(2, 16, 0.95, 4096) == 0  # top_p moves mass the draws miss
+    assert default_tail_samples(2, 4096, 1.0, 4096) == 0  # K covers the vocabulary: no tail
+    assert default_tail_samples(1, 16, 1.0, 4096) == 0  # format 1 has no tail section
+    with pytest.raises(ValueError, match="--tail-samples=8: needs top_p 1"):
+        _encoding(None, None, 4096, 16, 0.9, "q4", "none", "ef", 8)
+    with pytest.raises(ValueError, match="format 1 stores no tail samples"):
+        _encoding(1, None, 4096, 16, 1.0, "q4", "none", "ef", 8)
