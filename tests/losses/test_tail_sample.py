@@ -17,7 +17,7 @@ import torch
 from megatron_ddk.testing.multiproc import tp_groups
 
 S, B, PADDED, VOCAB, K, M, T = 4, 3, 64, 61, 6, 5, 1.5
-GRID = 200
+GRID = 100
 
 
 def _inputs():

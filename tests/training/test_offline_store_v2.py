@@ -8,6 +8,7 @@ equal it), and a format-1 store written by the same producer (it must still trai
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -116,6 +117,8 @@ def test_tp2_on_a_compact_store_equals_tp1(setup, compact_run, tmp_path):
         assert rb["weights"] == pytest.approx(ra["weights"], rel=1e-6)
         for key in ("loss", "lm_loss", "kd_loss"):  # the loss test's TP tolerance, over steps
             assert rb[key] == pytest.approx(ra[key], abs=1e-4), (ra["step"], key)
+    # DP = 1: the logging rank (last stage, TP rank 0) read every sample of every step
+    assert records(run_dir, "end")[-1]["teacher_store_samples"] == STEPS * GBS
 
 
 def test_format1_store_from_the_producer_still_trains(setup, compact_run, tmp_path):
@@ -130,14 +133,18 @@ def test_cover_runs_covers_what_the_run_draws(setup, tmp_path):
     store = str(tmp_path / "covered")
     tiny_run.run_tool(["-m", "megatron_ddk.cli", "cache-teacher", "--config", setup["cfg"],
                        "--out", store, "--cover-runs", setup["cfg"], "--top-k", "8"])
+    header = json.load(open(os.path.join(store, "header.json")))
+    assert header["encoding"]["tail_samples"] == 8  # the producer's default at top_p 1, K < V
     run_dir = train_on(setup["cfg"], store, tmp_path / "off_cover")  # no uncovered sample
     assert records(run_dir, "end")[-1]["teacher_store_samples"] == STEPS * GBS
+    steps = records(run_dir, "step")  # K + 8 entries per token, no rest: a finite loss
+    assert all(math.isfinite(r["kd_loss"]) and r["kd_loss"] > 0 for r in steps)
 
 
 def test_tail_sample_store_draws_the_dense_teacher_s_tail(setup, tmp_path):
     """--tail-samples against the full-vocabulary store (the dense teacher, float32): the head is
     its top K, the draws are the systematic draws of its tail with the producer's uniforms
-    (computed here in numpy float64), and a run trains on the store."""
+    (computed here in numpy float64)."""
     import numpy as np
 
     from megatron_ddk.data.store_shards import open_shard
@@ -185,6 +192,4 @@ def test_tail_sample_store_draws_the_dense_teacher_s_tail(setup, tmp_path):
     # store's float32 log-probabilities: a target within ~1e-6 of a boundary may land on the
     # neighbour (probability ~ m x 1e-6 per token); 1% of tokens bounds that with a wide margin
     assert draws > 1000 and mismatched <= 0.01 * draws, (mismatched, draws)
-    run_dir = train_on(setup["cfg"], store, tmp_path / "off_tail")
-    assert records(run_dir, "end")[-1]["teacher_store_samples"] == STEPS * GBS
-    assert all(np.isfinite(r["kd_loss"]) for r in records(run_dir, "step"))
+    # a run on a tail-sample store: test_cover_runs_covers_what_the_run_draws (the default)
