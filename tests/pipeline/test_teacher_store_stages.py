@@ -44,10 +44,10 @@ def test_study_builds_one_store_per_seed_and_points_its_arms_at_it(tmp_path):
 
 def test_store_settings_pass_through_and_per_seed_off_changes_nothing(tmp_path):
     _, stages = _stages(tmp_path, "teacher_store.top_k=8", "teacher_store.logprob_codec=q4",
-                        "teacher_store.id_codec=packed")
+                        "teacher_store.id_codec=packed", "teacher_store.tail_samples=0")
     st = stages["teacher_store/seed1234"]
     assert st.settings["flags"] == ["--top-k", "8", "--logprob-codec", "q4", "--id-codec",
-                                    "packed"]
+                                    "packed", "--tail-samples", "0"]
     _, off = _stages(tmp_path / "off", "teacher_store.per_seed=false")
     assert not any(n.startswith("teacher_store/") for n in off)
     assert "teacher_logits" not in (off["KD/seed1234"].settings.get("distill") or {})
