@@ -116,13 +116,10 @@ bound is the token's spread / 15 (docs/offline_teacher.md); use q8 for a sharper
 kept entries span many nats."""
 
 DEFAULT_ID_CODEC = "ef"
-"""Default id codec (bench, docs/offline_teacher.md "Benchmark"): at K = 24, top_p 1, q4, ef takes
-at most 61.6 bytes/token at Qwen-1.5's 151,646 entries whatever the ids (packed: 72.5), 0.314 of
-format 1 K = 32 (target <= 1/3; packed 0.370), and 46.0 against 54.7 on disk at the demo's 4,096.
-It decodes to the same (id, log-probability) pairs as packed: KL error identical and the KD
-student's test perplexity bit-identical (+0.207% against format 1 K = 32). The price is decode
-speed, about half of packed (0.51 against 1.0 M tokens/s from a cold page cache, one thread):
-0.95% of a KD step at that rate, 2.2% in the trainer's own teacher_cache_read (target <= 5%)."""
+"""Default id codec (bench, docs/offline_teacher.md "Benchmark"): at K = 24, q4, ef took at most
+61.6 bytes/token at 151,646 entries whatever the ids (packed: 72.5) and decodes to the same
+(id, log-probability) pairs as packed (bit-identical KD perplexity), at about half packed's
+decode speed (still a few % of a step)."""
 
 DEFAULT_TAIL_SAMPLES = 8
 """Default tail samples per token (0: the rest bucket alone): the M draws that make the KL's
@@ -130,8 +127,7 @@ gradient unbiased (losses/tail_sample.py); see DEFAULT_TOP_K for the measurement
 ef at K = 16 they add at most 16.1 bytes/token at 151,646 entries (Elias-Fano, 129 bits)."""
 
 DEFAULT_COMPRESSION = "none"
-"""Default chunk compression: zstd saved 15-20% more on the demo's 12-bit ids, at about half the
-read throughput; it needs the `formats` extra, so it is opt-in."""
+"""Default chunk compression: zstd saved 15-20% more here at half the read rate (opt-in)."""
 
 DEFAULT_STORE_FORMAT = 2
 """Format the producer writes by default (1: fixed K, dense arrays, as before)."""
